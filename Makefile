@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Each creates .venv if missing and installs the project.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench bench-quick clean
+
+setup: $(STAMP)
+
+# torch must come with its own torchvision (PyPI's torchvision does not import beside a +cpu torch).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/logitcache demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf demo_out runs .pytest_cache

@@ -1,0 +1,124 @@
+"""The cache manifest: what a cache was built from, stored in the root group's attributes."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+from dataclasses import dataclass, field
+
+from .codec import CodecSpec
+from .errors import CacheMismatchError
+from .views import Recipe
+
+FORMAT_VERSION = 1
+ATTR_KEY = "logitcache"  # the root group attribute holding the manifest
+
+_VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy", "zarr", "logitcache")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide pixels and logits (Pillow's resize changed across majors)."""
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+@dataclass
+class DatasetInfo:
+    """Which data a cache covers. ``fingerprint`` hashes shard names, keys and labels."""
+
+    name: str
+    split: str | None
+    fingerprint: str
+    num_samples: int
+    shards: list[str]  # shard names, in unit order
+    shard_sizes: list[int]
+    url: str = ""  # where it was read from (informative; not compared)
+
+
+@dataclass
+class Manifest:
+    """Everything needed to decide whether a cache can serve a given student run."""
+
+    teacher: str  # timm model name
+    teacher_weights: str  # "timm:<pretrained tag>" or the file name given
+    teacher_weights_sha256: str | None
+    recipe: Recipe
+    dataset: DatasetInfo
+    codec: CodecSpec
+    num_classes: int
+    format_version: int = FORMAT_VERSION
+    library_versions: dict[str, str] = field(default_factory=library_versions)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "teacher": self.teacher,
+            "teacher_weights": self.teacher_weights,
+            "teacher_weights_sha256": self.teacher_weights_sha256,
+            "recipe": self.recipe.to_dict(),
+            "recipe_sha256": self.recipe.digest(),
+            "dataset": dataclasses.asdict(self.dataset),
+            "codec": self.codec.to_dict(),
+            "num_classes": self.num_classes,
+            "library_versions": self.library_versions,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise CacheMismatchError(
+                f"cache format version {d.get('format_version')} is not supported (this logitcache reads {FORMAT_VERSION})"
+            )
+        return cls(
+            teacher=d["teacher"],
+            teacher_weights=d["teacher_weights"],
+            teacher_weights_sha256=d["teacher_weights_sha256"],
+            recipe=Recipe.from_dict(d["recipe"]),
+            dataset=DatasetInfo(**d["dataset"]),
+            codec=CodecSpec.from_dict(d["codec"]),
+            num_classes=int(d["num_classes"]),
+            format_version=d["format_version"],
+            library_versions=d.get("library_versions", {}),
+            created=d.get("created", ""),
+        )
+
+    def identity(self) -> dict:
+        """The fields that must be equal for two builds to write into one cache."""
+        return {
+            "teacher": self.teacher,
+            "teacher_weights_sha256": self.teacher_weights_sha256,
+            "recipe": self.recipe.to_dict(),
+            "dataset_fingerprint": self.dataset.fingerprint,
+            "codec": self.codec.to_dict(),
+            "num_classes": self.num_classes,
+        }
+
+    def check_same_build(self, other: "Manifest", where: str) -> None:
+        """Raise :class:`CacheMismatchError` naming every field that differs."""
+        mine, theirs = self.identity(), other.identity()
+        diffs = [k for k in mine if mine[k] != theirs[k]]
+        if diffs:
+            detail = "; ".join(f"{k}: cache has {theirs[k]!r}, this build has {mine[k]!r}" for k in diffs)
+            raise CacheMismatchError(f"cache {where} was built differently ({detail}). Use another --out.")
+
+
+def check_serves(manifest: Manifest, *, fingerprint: str, num_classes: int, where: str) -> None:
+    """Raise unless the cache was built on the dataset a student run trains on."""
+    if manifest.dataset.fingerprint != fingerprint:
+        raise CacheMismatchError(
+            f"cache {where} was built on another dataset (dataset {manifest.dataset.name!r} split "
+            f"{manifest.dataset.split!r}, fingerprint {manifest.dataset.fingerprint[:12]}; the training data has "
+            f"fingerprint {fingerprint[:12]})"
+        )
+    if manifest.num_classes != num_classes:
+        raise CacheMismatchError(
+            f"cache {where} has {manifest.num_classes} classes but the training data has {num_classes}"
+        )

@@ -1,0 +1,235 @@
+"""The cache on storage: a Zarr v3 group on any fsspec URL, written in whole units.
+
+A *unit* is one epoch x one data shard. One process computes and writes a unit whole,
+into arrays that no other process touches (zarr loses data when processes share a
+shard), and marks it committed last (group attribute ``commit`` with the sha256 of
+every array). Readers and resuming builds trust committed units only.
+
+Layout (docs/FORMAT.md has the reader's view)::
+
+    <cache>/zarr.json                      attrs {"logitcache": manifest}
+    <cache>/epochs/<EEEE>/units/<SSSSS>/   arrays of one unit, attrs {"commit": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError
+from .manifest import ATTR_KEY, Manifest
+
+#: Arrays of a unit, in the order they are written: name -> (rows are views).
+UNIT_ARRAYS = ("sample_index", "view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits", "tail_lse")
+COMPRESSOR = ZstdCodec(level=3)  # integer ids and seeds compress well; fp16 logits a little
+
+
+def epoch_path(epoch: int) -> str:
+    return f"epochs/{epoch:04d}"
+
+
+def unit_path(epoch: int, shard: int) -> str:
+    return f"epochs/{epoch:04d}/units/{shard:05d}"
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    """Open the Zarr group at ``url`` (a path, file://, memory://, s3://, any fsspec URL).
+
+    Local paths go through zarr's LocalStore (atomic writes by rename); others through
+    fsspec. ``mode`` as in zarr: "r" read only, "a" read/write and create.
+    """
+    if is_local(url):
+        path = url.removeprefix("file://")
+        if mode == "r" and not os.path.exists(os.path.join(path, "zarr.json")):
+            raise CacheNotFoundError(f"no cache at {url} (no zarr.json there)")
+        return zarr.open_group(path, mode=mode)
+    try:
+        return zarr.open_group(url, mode=mode, storage_options=storage_options)
+    except FileNotFoundError as e:
+        raise CacheNotFoundError(f"no cache at {url} ({e})") from None
+
+
+def array_digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _read_manifest(group: zarr.Group, url: str) -> Manifest:
+    attrs = group.attrs.asdict()
+    if ATTR_KEY not in attrs:
+        raise CacheNotFoundError(f"{url} is a Zarr group but not a logitcache cache (no '{ATTR_KEY}' attribute)")
+    return Manifest.from_dict(attrs[ATTR_KEY])
+
+
+class CacheWriter:
+    """Writes whole units into a cache; creates the cache or checks it matches this build."""
+
+    def __init__(self, url: str, manifest: Manifest, storage_options: dict | None = None):
+        self.url = url
+        self.manifest = manifest
+        self.root = open_group(url, mode="a", storage_options=storage_options)
+        existing = self.root.attrs.asdict().get(ATTR_KEY)
+        if existing is None:
+            if list(self.root.keys()):
+                raise CacheMismatchError(f"{url} holds other data and no logitcache manifest; refusing to write there")
+            self.root.attrs[ATTR_KEY] = manifest.to_dict()
+        else:
+            manifest.check_same_build(Manifest.from_dict(existing), url)
+
+    def prepare_epochs(self, epochs: list[int]) -> None:
+        """Create the epoch groups up front (one process), so unit writers never race on them."""
+        for e in epochs:
+            self.root.require_group(f"{epoch_path(e)}/units")
+
+    def is_committed(self, epoch: int, shard: int) -> bool:
+        return unit_commit(self.root, epoch, shard) is not None
+
+    def write_unit(self, epoch: int, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write one unit's arrays (rows = views), then its commit record, last.
+
+        A unit left half-written by a killed process is replaced whole.
+        """
+        missing = set(UNIT_ARRAYS) - set(arrays)
+        if missing:
+            raise ValueError(f"unit arrays missing: {sorted(missing)}")
+        n = len(arrays["sample_index"])
+        units = self.root.require_group(f"{epoch_path(epoch)}/units")
+        name = f"{shard:05d}"
+        group = units.create_group(name, overwrite=True)
+        for key in UNIT_ARRAYS:
+            arr = np.ascontiguousarray(arrays[key])
+            if arr.shape[0] != n:
+                raise ValueError(f"unit array {key} has {arr.shape[0]} rows, expected {n}")
+            z = group.create_array(key, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape if n else None,
+                                   compressors=COMPRESSOR, fill_value=0)
+            if n:
+                z[...] = arr
+        group.attrs["commit"] = {"n": n, "sha256": {k: array_digest(arrays[k]) for k in UNIT_ARRAYS}}
+
+
+def unit_commit(root: zarr.Group, epoch: int, shard: int) -> dict | None:
+    """The commit record of a unit, or None when the unit is absent or incomplete."""
+    try:
+        group = root[unit_path(epoch, shard)]
+        return group.attrs.asdict().get("commit")
+    except (KeyError, FileNotFoundError, ValueError):
+        # absent, or metadata cut short by a killed writer: not committed
+        return None
+
+
+@dataclass
+class EpochArrays:
+    """One epoch of a cache, rows indexed by global sample index (N rows).
+
+    Shapes: topk_ids, topk_logits (N, k); everything else (N,).
+    """
+
+    epoch: int
+    view_seed: np.ndarray
+    label: np.ndarray
+    partner_index: np.ndarray
+    mix_lam: np.ndarray
+    topk_ids: np.ndarray
+    topk_logits: np.ndarray
+    tail_lse: np.ndarray
+
+    @property
+    def num_views(self) -> int:
+        return len(self.view_seed)
+
+
+class CacheReader:
+    """Reads committed units, whole epochs at a time (never per item: see PRIOR_ART)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        self.root = open_group(url, mode="r", storage_options=storage_options)
+        self.manifest = _read_manifest(self.root, url)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest.dataset.shards)
+
+    def committed_units(self, epoch: int) -> list[int]:
+        return [s for s in range(self.num_shards) if unit_commit(self.root, epoch, s) is not None]
+
+    def epochs(self) -> list[int]:
+        """Epochs whose every unit is committed (only these are readable)."""
+        try:
+            names = sorted(self.root["epochs"].group_keys())
+        except KeyError:
+            return []
+        return [int(n) for n in names if len(self.committed_units(int(n))) == self.num_shards]
+
+    def read_unit(self, epoch: int, shard: int, verify: bool = False) -> dict[str, np.ndarray]:
+        commit = unit_commit(self.root, epoch, shard)
+        where = f"{self.url} {unit_path(epoch, shard)}"
+        if commit is None:
+            raise CorruptCacheError(f"unit {where} is not committed (build incomplete; re-run the build to finish it)")
+        group = self.root[unit_path(epoch, shard)]
+        out = {}
+        for key in UNIT_ARRAYS:
+            try:
+                arr = group[key][...] if commit["n"] else np.zeros((0,) + group[key].shape[1:], group[key].dtype)
+            except Exception as e:  # noqa: BLE001 - any storage/codec failure becomes one clear error
+                raise CorruptCacheError(f"cannot read array {key} of unit {where}: {e}") from None
+            if verify and array_digest(arr) != commit["sha256"][key]:
+                raise CorruptCacheError(f"array {key} of unit {where} fails its sha256 checksum")
+            out[key] = arr
+        return out
+
+    def load_epoch(self, epoch: int, verify: bool = False) -> EpochArrays:
+        """All views of ``epoch`` as arrays indexed by global sample index."""
+        n_total = self.manifest.dataset.num_samples
+        k = self.manifest.codec.k
+        units = [self.read_unit(epoch, s, verify=verify) for s in range(self.num_shards)]
+        cat = {key: np.concatenate([u[key] for u in units]) for key in UNIT_ARRAYS}
+        idx = cat["sample_index"]
+        if len(idx) != n_total or not np.array_equal(np.sort(idx), np.arange(n_total)):
+            raise CorruptCacheError(
+                f"epoch {epoch} of {self.url} does not cover samples 0..{n_total - 1} exactly once"
+            )
+        order = np.argsort(idx, kind="stable")
+        fields = {key: cat[key][order] for key in UNIT_ARRAYS if key != "sample_index"}
+        assert fields["topk_ids"].shape == (n_total, k)
+        return EpochArrays(epoch=epoch, **fields)
+
+
+@dataclass
+class CacheEntry:
+    url: str
+    manifest: Manifest
+
+
+def list_caches(root: str) -> list[CacheEntry]:
+    """The caches directly under ``root`` (a local path or fsspec URL), sorted by URL.
+
+    Folders that are not logitcache caches are ignored; an unreadable manifest is skipped
+    with its error kept out of the way (``inspect`` reports it).
+    """
+    import fsspec
+
+    if is_local(root):
+        base = root.removeprefix("file://")
+        if not os.path.isdir(base):
+            return []
+        children = [os.path.join(base, n) for n in sorted(os.listdir(base))]
+    else:
+        fs, path = fsspec.core.url_to_fs(root)
+        protocol = root.split("://", 1)[0]
+        children = [f"{protocol}://{p}" for p in sorted(fs.ls(path, detail=False))]
+    out = []
+    for child in children:
+        try:
+            out.append(CacheEntry(child, CacheReader(child).manifest))
+        except Exception:  # noqa: BLE001 - not a cache, or not one we can read
+            continue
+    return out

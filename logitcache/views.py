@@ -1,0 +1,301 @@
+"""Augmented views that can be replayed from a seed.
+
+A *view* is one augmented image of one sample at one epoch. Every random choice that
+makes it (crop, flip, RandAugment ops and magnitudes, colour jitter, random erasing,
+the mixup/cutmix partner, lambda and box) is drawn from seeds derived from
+``(cache_seed, epoch, sample key)``, so the same view comes out in any process, with
+any DataLoader worker count, batch size or order.
+
+Views are float32 tensors of shape (3, H, W), normalised with the recipe's mean/std.
+Each model (teacher or student) maps them to its own normalisation and input size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.mixup import Mixup, cutmix_bbox_and_lam
+
+MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides what a training view looks like (timm's option names).
+
+    Two caches or a cache and a student run are compatible only if their recipes are
+    equal (see :meth:`digest`). Label smoothing is not here: it changes targets, not views.
+    """
+
+    input_size: int = 224  # pixels, square
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect ratio
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    auto_augment: str | None = "rand-m7-mstd0.5"
+    interpolation: str = "bicubic"
+    re_prob: float = 0.0  # random erasing probability
+    re_mode: str = "pixel"
+    re_count: int = 1
+    mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
+    std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
+    crop_pct: float = 0.95  # evaluation only: resize then centre-crop fraction
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # probability that a pair is mixed at all
+    switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    cache_seed: int = 0  # root of every view seed
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    @property
+    def group_size(self) -> int:
+        """Views rendered together: 2 (a mixing pair) or 1."""
+        return 2 if self.mixes else 1
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown recipe fields: {sorted(unknown)}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the recipe (what compatibility checks compare)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+RECIPES: dict[str, Recipe] = {
+    # VanillaKD recipe A2 (Hao et al. 2023): RandAugment m7, mixup 0.1, cutmix 1.0, no erasing.
+    "vanillakd_a2": Recipe(input_size=224, auto_augment="rand-m7-mstd0.5", mixup_alpha=0.1, cutmix_alpha=1.0),
+    # Plain ImageNet-style recipe without mixing.
+    "imagenet_basic": Recipe(input_size=224, auto_augment="rand-m9-mstd0.5", re_prob=0.25),
+    # The embedded demo: 32 px images, milder crops, RandAugment, no mixing.
+    "demo32": Recipe(
+        input_size=32, scale=(0.35, 1.0), auto_augment="rand-m6-n1-mstd0.5", crop_pct=1.0,
+        interpolation="bilinear",
+    ),
+    # The embedded demo with exact mixup/cutmix views.
+    "demo32_mix": Recipe(
+        input_size=32, scale=(0.35, 1.0), auto_augment="rand-m6-n1-mstd0.5", crop_pct=1.0,
+        interpolation="bilinear", mixup_alpha=0.1, cutmix_alpha=1.0,
+    ),
+}
+
+
+def create_recipe(name: str, **overrides) -> Recipe:
+    """A named recipe from :data:`RECIPES`, with field overrides (like timm's create_*)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    return dataclasses.replace(RECIPES[name], **overrides)
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 64-bit seed (0 <= s < 2**64) from any parts: blake2b of their '/'-joined text.
+
+    Stable across processes, machines and Python versions (no ``hash()`` randomisation).
+    """
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def view_seed(cache_seed: int, epoch: int, key: str) -> int:
+    """The seed of the view of sample ``key`` at ``epoch`` (uint64)."""
+    return derive_seed(cache_seed, epoch, key)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed Python ``random``, ``numpy.random`` and torch's CPU generator; restore them after.
+
+    timm's transforms draw from all three (PRIOR_ART), so all three are fixed per view.
+    Restoring keeps the caller's own random streams (e.g. shuffling) undisturbed.
+    """
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+def create_train_transform(recipe: Recipe):
+    """timm's training transform for the recipe (crop, flip, RandAugment, jitter, erasing)."""
+    return create_transform(
+        input_size=recipe.input_size,
+        is_training=True,
+        scale=recipe.scale,
+        ratio=recipe.ratio,
+        hflip=recipe.hflip,
+        color_jitter=recipe.color_jitter,
+        auto_augment=recipe.auto_augment,
+        interpolation=recipe.interpolation,
+        mean=recipe.mean,
+        std=recipe.std,
+        re_prob=recipe.re_prob,
+        re_mode=recipe.re_mode,
+        re_count=recipe.re_count,
+    )
+
+
+def create_eval_transform(recipe: Recipe):
+    """timm's evaluation transform (resize, centre crop at ``crop_pct``, normalise)."""
+    return create_transform(
+        input_size=recipe.input_size,
+        is_training=False,
+        interpolation=recipe.interpolation,
+        mean=recipe.mean,
+        std=recipe.std,
+        crop_pct=recipe.crop_pct,
+    )
+
+
+def render_view(transform, image: Image.Image, seed: int) -> torch.Tensor:
+    """Apply ``transform`` with every random draw fixed by ``seed``. Returns (3, H, W) float32."""
+    with seeded(seed):
+        return transform(image)
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """How the two views of a pair are mixed. ``lam`` is the weight of each view's own image."""
+
+    mode: int = MIX_NONE  # MIX_NONE | MIX_MIXUP | MIX_CUTMIX
+    lam: float = 1.0
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # cutmix box (y0, y1, x0, x1), pixels
+
+
+def mix_params(recipe: Recipe, pair_seed: int) -> MixParams:
+    """Draw the switch, lambda and box of one pair from its seed, with timm's Mixup logic."""
+    mixer = Mixup(
+        mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, prob=recipe.mix_prob,
+        switch_prob=recipe.switch_prob, mode="pair", num_classes=2,
+    )
+    size = recipe.input_size
+    with seeded(pair_seed):
+        lam, use_cutmix = mixer._params_per_batch()
+        if lam == 1.0:
+            return MixParams()
+        if not use_cutmix:
+            return MixParams(MIX_MIXUP, float(lam))
+        (y0, y1, x0, x1), lam = cutmix_bbox_and_lam((size, size), lam, correct_lam=True)
+        return MixParams(MIX_CUTMIX, float(lam), (int(y0), int(y1), int(x0), int(x1)))
+
+
+def mix_pair(a: torch.Tensor, b: torch.Tensor, params: MixParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two mixed views of a pair: (mix of a with b, mix of b with a), same lambda and box."""
+    if params.mode == MIX_MIXUP:
+        return a * params.lam + b * (1 - params.lam), b * params.lam + a * (1 - params.lam)
+    if params.mode == MIX_CUTMIX:
+        y0, y1, x0, x1 = params.box
+        va, vb = a.clone(), b.clone()
+        va[:, y0:y1, x0:x1] = b[:, y0:y1, x0:x1]
+        vb[:, y0:y1, x0:x1] = a[:, y0:y1, x0:x1]
+        return va, vb
+    return a, b
+
+
+@dataclass(frozen=True)
+class Group:
+    """Samples whose views are rendered together: a mixing pair, or a single sample.
+
+    ``indices`` are global sample indices; a pair is always (a, b) with a != b, or a
+    single (a,) when the recipe does not mix or when a unit has an odd sample left over.
+    """
+
+    indices: tuple[int, ...]
+    seeds: tuple[int, ...]  # view seed of each index
+    pair_seed: int = 0
+
+
+@dataclass
+class UnitPlan:
+    """The groups of one unit (epoch x data shard), in build order."""
+
+    epoch: int
+    shard: int
+    groups: list[Group] = field(default_factory=list)
+
+    @property
+    def num_views(self) -> int:
+        return sum(len(g.indices) for g in self.groups)
+
+
+def plan_unit(recipe: Recipe, epoch: int, shard: int, start: int, keys: list[str]) -> UnitPlan:
+    """Groups of one unit. ``keys[i]`` is the key of global sample ``start + i``.
+
+    Pairing is shard-local and drawn from ``(cache_seed, epoch, shard)``, so it does not
+    depend on batch size, order, or how units are spread over processes.
+    """
+    seeds = [view_seed(recipe.cache_seed, epoch, k) for k in keys]
+    n = len(keys)
+    if not recipe.mixes:
+        groups = [Group((start + i,), (seeds[i],)) for i in range(n)]
+        return UnitPlan(epoch, shard, groups)
+    rng = np.random.default_rng(derive_seed(recipe.cache_seed, epoch, "pairing", shard))
+    order = rng.permutation(n).tolist()
+    groups = []
+    for j in range(0, n - 1, 2):
+        a, b = order[j], order[j + 1]
+        pair_seed = derive_seed(recipe.cache_seed, epoch, "pair", keys[a], keys[b])
+        groups.append(Group((start + a, start + b), (seeds[a], seeds[b]), pair_seed))
+    if n % 2:
+        a = order[-1]
+        groups.append(Group((start + a,), (seeds[a],)))
+    return UnitPlan(epoch, shard, groups)
+
+
+@dataclass
+class RenderedGroup:
+    """The views of one group. Shapes: images (g, 3, H, W) float32; the rest (g,)."""
+
+    images: torch.Tensor
+    index: torch.Tensor  # int64 global sample index of each view
+    partner: torch.Tensor  # int64 index of the partner image (itself when not mixed)
+    lam: torch.Tensor  # float32 weight of the view's own image/label
+    seed: torch.Tensor  # int64 view seed reinterpreted (bit pattern of the uint64)
+
+
+def _as_int64(seed: int) -> int:
+    """Reinterpret a uint64 seed as int64 (torch has no uint64 tensors)."""
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+def render_group(recipe: Recipe, transform, load_image, group: Group) -> RenderedGroup:
+    """Render the views of ``group``; ``load_image(index) -> PIL.Image`` supplies pixels."""
+    base = [render_view(transform, load_image(i), s) for i, s in zip(group.indices, group.seeds)]
+    if len(base) == 2:
+        params = mix_params(recipe, group.pair_seed)
+        images = list(mix_pair(base[0], base[1], params))
+        partner = [group.indices[1], group.indices[0]]
+        lam = [params.lam, params.lam]
+    else:
+        images, partner, lam = base, list(group.indices), [1.0]
+    return RenderedGroup(
+        images=torch.stack(images),
+        index=torch.tensor(group.indices, dtype=torch.int64),
+        partner=torch.tensor(partner, dtype=torch.int64),
+        lam=torch.tensor(lam, dtype=torch.float32),
+        seed=torch.tensor([_as_int64(s) for s in group.seeds], dtype=torch.int64),
+    )

@@ -1,0 +1,100 @@
+"""Student-side data: regenerated views with their cached teacher rows and label targets.
+
+The views of a training epoch are those of one cached epoch, regenerated from the same
+seeds. Cached rows (top-k ids, logits, tail) travel with the images from the DataLoader
+workers as small tensors; the distribution is rebuilt on the device in the step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from logitcache.build import plan_units
+from logitcache.errors import CacheMismatchError
+from logitcache.loader import GroupDataset, create_loader
+from logitcache.store import EpochArrays
+from logitcache.views import Group, Recipe, create_eval_transform
+
+
+class CachedRows:
+    """Picklable lookup of one epoch's cached rows by global sample index."""
+
+    def __init__(self, arrays: EpochArrays | None, labels: np.ndarray):
+        self.arrays = arrays
+        self.labels = labels
+
+    def __call__(self, group: Group) -> dict[str, torch.Tensor]:
+        idx = np.asarray(group.indices)
+        partner = idx[::-1].copy() if len(idx) == 2 else idx
+        out = {"label": torch.from_numpy(self.labels[idx]), "partner_label": torch.from_numpy(self.labels[partner])}
+        if self.arrays is not None:
+            a = self.arrays
+            out["topk_ids"] = torch.from_numpy(a.topk_ids[idx].astype(np.int64))
+            out["topk_logits"] = torch.from_numpy(a.topk_logits[idx])
+            out["tail_lse"] = torch.from_numpy(a.tail_lse[idx])
+        return out
+
+
+def epoch_groups(source, recipe: Recipe, view_epoch: int, arrays: EpochArrays | None) -> list[Group]:
+    """The groups of ``view_epoch`` as the build made them; checked against the cache's seeds."""
+    groups = [g for p in plan_units(source, recipe, [view_epoch]) for g in p.groups]
+    if arrays is not None:
+        idx = np.fromiter((i for g in groups for i in g.indices), dtype=np.int64)
+        seeds = np.fromiter((s for g in groups for s in g.seeds), dtype=np.uint64)
+        if not np.array_equal(arrays.view_seed[idx], seeds):
+            bad = int(idx[np.argmax(arrays.view_seed[idx] != seeds)])
+            raise CacheMismatchError(
+                f"cached view seeds of epoch {view_epoch} do not match the views regenerated here (first at key "
+                f"{source.key(bad)!r}, shard {source.shards[source.shard_of(bad)].name}): cache built with another recipe or data"
+            )
+    return groups
+
+
+def train_batches(num_groups: int, groups_per_batch: int, *, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> list[list[int]]:
+    """Shuffled global batches of group ids (the last partial one dropped); rank ``r`` of ``W``
+    takes the r-th of W equal slices of every global batch, so the global batch is the same
+    whatever the world size."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_groups, generator=g).tolist()
+    per_rank = groups_per_batch // world_size
+    batches = []
+    for b in range(num_groups // groups_per_batch):
+        glob = order[b * groups_per_batch:(b + 1) * groups_per_batch]
+        batches.append(glob[rank * per_rank:(rank + 1) * per_rank])
+    return batches
+
+
+def create_train_loader(source, recipe: Recipe, groups: list[Group], rows: CachedRows, *, batch_size: int,
+                        seed: int, epoch: int, num_workers: int, rank: int = 0, world_size: int = 1,
+                        pin_memory: bool = False) -> DataLoader:
+    """``batch_size`` is the global batch in views; it must split evenly into groups and ranks."""
+    gs = recipe.group_size
+    if batch_size % (gs * world_size):
+        raise ValueError(f"batch size {batch_size} must be a multiple of {gs * world_size} (group size x world size)")
+    batches = train_batches(len(groups), batch_size // gs, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    return create_loader(GroupDataset(source, recipe, groups, extra=rows), batches, num_workers=num_workers,
+                         pin_memory=pin_memory)
+
+
+class EvalDataset(Dataset):
+    """Validation images through timm's eval transform: (image (3, H, W), label)."""
+
+    def __init__(self, source, recipe: Recipe):
+        self.source = source
+        self.recipe = recipe
+        self._transform = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        if self._transform is None:
+            self._transform = create_eval_transform(self.recipe)
+        return self._transform(self.source.load_image(i)), self.source.label(i)
+
+
+def create_eval_loader(source, recipe: Recipe, *, batch_size: int = 256, num_workers: int = 2) -> DataLoader:
+    return DataLoader(EvalDataset(source, recipe), batch_size=batch_size, shuffle=False, num_workers=num_workers)
