@@ -56,6 +56,37 @@ def data_digits(out: Path = typer.Option(Path("data/digits")), image_size: int =
     print(f"wrote {generate_digits(out, image_size=image_size, seed=seed)}")
 
 
+def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
+                value_dtype, batch_size, workers, device, compile, progress) -> None:
+    """The body of ``build`` for one process: the whole build, or one rank of it when the
+    environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
+    from logitcache import distributed
+    from logitcache.build import build as run_build, cache_root as root_of, default_cache_name, resolve_device
+    from logitcache.codec import create_codec
+    from logitcache.data.source import open_source
+    from logitcache.teacher import Teacher
+    from logitcache.views import create_recipe
+
+    rec = create_recipe(recipe, cache_seed=cache_seed)
+    epoch_list = parse_epochs(epochs)
+    dev = distributed.rank_device(resolve_device(device))
+    t = Teacher(teacher, weights=teacher_weights, device=dev, compile=compile)  # fail fast on weights
+    source = open_source(data, split)
+    spec = create_codec(codec, source.num_classes, topk, value_dtype)
+    name = _dataset_name(data)
+    url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec)}"
+    ctx = distributed.init_from_env(dev)
+    try:
+        report = run_build(source, dataset_name=name, teacher=t, recipe=rec, codec=spec, url=url, epochs=epoch_list,
+                           batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
+                           barrier=ctx.barrier, progress=progress and ctx.rank == 0)
+    finally:
+        ctx.close()
+    who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else ""
+    print(f"{who}cache {report.url}: {report.units_written} units written, {report.units_skipped} already committed, "
+          f"{report.views} views in {report.seconds:.1f} s ({report.views_per_s:.1f} views/s)", flush=True)
+
+
 @app.command()
 def build(
     data: str = typer.Option(..., help="Dataset root (with dataset.json) or image folder; any fsspec URL."),
@@ -71,30 +102,43 @@ def build(
     topk: int = typer.Option(10, help="Logits kept per view (k >= classes means full)."),
     value_dtype: str = typer.Option("float16", help="float16 or float32."),
     batch_size: int = typer.Option(64, help="Views per teacher batch."),
-    workers: int = typer.Option(2, help="DataLoader worker processes."),
+    workers: int = typer.Option(2, help="DataLoader worker processes (per build process)."),
     device: str = typer.Option("auto"),
     compile: bool = typer.Option(False, help="torch.compile the teacher."),
     progress: bool = typer.Option(True),
+    procs: int = typer.Option(1, help="Build processes on this machine (ranks; each writes its own units)."),
 ):
-    """Run the teacher once over every augmented view and store compressed logits."""
-    from logitcache.build import build as run_build, cache_root as root_of, default_cache_name, resolve_device
-    from logitcache.codec import create_codec
-    from logitcache.data.source import open_source
-    from logitcache.teacher import Teacher
-    from logitcache.views import create_recipe
+    """Run the teacher once over every augmented view and store compressed logits.
 
-    rec = create_recipe(recipe, cache_seed=cache_seed)
-    epoch_list = parse_epochs(epochs)
-    dev = resolve_device(device)
-    t = Teacher(teacher, weights=teacher_weights, device=dev, compile=compile)  # fail fast on weights
-    source = open_source(data, split)
-    spec = create_codec(codec, source.num_classes, topk, value_dtype)
-    name = _dataset_name(data)
-    url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec)}"
-    report = run_build(source, dataset_name=name, teacher=t, recipe=rec, codec=spec, url=url, epochs=epoch_list,
-                       batch_size=batch_size, num_workers=workers, progress=progress)
-    print(f"cache {report.url}: {report.units_written} units written, {report.units_skipped} already committed, "
-          f"{report.views} views in {report.seconds:.1f} s ({report.views_per_s:.1f} views/s)")
+    The cache is written in whole units (epoch x data shard), each committed last: a build
+    that was killed or interrupted finishes when run again with the same arguments, and
+    ``--epochs A:B`` extends a cache while students read its complete epochs.
+
+    Several processes: ``--procs N`` runs N ranks on this machine; or launch with
+    ``torchrun --nproc-per-node N logitcache build ...`` (one or more machines; ranks from
+    RANK/WORLD_SIZE/LOCAL_RANK; on CUDA rank r uses cuda:LOCAL_RANK). Units are dealt out
+    round-robin; the cache is identical to a one-process build.
+
+    Object storage: --data and --out take any fsspec URL (s3://, gs://, ...). For an
+    S3-compatible server set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the usual
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION; any other s3fs option
+    can be given as FSSPEC_S3_<OPTION> (fsspec's environment configuration).
+    """
+    opts = {k: v for k, v in locals().items() if k != "procs"}
+    if procs < 1:
+        raise typer.BadParameter(f"--procs must be >= 1, not {procs}")
+    if procs == 1:
+        _build_rank(**opts)
+        return
+    import functools
+
+    from logitcache import distributed
+
+    if distributed.env_world_size() > 1:
+        raise typer.BadParameter("--procs starts its own ranks; do not combine it with torchrun")
+    code = distributed.run_procs(functools.partial(_build_rank, **opts), procs)
+    if code:
+        raise typer.Exit(code)
 
 
 def _dataset_name(data: str) -> str:
@@ -108,47 +152,98 @@ def _dataset_name(data: str) -> str:
         return os.path.basename(data.rstrip("/")) or "data"
 
 
+#: train flags that belong to the loss (LossConfig) and to MKD (MKDConfig), by field name.
+_LOSS_FLAGS = {"kd": "kind", "temperature": "temperature", "kd_weight": "kd_weight", "hard_weight": "hard_weight",
+               "hard_loss": "hard_kind", "dkd_alpha": "dkd_alpha", "dkd_beta": "dkd_beta",
+               "dkd_warmup_epochs": "dkd_warmup_epochs", "dist_beta": "dist_beta", "dist_gamma": "dist_gamma"}
+_MKD_FLAGS = {"mkd_meta_every": "meta_every", "mkd_meta_lr": "meta_lr", "mkd_predictor": "predictor"}
+
+
 @app.command()
 def train(
-    data: str = typer.Option(..., help="Dataset root with train and val splits."),
-    student: str = typer.Option("resnet50", help="Any timm model name."),
-    out: str = typer.Option("runs/student", help="Output folder: metrics.jsonl, model.safetensors, summary.json."),
+    data: Optional[str] = typer.Option(None, help="Dataset root with train and val splits."),
+    config: Optional[Path] = typer.Option(None, help="YAML/TOML file with TrainConfig settings; flags override it."),
+    student: Optional[str] = typer.Option(None, help="Any timm model name [resnet50]."),
+    out: Optional[str] = typer.Option(None, help="Output folder [runs/student]."),
     cache: Optional[str] = typer.Option(None, help="Cache URL (default: the one cache for this data under the cache root)."),
     cache_root: Optional[str] = typer.Option(None),
-    kd: str = typer.Option("kd", help="kd (vanilla KD), dkd, dist, or none (plain CE, no cache)."),
-    temperature: float = typer.Option(1.0),
-    kd_weight: float = typer.Option(1.0),
-    hard_weight: float = typer.Option(1.0),
-    hard_loss: str = typer.Option("ce", help="ce or bce on the (mixed) label targets."),
-    recipe: str = typer.Option("demo32", help="Augmentation recipe when no cache is used."),
-    epochs: int = typer.Option(10),
-    reuse_epochs: bool = typer.Option(False, help="Cycle cached epochs when training longer than the cache."),
-    batch_size: int = typer.Option(128, help="Global batch, in views."),
-    opt: str = typer.Option("adamw", help="timm optimiser name (adamw, lamb, sgd, ...)."),
-    lr: float = typer.Option(2e-3),
-    weight_decay: float = typer.Option(0.05),
-    warmup_epochs: int = typer.Option(1),
-    label_smoothing: float = typer.Option(0.0),
+    kd: Optional[str] = typer.Option(None, help="kd (vanilla KD), mkd (learned temperatures), dkd, dist, none [kd]."),
+    temperature: Optional[float] = typer.Option(None, help="KD temperature [1.0]."),
+    kd_weight: Optional[float] = typer.Option(None, help="Weight of the distillation term [1.0]."),
+    hard_weight: Optional[float] = typer.Option(None, help="Weight of the hard-label loss [1.0]."),
+    hard_loss: Optional[str] = typer.Option(None, help="ce or bce on the (mixed) label targets [ce]."),
+    dkd_alpha: Optional[float] = typer.Option(None),
+    dkd_beta: Optional[float] = typer.Option(None),
+    dkd_warmup_epochs: Optional[float] = typer.Option(None),
+    dist_beta: Optional[float] = typer.Option(None),
+    dist_gamma: Optional[float] = typer.Option(None),
+    mkd_meta_every: Optional[int] = typer.Option(None, help="MKD: meta step every N student steps [10]."),
+    mkd_meta_lr: Optional[float] = typer.Option(None, help="MKD: learning rate of the temperatures."),
+    mkd_predictor: Optional[bool] = typer.Option(None, "--mkd-predictor/--no-mkd-predictor",
+                                                 help="MKD: per-sample temperatures from a small network."),
+    online_teacher: Optional[bool] = typer.Option(None, "--online-teacher/--no-online-teacher",
+                                                  help="Run the teacher on the views instead of reading the cache."),
+    teacher: Optional[str] = typer.Option(None, help="Online teacher (default: the cache's teacher)."),
+    teacher_weights: Optional[str] = typer.Option(None, help="Online teacher weights file."),
+    recipe: Optional[str] = typer.Option(None, help="Augmentation recipe when no cache is used [demo32]."),
+    epochs: Optional[int] = typer.Option(None, help="[10]"),
+    reuse_epochs: Optional[bool] = typer.Option(None, "--reuse-epochs/--no-reuse-epochs",
+                                                help="Cycle cached epochs when training longer than the cache."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch, in views [128]."),
+    opt: Optional[str] = typer.Option(None, help="timm optimiser name: adamw, lamb, sgd, ... [adamw]."),
+    lr: Optional[float] = typer.Option(None, help="[2e-3]"),
+    weight_decay: Optional[float] = typer.Option(None, help="[0.05]"),
+    sched: Optional[str] = typer.Option(None, help="timm scheduler name [cosine]."),
+    warmup_epochs: Optional[int] = typer.Option(None, help="[1]"),
+    label_smoothing: Optional[float] = typer.Option(None, help="[0.0]"),
     clip_grad: Optional[float] = typer.Option(None),
-    workers: int = typer.Option(2),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    progress: bool = typer.Option(True),
+    model_ema: Optional[bool] = typer.Option(None, "--model-ema/--no-model-ema"),
+    model_ema_decay: Optional[float] = typer.Option(None),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student."),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic"),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from <out>/checkpoint."),
+    limit_batches: Optional[int] = typer.Option(None, help="At most this many batches per epoch."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers per process [2]."),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda [auto]."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ):
-    """Train a student from cached teacher logits (no teacher weights are loaded)."""
-    from trainer.losses import LossConfig
-    from trainer.train import TrainConfig, train as run_train
+    """Train a student from cached teacher logits (no teacher weights are loaded).
 
-    cfg = TrainConfig(
-        data=data, student=student, out=out, cache=cache, cache_root=cache_root, recipe=recipe, epochs=epochs,
-        reuse_epochs=reuse_epochs, batch_size=batch_size, opt=opt, lr=lr, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, clip_grad=clip_grad, num_workers=workers,
-        seed=seed, device=device, progress=progress,
-        loss=LossConfig(kind=kd, temperature=temperature, kd_weight=kd_weight, hard_weight=hard_weight,
-                        hard_kind=hard_loss),
-    )
-    summary = run_train(cfg)
-    print(f"final val top-1 {summary['final_top1']:.2f}%  top-5 {summary['final_top5']:.2f}%  -> {out}")
+    Under torchrun, every rank trains on its slice of the same global batches (DDP)."""
+    flags = dict(locals())  # first: only the parameters
+    from logitcache.errors import LogitcacheError
+    from trainer.train import load_config, make_config, train as run_train
+
+    settings = load_config(config) if config else {}
+    loss = dict(settings.get("loss") or {})
+    mkd = settings.get("mkd")
+    for flag, name in _LOSS_FLAGS.items():
+        if flags[flag] is not None:
+            loss[name] = flags[flag]
+    if loss.get("kind") == "mkd":  # MKD = vanilla KD with learned temperatures
+        loss["kind"] = "kd"
+        mkd = dict(mkd or {})
+    for flag, name in _MKD_FLAGS.items():
+        if flags[flag] is not None:
+            mkd = dict(mkd or {})
+            mkd[name] = flags[flag]
+    renamed = {"workers": "num_workers"}
+    skip = {"config", "data", *(_LOSS_FLAGS), *(_MKD_FLAGS)}
+    for flag, value in flags.items():
+        if flag not in skip and value is not None:
+            settings[renamed.get(flag, flag)] = value
+    if data is not None:
+        settings["data"] = data
+    if "data" not in settings:
+        raise LogitcacheError("train needs --data (or `data:` in the --config file)")
+    settings["loss"] = loss
+    settings["mkd"] = mkd
+    summary = run_train(make_config(settings))
+    if summary:
+        print(f"final val top-1 {summary['final_top1']:.2f}%  top-5 {summary['final_top5']:.2f}%  -> "
+              f"{summary['weights']}")
 
 
 @app.command()
@@ -164,15 +259,25 @@ def demo(
     run_demo(out, epochs=epochs, teacher_epochs=teacher_epochs, workers=workers)
 
 
+from cli.cache_tools import register as _register_cache_tools  # noqa: E402 - inspect, verify, ls
+
+_register_cache_tools(app)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     from logitcache.errors import LogitcacheError
+
+    from trainer.train import TrainingStopped
 
     try:
         app()
     except LogitcacheError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(143)  # the conventional status of a SIGTERM stop
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from .codec import CodecSpec, encode
-from .errors import BadSampleError, LogitcacheError
+from .errors import BadLogitsError, BadSampleError, LogitcacheError
 from .loader import GroupDataset, collate_groups, create_loader
 from .manifest import DatasetInfo, Manifest
-from .store import CacheWriter, unit_path
+from .store import CacheWriter, epoch_path, unit_path
 from .teacher import Teacher, check_logits
 from .views import Recipe, UnitPlan, plan_unit
 
@@ -84,6 +84,21 @@ def unit_batches(plan: UnitPlan, first_item: int, batch_size: int, group_size: i
     return [ids[i:i + per_batch] for i in range(0, len(ids), per_batch)]
 
 
+def _prepare_epochs(writer: CacheWriter, epochs: list[int]) -> None:
+    """Create ``epochs`` and each ``epochs/<EEEE>`` before the units groups, one level at a time.
+
+    zarr writes a new group's metadata and its missing parents' concurrently, so a kill in
+    between can leave ``epochs/<EEEE>/units`` without ``epochs/<EEEE>`` (or ``epochs``);
+    ``require_group`` then finds the child and would never write the parent, and readers,
+    which list epochs through the parents, would never see that epoch. Going top-down
+    also repairs a cache left that way.
+    """
+    writer.root.require_group("epochs")
+    for e in epochs:
+        writer.root.require_group(epoch_path(e))
+    writer.prepare_epochs(epochs)
+
+
 def build(
     source,
     *,
@@ -99,8 +114,14 @@ def build(
     world_size: int = 1,
     barrier=None,
     progress: bool = True,
+    storage_options: dict | None = None,
 ) -> BuildReport:
-    """Build (or finish, or extend) the cache at ``url``. See the module docstring."""
+    """Build (or finish, or extend) the cache at ``url``. See the module docstring.
+
+    Several processes: call with ``rank``/``world_size`` in each and a ``barrier`` that waits
+    for all ranks (logitcache.distributed); rank 0 creates the root and epoch groups before
+    it, each rank then writes only its own units. ``storage_options`` go to fsspec.
+    """
     if codec.num_classes != source.num_classes:
         raise LogitcacheError(f"codec has {codec.num_classes} classes, dataset has {source.num_classes}")
     if teacher.num_classes != source.num_classes:
@@ -113,12 +134,12 @@ def build(
         recipe=recipe, dataset=dataset_info(source, dataset_name), codec=codec, num_classes=source.num_classes,
     )
     if rank == 0:
-        writer = CacheWriter(url, manifest)
-        writer.prepare_epochs(epochs)
+        writer = CacheWriter(url, manifest, storage_options)
+        _prepare_epochs(writer, epochs)
     if barrier is not None:
         barrier()
     if rank != 0:
-        writer = CacheWriter(url, manifest)
+        writer = CacheWriter(url, manifest, storage_options)
 
     report = BuildReport(url=url)
     plans = [p for j, p in enumerate(plan_units(source, recipe, epochs)) if j % world_size == rank]
@@ -158,7 +179,10 @@ def _run(loader, todo, owner, teacher, codec, recipe, writer, labels, source, re
             logits = teacher(batch["images"], recipe.mean, recipe.std)
             index = batch["index"].numpy()
             check_logits(logits, codec.num_classes, [source.key(int(i)) for i in index], where)
-            rows = encode(codec, logits)
+            try:
+                rows = encode(codec, logits)
+            except OverflowError as e:
+                raise BadLogitsError(f"{e} (--value-dtype float32; {where})") from None
             rows.update(
                 sample_index=index,
                 view_seed=batch["seed"].numpy().view(np.uint64),

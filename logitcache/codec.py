@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 VALUE_DTYPES = ("float16", "float32")
+FLOAT16_MAX = 65504.0
 
 
 def id_dtype_for(num_classes: int) -> str:
@@ -90,6 +91,10 @@ def encode(spec: CodecSpec, logits: torch.Tensor) -> dict[str, np.ndarray]:
         raise ValueError(f"expected logits of shape (B, {spec.num_classes}), got {tuple(logits.shape)}")
     logits = logits.detach().float().cpu()
     values, ids = torch.topk(logits, spec.k, dim=1, largest=True, sorted=True)
+    if spec.value_dtype == "float16" and values.abs().max() > FLOAT16_MAX:
+        raise OverflowError(
+            f"logits up to {float(values.abs().max()):.4g} do not fit float16 (max {FLOAT16_MAX}); use float32 values"
+        )
     if spec.k == spec.num_classes:
         tail = torch.full((logits.shape[0],), -math.inf)
     else:

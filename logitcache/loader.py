@@ -72,4 +72,7 @@ def create_loader(dataset: Dataset, batches: Sequence[Sequence[int]], *, num_wor
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,
+        # Its own generator: starting workers must not consume the global torch RNG, or a
+        # resumed run's dropout stream would differ from an uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
     )

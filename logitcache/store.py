@@ -46,6 +46,12 @@ def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -
 
     Local paths go through zarr's LocalStore (atomic writes by rename); others through
     fsspec. ``mode`` as in zarr: "r" read only, "a" read/write and create.
+
+    ``storage_options`` go to the fsspec filesystem (e.g. ``{"endpoint_url": ...}`` for
+    s3fs; without them s3fs reads AWS_ENDPOINT_URL and the other AWS_* variables).
+    Listings are not cached (``use_listings_cache=False`` unless given): fsspec shares one
+    filesystem instance per process, and a cached listing would hide the epochs and units
+    that another process commits while a reader is open.
     """
     if is_local(url):
         path = url.removeprefix("file://")
@@ -53,7 +59,8 @@ def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -
             raise CacheNotFoundError(f"no cache at {url} (no zarr.json there)")
         return zarr.open_group(path, mode=mode)
     try:
-        return zarr.open_group(url, mode=mode, storage_options=storage_options)
+        options = {"use_listings_cache": False, **(storage_options or {})}
+        return zarr.open_group(url, mode=mode, storage_options=options)
     except FileNotFoundError as e:
         raise CacheNotFoundError(f"no cache at {url} ({e})") from None
 

@@ -69,14 +69,49 @@ def train_batches(num_groups: int, groups_per_batch: int, *, seed: int, epoch: i
 
 def create_train_loader(source, recipe: Recipe, groups: list[Group], rows: CachedRows, *, batch_size: int,
                         seed: int, epoch: int, num_workers: int, rank: int = 0, world_size: int = 1,
-                        pin_memory: bool = False) -> DataLoader:
-    """``batch_size`` is the global batch in views; it must split evenly into groups and ranks."""
+                        pin_memory: bool = False, limit: int | None = None, skip: int = 0) -> DataLoader:
+    """``batch_size`` is the global batch in views; it must split evenly into groups and ranks.
+
+    ``limit`` keeps the first batches only; ``skip`` drops the first ones (a resumed epoch)."""
     gs = recipe.group_size
     if batch_size % (gs * world_size):
         raise ValueError(f"batch size {batch_size} must be a multiple of {gs * world_size} (group size x world size)")
     batches = train_batches(len(groups), batch_size // gs, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
-    return create_loader(GroupDataset(source, recipe, groups, extra=rows), batches, num_workers=num_workers,
+    batches = batches[:limit] if limit else batches
+    return create_loader(GroupDataset(source, recipe, groups, extra=rows), batches[skip:], num_workers=num_workers,
                          pin_memory=pin_memory)
+
+
+def meta_split(source, fraction: float, seed: int) -> np.ndarray:
+    """(N,) bool: the training samples held out as MKD's meta split (never the validation set).
+
+    Chosen per sample from its key (a stable hash), so the split does not depend on order."""
+    from logitcache.views import derive_seed
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"meta fraction must be in (0, 1), not {fraction}")
+    threshold = int(fraction * (1 << 64))
+    return np.array([derive_seed(seed, "meta", source.key(i)) < threshold for i in range(len(source))])
+
+
+class IndexedEvalDataset(Dataset):
+    """Images of chosen training samples through the eval transform: (image, label)."""
+
+    def __init__(self, source, recipe: Recipe, indices: np.ndarray):
+        self.inner = EvalDataset(source, recipe)
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.inner[int(self.indices[i])]
+
+
+def create_meta_loader(source, recipe: Recipe, indices: np.ndarray, *, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches of the meta split (main process: small and cheap)."""
+    return DataLoader(IndexedEvalDataset(source, recipe, indices), batch_size=batch_size, shuffle=True,
+                      drop_last=len(indices) >= batch_size, generator=torch.Generator().manual_seed(seed))
 
 
 class EvalDataset(Dataset):
@@ -97,4 +132,5 @@ class EvalDataset(Dataset):
 
 
 def create_eval_loader(source, recipe: Recipe, *, batch_size: int = 256, num_workers: int = 2) -> DataLoader:
-    return DataLoader(EvalDataset(source, recipe), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return DataLoader(EvalDataset(source, recipe), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      generator=torch.Generator())

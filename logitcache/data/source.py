@@ -1,0 +1,520 @@
+"""SampleSource: random access by global index to the samples of one split.
+
+Three inputs are understood by :func:`open_source` (local paths or any fsspec URL):
+
+* a dataset root holding ``dataset.json`` and WebDataset tar shards (see shards.py);
+* tar shard URLs directly, with brace expansion (``.../train-{000000..000009}.tar``);
+  there is no metadata, so ``num_classes`` must be given;
+* an image folder ``<dir>/<class_name>/<file>.{png,jpg,jpeg}``, grouped into virtual
+  shards of ``shard_size`` sorted files.
+
+Tar shards are indexed once from their headers (data offset and size of every image
+member, plus the ``.cls`` label); an image is then read with one seek and one read.
+Only image members and ``.cls`` are ever read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import operator
+import os
+import posixpath
+import tarfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+from braceexpand import braceexpand
+from PIL import Image
+
+from logitcache.errors import BadSampleError, BadShardError, LogitcacheError
+
+# Extensions of the image member of a tar sample (WebDataset: text after the first dot).
+TAR_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+# Extensions of the files of an image folder (compared lower-case).
+FOLDER_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+# Formats PIL may decode: no other decoder is ever reached, whatever the bytes say.
+PIL_FORMATS = ("PNG", "JPEG", "WEBP")
+# A .cls member is a short ASCII integer; anything longer is not a label.
+MAX_CLS_BYTES = 64
+# Open shard files kept per process (bounded so thousands of shards don't exhaust fds).
+MAX_OPEN_HANDLES = 16
+# Threads used to index tar shards (hides the latency of remote stores).
+INDEX_THREADS = 8
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: a tar file, or a run of files of an image folder.
+
+    ``name`` is the shard's URL or path (what error messages print); the shard holds the
+    samples with global indices ``start <= index < stop``.
+    """
+
+    name: str
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class _TarIndex:
+    """What indexing one tar shard yields; one entry per sample, in member order."""
+
+    keys: list[str]
+    labels: list[int]
+    offsets: list[int]  # byte offset of the image member's data in the tar
+    sizes: list[int]  # byte size of the image member's data
+
+
+def _normalise_url(url: str) -> str:
+    """Absolute local path (so spawned workers with another cwd agree) or the URL as given."""
+    url = url.rstrip("/") or "/"
+    if "://" in url or "::" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = directory + basename up to its first dot; ext = the rest."""
+    while name.startswith("./"):  # GNU tar's "./x.png" names the same member as "x.png"
+        name = name[2:]
+    directory, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    key = posixpath.join(directory, stem) if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def _parse_label(raw: bytes, num_classes: int, shard: str, key: str) -> int:
+    try:
+        text = raw.decode("ascii").strip()
+        label = int(text, 10)
+    except (UnicodeDecodeError, ValueError):
+        raise BadSampleError(f"label is not a decimal integer: {raw[:MAX_CLS_BYTES]!r}", shard=shard, key=key) from None
+    if not 0 <= label < num_classes:
+        raise BadSampleError(f"label {label} out of range [0, {num_classes})", shard=shard, key=key)
+    return label
+
+
+def _index_tar(url: str, num_classes: int) -> _TarIndex:
+    """Walk the headers of one tar shard; raise BadShardError / BadSampleError on bad input."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            return _index_tar_file(f, url, num_classes)
+    except FileNotFoundError:
+        raise BadShardError(f"shard file not found: {url}") from None
+    except tarfile.TarError as e:
+        raise BadShardError(f"corrupt or truncated tar shard {url}: {e}") from None
+    except OSError as e:
+        raise BadShardError(f"cannot read shard {url}: {e}") from None
+
+
+def _index_tar_file(f: Any, url: str, num_classes: int) -> _TarIndex:
+    image: dict[str, tuple[int, int]] = {}  # key -> (data offset, size)
+    labels: dict[str, int] = {}
+    order: list[str] = []  # keys in order of first appearance
+    seen: set[str] = set()
+    # Seekable mode: tarfile reads each 512-byte header and seeks past the data.
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, ext = _split_member_name(member.name)
+            if ext in TAR_IMAGE_EXTS or ext == "cls":
+                if key not in seen:
+                    seen.add(key)
+                    order.append(key)
+            if ext in TAR_IMAGE_EXTS:
+                if key in image:
+                    raise BadSampleError("more than one image member", shard=url, key=key)
+                image[key] = (member.offset_data, member.size)
+            elif ext == "cls":
+                if key in labels:
+                    raise BadSampleError("more than one .cls member", shard=url, key=key)
+                if member.size > MAX_CLS_BYTES:
+                    raise BadSampleError(f".cls member of {member.size} bytes is not a label", shard=url, key=key)
+                f.seek(member.offset_data)
+                raw = f.read(member.size)
+                if len(raw) != member.size:
+                    raise BadShardError(f"corrupt or truncated tar shard {url}: .cls of key {key} cut short")
+                labels[key] = _parse_label(raw, num_classes, url, key)
+            # Any other member (.json, .txt, .pyd, .pth, ...) is skipped unread.
+        # tarfile stops silently at a short or garbled header after the first member;
+        # a complete archive ends with a zero block exactly where the walk stopped.
+        end = tar.offset
+    f.seek(end)
+    block = f.read(tarfile.BLOCKSIZE)
+    if len(block) != tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise BadShardError(f"corrupt or truncated tar shard {url}: no valid header or end-of-archive at byte {end}")
+    index = _TarIndex(keys=[], labels=[], offsets=[], sizes=[])
+    for key in order:
+        if key not in image:
+            raise BadSampleError("sample has a .cls member but no image member", shard=url, key=key)
+        if key not in labels:
+            raise BadSampleError("sample has an image member but no .cls member", shard=url, key=key)
+        index.keys.append(key)
+        index.labels.append(labels[key])
+        index.offsets.append(image[key][0])
+        index.sizes.append(image[key][1])
+    return index
+
+
+def _decode_image(data: bytes, shard: str, key: str) -> Image.Image:
+    """Decode fully (``load``) so that corrupt bytes fail here, not later in a transform."""
+    try:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types on bad bytes (OSError, SyntaxError, ValueError, ...)
+        raise BadSampleError(f"cannot decode image: {type(e).__name__}: {e}", shard=shard, key=key) from None
+
+
+class SampleSource:
+    """Random access to the samples of one split, in a stable order (shard order, then member order).
+
+    Build with :func:`open_source`. Picklable: the index travels with the pickle, open file
+    handles do not (each process opens its own, also after a fork).
+    """
+
+    url: str
+    split: str | None
+    num_classes: int
+    classes: list[str]
+    shards: list[ShardInfo]
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        split: str | None,
+        classes: list[str],
+        shards: list[ShardInfo],
+        shard_ids: list[str],
+        keys: list[str],
+        labels: np.ndarray,
+        offsets: np.ndarray | None = None,
+        sizes: np.ndarray | None = None,
+        files: list[str] | None = None,
+    ) -> None:
+        """Internal: ``offsets``/``sizes`` locate tar members, ``files`` are folder file URLs.
+
+        ``shard_ids`` name the shards independently of where the data lives (basenames or
+        ``[start:stop]``), for :meth:`fingerprint`.
+        """
+        self.url = url
+        self.split = split
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.shards = list(shards)
+        self._shard_ids = list(shard_ids)
+        self._starts = np.array([s.start for s in self.shards], dtype=np.int64)
+        self._keys = keys
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self._offsets = offsets
+        self._sizes = sizes
+        self._files = files
+        self._fingerprint: str | None = None
+        self._reset_process_state()
+        self._check_unique_keys()
+
+    # -- process-local state (never pickled) -----------------------------------------
+
+    def _reset_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._handles: OrderedDict[int, Any] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_pid", "_lock", "_handles"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_process_state()
+
+    def close(self) -> None:
+        """Close this process's open shard files (they are re-opened on demand)."""
+        if self._pid != os.getpid():
+            self._reset_process_state()
+            return
+        with self._lock:
+            for handle in self._handles.values():
+                handle.close()
+            self._handles.clear()
+
+    def _handle(self, shard: int) -> Any:
+        """This process's open file for a tar shard (LRU of MAX_OPEN_HANDLES); call under the lock."""
+        handle = self._handles.get(shard)
+        if handle is not None:
+            self._handles.move_to_end(shard)
+            return handle
+        name = self.shards[shard].name
+        try:
+            handle = fsspec.open(name, "rb").open()
+        except FileNotFoundError:
+            raise BadShardError(f"shard file not found: {name}") from None
+        except OSError as e:
+            raise BadShardError(f"cannot open shard {name}: {e}") from None
+        self._handles[shard] = handle
+        if len(self._handles) > MAX_OPEN_HANDLES:
+            _, oldest = self._handles.popitem(last=False)
+            oldest.close()
+        return handle
+
+    # -- index ------------------------------------------------------------------------
+
+    def _check_unique_keys(self) -> None:
+        # Views are seeded by key, so a key must name one sample only.
+        if len(set(self._keys)) == len(self._keys):
+            return
+        first: dict[str, int] = {}
+        for i, key in enumerate(self._keys):
+            if key in first:
+                other = self.shards[self.shard_of(first[key])].name
+                raise BadSampleError(f"duplicate key (also in shard {other})", shard=self.shards[self.shard_of(i)].name, key=key)
+            first[key] = i
+
+    def _check_index(self, index: int) -> int:
+        index = operator.index(index)
+        if not 0 <= index < len(self._keys):
+            raise IndexError(f"sample index {index} out of range [0, {len(self._keys)})")
+        return index
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return (
+            f"SampleSource(url={self.url!r}, split={self.split!r}, samples={len(self)}, "
+            f"shards={len(self.shards)}, num_classes={self.num_classes})"
+        )
+
+    def key(self, index: int) -> str:
+        """Key of sample ``index`` (unique within the source; may contain '/', never '.')."""
+        return self._keys[self._check_index(index)]
+
+    def label(self, index: int) -> int:
+        """Class index of sample ``index``, in ``[0, num_classes)``."""
+        return int(self._labels[self._check_index(index)])
+
+    def labels(self) -> np.ndarray:
+        """All labels, shape (N,), int64 (a copy)."""
+        return self._labels.copy()
+
+    def keys(self) -> list[str]:
+        """All keys, in index order (a copy)."""
+        return list(self._keys)
+
+    def shard_of(self, index: int) -> int:
+        """Position in ``self.shards`` of the shard holding sample ``index``."""
+        index = self._check_index(index)
+        return int(np.searchsorted(self._starts, index, side="right")) - 1
+
+    def load_image(self, index: int) -> Image.Image:
+        """Sample ``index`` as a fully decoded RGB PIL image.
+
+        Raises BadSampleError (naming shard and key) when its bytes cannot be read or
+        decoded, BadShardError when its shard file cannot be opened.
+        """
+        index = self._check_index(index)
+        shard_pos = self.shard_of(index)
+        shard = self.shards[shard_pos].name
+        key = self._keys[index]
+        if self._files is not None:
+            path = self._files[index]
+            try:
+                with fsspec.open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise BadSampleError(f"cannot read {path}: {e}", shard=shard, key=key) from None
+            return _decode_image(data, shard, key)
+
+        assert self._offsets is not None and self._sizes is not None
+        offset, size = int(self._offsets[index]), int(self._sizes[index])
+        if self._pid != os.getpid():
+            # After a fork the inherited handles share their file position with the
+            # parent's: drop them and re-open in this process.
+            self._reset_process_state()
+        with self._lock:
+            handle = self._handle(shard_pos)
+            try:
+                handle.seek(offset)
+                data = handle.read(size)
+            except OSError as e:
+                raise BadSampleError(f"cannot read image member: {e}", shard=shard, key=key) from None
+        if len(data) != size:
+            raise BadSampleError(f"image member cut short ({len(data)} of {size} bytes)", shard=shard, key=key)
+        return _decode_image(data, shard, key)
+
+    def fingerprint(self) -> str:
+        """sha256 hex of (num_classes, shard names, keys, labels): equal for equal data wherever it lives.
+
+        Shard names are basenames for tar shards and ``[start:stop]`` for folder shards.
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps({"num_classes": self.num_classes}).encode())
+            for shard_id, shard in zip(self._shard_ids, self.shards):
+                keys = self._keys[shard.start : shard.stop]
+                labels = self._labels[shard.start : shard.stop].tolist()
+                # JSON per shard: an unambiguous encoding of names, keys and labels.
+                h.update(b"\n" + json.dumps([shard_id, keys, labels]).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+# -- construction ------------------------------------------------------------------------
+
+
+def _from_tars(url: str, split: str | None, urls: list[str], classes: list[str]) -> SampleSource:
+    num_classes = len(classes)
+    # Threads only pay off against a remote store's latency; locally parsing is the cost (GIL).
+    local = all("://" not in u or u.startswith("file://") for u in urls)
+    if len(urls) > 1 and not local:
+        with ThreadPoolExecutor(max_workers=min(INDEX_THREADS, len(urls))) as pool:
+            indexes = list(pool.map(lambda u: _index_tar(u, num_classes), urls))
+    else:
+        indexes = [_index_tar(u, num_classes) for u in urls]
+    shards: list[ShardInfo] = []
+    keys: list[str] = []
+    labels: list[int] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
+    for shard_url, index in zip(urls, indexes):
+        shards.append(ShardInfo(name=shard_url, start=len(keys), stop=len(keys) + len(index.keys)))
+        keys += index.keys
+        labels += index.labels
+        offsets += index.offsets
+        sizes += index.sizes
+    return SampleSource(
+        url=url,
+        split=split,
+        classes=classes,
+        shards=shards,
+        shard_ids=[posixpath.basename(u) for u in urls],
+        keys=keys,
+        labels=np.array(labels, dtype=np.int64),
+        offsets=np.array(offsets, dtype=np.int64),
+        sizes=np.array(sizes, dtype=np.int64),
+    )
+
+
+def _read_meta(fs: Any, path: str, url: str) -> dict[str, Any]:
+    where = _join(url, "dataset.json")
+    try:
+        with fs.open(path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LogitcacheError(f"cannot read {where}: {e}") from None
+    ok = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("num_classes"), int)
+        and isinstance(meta.get("classes"), list)
+        and len(meta["classes"]) == meta["num_classes"]
+        and isinstance(meta.get("splits"), dict)
+        and all(isinstance(s, dict) and isinstance(s.get("shards"), list) for s in meta["splits"].values())
+    )
+    if not ok:
+        raise LogitcacheError(f"{where}: malformed (needs num_classes, classes of that length, splits with shard lists)")
+    return meta
+
+
+def _open_root(url: str, split: str | None, meta: dict[str, Any], num_classes: int | None) -> SampleSource:
+    available = sorted(meta["splits"])
+    if split is None or split not in meta["splits"]:
+        asked = "no split given" if split is None else f"no split {split!r}"
+        raise LogitcacheError(f"dataset {url}: {asked}; available splits: {', '.join(available) or '(none)'}")
+    if num_classes is not None and num_classes != meta["num_classes"]:
+        raise LogitcacheError(f"dataset {url} has {meta['num_classes']} classes, not {num_classes}")
+    entry = meta["splits"][split]
+    urls = [_join(url, str(name)) for name in entry["shards"]]
+    source = _from_tars(url, split, urls, [str(c) for c in meta["classes"]])
+    expected = entry.get("num_samples")
+    if isinstance(expected, int) and expected != len(source):
+        raise BadShardError(f"dataset {url} split {split!r}: dataset.json says {expected} samples, shards hold {len(source)}")
+    return source
+
+
+def _open_folder(fs: Any, url: str, path: str, split: str | None, shard_size: int, num_classes: int | None) -> SampleSource:
+    if split is not None:
+        if not fs.isdir(_join(path, split)):
+            raise LogitcacheError(f"image folder {url}: no sub-directory {split!r} for split {split!r}")
+        url, path = _join(url, split), _join(path, split)
+    names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True) if e["type"] == "directory")
+    classes = sorted(n for n in names if not n.startswith("."))  # skip .ipynb_checkpoints etc.
+    if not classes:
+        raise LogitcacheError(f"image folder {url}: no class sub-directories")
+    if num_classes is not None and num_classes != len(classes):
+        raise LogitcacheError(f"image folder {url} has {len(classes)} class directories, not {num_classes}")
+    keys: list[str] = []
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        class_path = _join(path, name)
+        rels = sorted(
+            posixpath.relpath(p, path)
+            for p in fs.find(class_path)
+            if posixpath.splitext(p)[1].lower() in FOLDER_IMAGE_EXTS
+        )
+        for rel in rels:
+            # Keys keep '/', but a dot would break the WebDataset key/extension convention.
+            keys.append(posixpath.splitext(rel)[0].replace(".", "_"))
+            files.append(_join(url, rel))
+            labels.append(label)
+    shards = []
+    for start in range(0, len(keys), shard_size):
+        stop = min(start + shard_size, len(keys))
+        shards.append(ShardInfo(name=f"{url}[{start}:{stop}]", start=start, stop=stop))
+    return SampleSource(
+        url=url,
+        split=split,
+        classes=classes,
+        shards=shards,
+        shard_ids=[f"[{s.start}:{s.stop}]" for s in shards],
+        keys=keys,
+        labels=np.array(labels, dtype=np.int64),
+        files=files,
+    )
+
+
+def open_source(
+    url: str | os.PathLike[str], split: str | None = None, *, shard_size: int = 1000, num_classes: int | None = None
+) -> SampleSource:
+    """Open one split of a dataset for random access.
+
+    * ``url`` is a dataset root with ``dataset.json``: ``split`` is required (the error
+      lists the available ones); ``num_classes``, if given, must match.
+    * ``url`` ends in ``.tar`` (brace patterns allowed): those shards, in order;
+      ``num_classes`` is required, class names are "0".."n-1".
+    * ``url`` is an image folder: classes are its sorted sub-directories (``<url>/<split>``
+      when ``split`` is given); files are grouped into virtual shards of ``shard_size``;
+      ``num_classes``, if given, must match the number of class directories.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    url = _normalise_url(os.fspath(url))
+    if url.endswith(".tar"):
+        if num_classes is None:
+            raise LogitcacheError(f"{url}: tar shards without dataset.json need num_classes")
+        return _from_tars(url, split, list(braceexpand(url)), [str(i) for i in range(num_classes)])
+    fs, path = fsspec.core.url_to_fs(url)
+    meta_path = _join(path, "dataset.json")
+    if fs.isfile(meta_path):
+        return _open_root(url, split, _read_meta(fs, meta_path, url), num_classes)
+    if fs.isdir(path):
+        return _open_folder(fs, url, path, split, shard_size, num_classes)
+    raise LogitcacheError(f"{url}: not a dataset root (no dataset.json), image folder or .tar shard URL")

@@ -1,0 +1,315 @@
+"""Tests for logitcache/inspect.py and cli/cache_tools.py on real caches (no mocks).
+
+A tiny synth dataset (16 classes, 96 train samples in 3 shards) and a random-init timm
+``test_resnet`` teacher saved to a weights file; two caches are built once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from cli.cache_tools import register
+from cli.main import app, main
+from logitcache.build import build
+from logitcache.codec import create_codec, rebuilt_probs
+from logitcache.data.source import open_source
+from logitcache.data.synth import generate_synth
+from logitcache.errors import CacheMismatchError, WeightsUnavailableError
+from logitcache.inspect import (
+    DEFAULT_ATOL,
+    format_bytes,
+    format_ranges,
+    inspect_cache,
+    topk_entropy,
+    verify_cache,
+)
+from logitcache.store import CacheReader, array_digest, unit_path
+from logitcache.teacher import Teacher
+from logitcache.views import create_recipe
+from trainer.train import save_student
+
+register(app)
+runner = CliRunner()
+N_TRAIN = 16 * 6
+
+
+def _weights(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=16)
+    save_student(model, path, "test_resnet", 16, create_recipe("demo32"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster here
+    tmp = tmp_path_factory.mktemp("cache_tools")
+    data = generate_synth(tmp / "data", num_classes=16, train_per_class=6, val_per_class=2, image_size=32, seed=0,
+                          shard_size=40)
+    weights = _weights(tmp / "teacher.safetensors", 0)
+    other = _weights(tmp / "other.safetensors", 1)
+    source = open_source(str(data), "train")
+    teacher = Teacher("test_resnet", weights=str(weights))
+    root = tmp / "caches"
+    common = dict(dataset_name="synth", teacher=teacher, recipe=create_recipe("demo32"), batch_size=16,
+                  num_workers=0, progress=False)
+    a = str(root / "a.zarr")
+    b = str(root / "b.zarr")
+    build(source, codec=create_codec("topk", 16, 5), url=a, epochs=[0, 1], **common)
+    build(source, codec=create_codec("topk", 16, 3), url=b, epochs=[0], **common)
+    (root / "not-a-cache").mkdir()
+    (root / "not-a-cache" / "notes.txt").write_text("hello")
+    zarr.open_group(str(root / "plain.zarr"), mode="w")  # a Zarr group, but no manifest
+    yield {"tmp": tmp, "data": str(data), "weights": str(weights), "other": str(other), "source": source,
+           "root": str(root), "a": a, "b": b}
+    torch.set_num_threads(threads)
+
+
+def _copy(src: str, dst: Path) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _rewrite(url: str, epoch: int, shard: int, key: str, values: np.ndarray, fix_sha: bool) -> None:
+    """Overwrite one array of a committed unit; optionally fix its commit sha so readers trust it."""
+    group = zarr.open_group(url, mode="a")[unit_path(epoch, shard)]
+    group[key][...] = values
+    if fix_sha:
+        commit = group.attrs["commit"]
+        commit["sha256"][key] = array_digest(values)
+        group.attrs["commit"] = commit
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def test_format_helpers():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 1024**3) == "3.0 GiB"
+    assert format_bytes(None) == "?"
+    assert format_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert format_ranges([]) == "-"
+
+
+def test_topk_entropy_matches_rebuilt_probs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 16, generator=g) * 3
+    for k in (1, 5, 16):
+        v, ids = torch.topk(logits, k, dim=1)
+        tail = (torch.logsumexp(logits.scatter(1, ids, -math.inf), dim=1) if k < 16
+                else torch.full((50,), -math.inf))
+        p = rebuilt_probs(ids, v, tail, 16).double()
+        want = -(p * p.clamp_min(1e-300).log()).sum(1).numpy()
+        h, mass = topk_entropy(v.numpy(), tail.numpy(), 16)
+        np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mass, 1 - p.gather(1, ids).sum(1).numpy(), atol=1e-6)
+
+
+# -- inspect -----------------------------------------------------------------------------
+
+
+def test_inspect_numbers(env):
+    st = inspect_cache(env["a"])
+    assert st.views == 2 * N_TRAIN
+    assert st.epochs_complete == [0, 1]
+    assert st.units == {0: (3, 3), 1: (3, 3)}
+    assert st.bytes > 0 and st.bytes_per_view == pytest.approx(st.bytes / st.views)
+    assert st.recipe_name == "demo32" and st.teacher == "test_resnet"
+    assert st.teacher_weights == "teacher.safetensors" and st.teacher_weights_sha256
+    assert st.dataset["num_samples"] == N_TRAIN and st.dataset["num_shards"] == 3
+    assert st.codec["k"] == 5 and st.raw_bytes_per_view == 5 * (1 + 2) + 4
+    assert st.unmixed_views == st.views  # demo32 does not mix
+    assert 0 <= st.top1_agreement <= 100 and st.top1_agreement_major == pytest.approx(st.top1_agreement)
+    assert 0 < st.mean_entropy <= math.log(16) + 1e-9 and st.max_entropy == pytest.approx(math.log(16))
+
+    # the same numbers computed independently, from whole epochs through CacheReader
+    reader = CacheReader(env["a"])
+    labels = env["source"].labels()
+    agree, ent = [], []
+    for e in (0, 1):
+        ep = reader.load_epoch(e, verify=True)
+        agree.append(ep.topk_ids[:, 0].astype(np.int64) == labels)
+        p = rebuilt_probs(torch.from_numpy(ep.topk_ids.astype(np.int64)), torch.from_numpy(ep.topk_logits),
+                          torch.from_numpy(ep.tail_lse), 16).double()
+        ent.append(-(p * p.log()).sum(1).numpy())
+    assert st.top1_agreement == pytest.approx(100 * np.concatenate(agree).mean())
+    assert st.mean_entropy == pytest.approx(np.concatenate(ent).mean(), rel=1e-5)
+
+
+def test_inspect_cli_text_and_json(env):
+    res = runner.invoke(app, ["inspect", env["a"]])
+    assert res.exit_code == 0, res.output
+    assert "2 complete: 0-1" in res.output and "192 committed" in res.output and "demo32" in res.output
+    res = runner.invoke(app, ["inspect", env["a"], "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["views"] == 192 and d["epochs_complete"] == [0, 1] and d["units"] == {"0": [3, 3], "1": [3, 3]}
+
+
+def test_inspect_partial_cache(env, tmp_path):
+    url = _copy(env["a"], tmp_path / "partial.zarr")
+    shutil.rmtree(Path(url) / unit_path(1, 2))  # epoch 1 loses its last unit
+    st = inspect_cache(url)
+    assert st.epochs_complete == [0] and st.units == {0: (3, 3), 1: (2, 3)}
+    assert st.views == N_TRAIN + 80
+
+    shutil.rmtree(Path(url) / "epochs")  # a cache with no unit at all
+    st = inspect_cache(url)
+    assert st.views == 0 and st.epochs_complete == [] and st.top1_agreement is None and st.mean_entropy is None
+    res = runner.invoke(app, ["inspect", url])
+    assert res.exit_code == 0 and "0 complete: -" in res.output
+
+
+# -- verify ------------------------------------------------------------------------------
+
+
+def test_verify_passes_on_intact_cache(env):
+    rep = verify_cache(env["a"], teacher_weights=env["weights"], sample=64, seed=3, device="cpu", batch_size=24)
+    assert rep.passed, rep.reasons
+    assert rep.views_checked == 64 and rep.epochs == [0, 1]
+    assert rep.tolerance == pytest.approx(4 * 2.0**-11) and rep.atol == DEFAULT_ATOL
+    assert rep.max_rel_err <= rep.tolerance and rep.max_abs_err < 1e-3
+    assert rep.ids_wrong == 0 and rep.top1_agreement == 100.0
+    assert 0 <= rep.kl_mean <= rep.kl_max < 0.05
+    # all of them (sample larger than the cache is clamped)
+    rep = verify_cache(env["b"], teacher_weights=env["weights"], sample=10_000, device="cpu")
+    assert rep.passed, rep.reasons
+    assert rep.views_checked == N_TRAIN
+
+
+def test_verify_cli_pass_exit_0(env):
+    res = runner.invoke(app, ["verify", env["a"], "--sample", "16", "--teacher-weights", env["weights"],
+                              "--data", env["data"], "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert res.output.rstrip().endswith("PASS")
+
+
+def test_verify_fails_on_perturbed_logits(env, tmp_path):
+    url = _copy(env["a"], tmp_path / "bad.zarr")
+    group = zarr.open_group(url, mode="r")[unit_path(1, 1)]
+    logits = group["topk_logits"][...]
+    logits[7, 2] = np.float16(float(logits[7, 2]) * 1.01 + 0.01)  # one kept logit, ~1 % off
+    _rewrite(url, 1, 1, "topk_logits", logits, fix_sha=True)
+    CacheReader(url).read_unit(1, 1, verify=True)  # checksums pass: only verify can catch it
+
+    rep = verify_cache(url, teacher_weights=env["weights"], sample=192, device="cpu")
+    assert not rep.passed
+    assert rep.max_rel_err > rep.tolerance and not rep.checksum_failures
+    assert "max relative error" in rep.reasons[0] and rep.worst["epoch"] == 1
+
+    res = runner.invoke(app, ["verify", url, "--sample", "192", "--teacher-weights", env["weights"],
+                              "--device", "cpu"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1].startswith("FAIL: max relative error")
+    # a loose enough tolerance lets it through
+    res = runner.invoke(app, ["verify", url, "--sample", "192", "--teacher-weights", env["weights"],
+                              "--device", "cpu", "--tolerance", "0.5"])
+    assert res.exit_code == 0, res.output
+
+
+def test_verify_fails_on_wrong_ids_and_checksum(env, tmp_path):
+    url = _copy(env["b"], tmp_path / "ids.zarr")
+    group = zarr.open_group(url, mode="r")[unit_path(0, 0)]
+    ids = group["topk_ids"][...]
+    ids[3] = ids[3][::-1]  # same classes, wrong order: values no longer fit them
+    ids[5, 0] = (int(ids[5, 0]) + 1) % 16 if (int(ids[5, 0]) + 1) % 16 not in ids[5] else (int(ids[5, 0]) + 2) % 16
+
+    _rewrite(url, 0, 0, "topk_ids", ids, fix_sha=False)
+    rep = verify_cache(url, teacher_weights=env["weights"], sample=N_TRAIN, device="cpu")
+    assert not rep.passed and rep.checksum_failures == [f"{unit_path(0, 0)}: topk_ids"]
+    assert any("sha256" in r for r in rep.reasons)
+
+    _rewrite(url, 0, 0, "topk_ids", ids, fix_sha=True)
+    rep = verify_cache(url, teacher_weights=env["weights"], sample=N_TRAIN, device="cpu")
+    assert not rep.passed and not rep.checksum_failures
+    assert rep.ids_wrong == 2 and any("top-3 ids" in r for r in rep.reasons)
+
+
+def test_verify_fails_on_wrong_seed(env, tmp_path):
+    url = _copy(env["b"], tmp_path / "seed.zarr")
+    seeds = zarr.open_group(url, mode="r")[unit_path(0, 2)]["view_seed"][...]
+    seeds[0] ^= np.uint64(1)
+    _rewrite(url, 0, 2, "view_seed", seeds, fix_sha=True)
+    rep = verify_cache(url, teacher_weights=env["weights"], sample=N_TRAIN, device="cpu")
+    assert not rep.passed and len(rep.metadata_failures) == 1 and "view_seed" in rep.metadata_failures[0]
+
+
+def test_verify_other_weights_is_a_clear_mismatch(env):
+    with pytest.raises(CacheMismatchError, match="are not the weights cache .* was built with"):
+        verify_cache(env["a"], teacher_weights=env["other"], sample=4, device="cpu")
+    with pytest.raises(WeightsUnavailableError, match="pass it with --teacher-weights"):
+        verify_cache(env["a"], sample=4, device="cpu")
+
+
+def test_verify_other_dataset_is_a_clear_mismatch(env):
+    other = generate_synth(env["tmp"] / "other-data", num_classes=16, train_per_class=6, val_per_class=2,
+                           image_size=32, seed=1, shard_size=40)
+    with pytest.raises(CacheMismatchError, match="is not the data cache"):
+        verify_cache(env["a"], data=str(other), teacher_weights=env["weights"], sample=4, device="cpu")
+
+
+def test_console_exit_codes(env, monkeypatch, capsys):
+    """The console entry point: a user error is one line on stderr and exit 2."""
+    monkeypatch.setattr(sys, "argv", ["logitcache", "verify", env["a"], "--sample", "4", "--teacher-weights",
+                                      env["other"], "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --teacher-weights") and "\n" not in err
+    monkeypatch.setattr(sys, "argv", ["logitcache", "inspect", str(env["tmp"] / "nowhere.zarr")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and "no cache at" in capsys.readouterr().err
+
+
+# -- ls ----------------------------------------------------------------------------------
+
+
+def test_ls_lists_caches_only(env, tmp_path):
+    res = runner.invoke(app, ["ls", "--cache-root", env["root"]])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[0].split() == ["URL", "TEACHER", "DATASET", "EPOCHS", "CODEC", "VIEWS", "SIZE"]
+    assert len(lines) == 3 and "not-a-cache" not in res.output and "plain.zarr" not in res.output
+    assert lines[1].startswith(env["a"]) and "topk5" in lines[1] and "2 (0-1)" in lines[1] and " 192 " in lines[1]
+    assert lines[2].startswith(env["b"]) and "topk3" in lines[2] and "1 (0)" in lines[2]
+    assert "synth/train" in lines[1]
+
+    res = runner.invoke(app, ["ls", "--cache-root", env["root"], "--json"])
+    assert [d["views"] for d in json.loads(res.output)] == [192, 96]
+
+    empty = str(tmp_path / "empty")
+    res = runner.invoke(app, ["ls"], env={"LOGITCACHE_ROOT": empty})  # the default root
+    assert res.exit_code == 0 and f"no caches under {empty}" in res.output
+
+
+def test_fsspec_url(env):
+    """A cache on an fsspec URL (memory://): inspect sizes it with fs.du, ls finds it, verify reads it."""
+    import fsspec
+
+    url = "memory://cache_tools_test/m.zarr"
+    build(env["source"], dataset_name="synth", teacher=Teacher("test_resnet", weights=env["weights"]),
+          recipe=create_recipe("demo32"), codec=create_codec("topk", 16, 4), url=url, epochs=[0], batch_size=32,
+          num_workers=0, progress=False)
+    try:
+        st = inspect_cache(url)
+        assert st.views == N_TRAIN and st.bytes > 0 and st.epochs_complete == [0]
+        res = runner.invoke(app, ["ls", "--cache-root", "memory://cache_tools_test"])
+        assert res.exit_code == 0 and "m.zarr" in res.output and "topk4" in res.output
+        assert verify_cache(url, teacher_weights=env["weights"], sample=8, device="cpu").passed
+    finally:
+        fsspec.filesystem("memory").rm("/cache_tools_test", recursive=True)

@@ -1,0 +1,464 @@
+"""MKD - Meta Knowledge Distillation (Liu et al., 2022): learnable KD temperatures.
+
+The teacher temperature ``T_t`` and the student temperature ``T_s`` of the KD term are
+meta-parameters, kept positive through log parameters. Every ``meta_every`` student steps a
+meta step updates them:
+
+1. **look-ahead** - pre-update a functional copy of the student's weights with one SGD step
+   on the training loss at the current temperatures::
+
+       theta' = theta - inner_lr * grad_theta L(theta; T_t, T_s),
+       L = hard_weight * hard + kd_weight * kd_loss(s, t, T_t, student_temperature=T_s)
+
+   (the gradient is taken with ``create_graph=True``, so ``theta'`` is a differentiable
+   function of the temperatures);
+2. **meta objective** - cross entropy of the pre-updated student (run through
+   ``torch.func.functional_call(model, (theta', buffers), x_meta)``) on a held-out meta
+   batch with integer labels. The meta batch must come from a split of the *training*
+   data (:func:`split_meta`), never from validation;
+3. back-propagate the meta loss to the temperature parameters (second order, through the
+   look-ahead) and take an Adam step on them (``meta_lr``).
+
+The student's own step (the trainer's job) then uses the current temperatures, detached
+(:meth:`MetaTemperatureLearner.kd_temperatures` and :func:`mkd_loss`). Typical use::
+
+    mkd = MetaTemperatureLearner(MKDConfig(), num_classes, device)
+    for step, batch in enumerate(loader):
+        if mkd.should_step(step):
+            x_meta, y_meta = next(meta_batches)            # from the meta split of TRAIN
+            stats = mkd.meta_step(model, x, teacher_logits, target, x_meta, y_meta,
+                                  student_lr=optimizer.param_groups[0]["lr"], loss_cfg=cfg.loss)
+        logits = model(x)
+        t_t, t_s = mkd.kd_temperatures(logits, teacher_logits)
+        loss, parts = mkd_loss(cfg.loss, logits, teacher_logits, target, t_t, t_s)
+        ...
+
+Choices:
+
+* **Buffers / BatchNorm**: the look-ahead and meta forwards run in the model's current mode
+  (train mode: BatchNorm normalises with batch statistics, exactly as in the student's own
+  step; dropout / drop-path active) on *clones* of every buffer. BatchNorm's in-place
+  running-stat updates (``running_mean``, ``running_var``, ``num_batches_tracked``) land on
+  the clones, which are thrown away, so the real model's buffers are untouched. The real
+  parameters are only read; their ``.grad`` is not touched (gradients are taken with
+  ``torch.autograd.grad``). Dropout / drop-path do draw from the global RNG.
+  ``SyncBatchNorm`` is not supported (no double backward).
+* **Look-ahead optimiser**: plain SGD without weight decay, step ``cfg.inner_lr`` or, when
+  None, the student's current lr. The temperatures are updated with Adam, which normalises
+  the meta-gradient's scale, so a small SGD step (e.g. an AdamW-sized lr) is fine.
+* **Attention**: the look-ahead forward runs with the math SDPA kernel, the only one with
+  a double backward (flash / memory-efficient CUDA kernels have none).
+* **Clamping**: scalar temperatures live as ``log T``; after each meta step the log
+  parameters are projected onto ``[log min_temperature, log max_temperature]`` (so the
+  gradient w.r.t. ``log T`` is exact inside the range). The predictor outputs
+  ``log T = log min + (log max - log min) * sigmoid(z)``, bounded by construction.
+* **Distributed**: pass the unwrapped model (a DDP wrapper is unwrapped automatically);
+  when ``torch.distributed`` is initialised the temperature gradients are averaged over
+  ranks, so every rank keeps identical temperatures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .losses import LossConfig, hard_label_loss, kd_loss, temperature_from_log
+
+__all__ = [
+    "MKDConfig",
+    "MetaTemperatureLearner",
+    "Temperatures",
+    "logit_features",
+    "mkd_loss",
+    "split_meta",
+]
+
+#: Number of per-sample statistics per logit tensor in :func:`logit_features`.
+_FEATURES_PER_LOGITS = 4
+
+
+@dataclass
+class MKDConfig:
+    """MKD hyper-parameters.
+
+    Attributes:
+        init_teacher_temperature: initial T_t (> 0).
+        init_student_temperature: initial T_s (> 0).
+        meta_every: a meta step every N student steps (bounds the cost: one meta step costs
+            roughly 3-4 student steps); <= 0 disables meta steps (fixed temperatures).
+        inner_lr: look-ahead SGD step size; None = the student's current lr.
+        meta_lr: Adam learning rate of the temperature parameters.
+        predictor: per-sample temperatures from a small MLP on logit statistics instead of
+            two learnable scalars.
+        hidden: hidden width of the predictor MLP.
+        min_temperature, max_temperature: range the temperatures are kept in.
+    """
+
+    init_teacher_temperature: float = 1.0
+    init_student_temperature: float = 1.0
+    meta_every: int = 10
+    inner_lr: float | None = None
+    meta_lr: float = 1e-2
+    predictor: bool = False
+    hidden: int = 32
+    min_temperature: float = 0.1
+    max_temperature: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_temperature < self.max_temperature:
+            raise ValueError(
+                f"need 0 < min_temperature < max_temperature, got {self.min_temperature}, {self.max_temperature}"
+            )
+        for name in ("init_teacher_temperature", "init_student_temperature"):
+            v = getattr(self, name)
+            if not self.min_temperature <= v <= self.max_temperature:
+                raise ValueError(
+                    f"{name}={v} outside [{self.min_temperature}, {self.max_temperature}]"
+                )
+        if self.inner_lr is not None and not self.inner_lr > 0:
+            raise ValueError(f"inner_lr must be > 0 or None, got {self.inner_lr}")
+        if not self.meta_lr > 0:
+            raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+
+
+def logit_features(logits: Tensor) -> Tensor:
+    """Per-sample statistics of (B, C) logits -> (B, 4), detached.
+
+    Columns: max softmax probability, entropy / log C (both in [0, 1]),
+    ``log1p(std of the logits)`` and ``log1p(top-1 minus top-2 logit)``.
+    """
+    z = logits.detach().float()
+    c = z.shape[-1]
+    log_p = F.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    max_p = p.max(dim=-1).values
+    entropy = -(p * log_p).sum(dim=-1) / math.log(c) if c > 1 else torch.zeros_like(max_p)
+    std = z.std(dim=-1, unbiased=False)
+    if c > 1:
+        top2 = z.topk(2, dim=-1).values
+        margin = top2[:, 0] - top2[:, 1]
+    else:
+        margin = torch.zeros_like(max_p)
+    return torch.stack([max_p, entropy, torch.log1p(std), torch.log1p(margin)], dim=-1)
+
+
+class Temperatures(nn.Module):
+    """The learnable KD temperatures.
+
+    * ``predictor=False``: two 0-d parameters ``log_t_teacher`` and ``log_t_student``;
+      :meth:`forward` returns 0-d ``(exp(log_t_teacher), exp(log_t_student))`` (logits are
+      ignored).
+    * ``predictor=True``: an MLP ``(B, 8) -> hidden -> (B, 2)`` on :func:`logit_features` of
+      the student and the teacher logits (detached inputs), mapped to per-sample
+      temperatures in ``[min, max]``: ``log T = log min + (log max - log min) * sigmoid(z)``.
+      The output layer starts near zero with its bias set so that every sample starts at the
+      initial temperatures.
+
+    Outputs are in this module's dtype and carry gradients to its parameters.
+    """
+
+    def __init__(self, cfg: MKDConfig):
+        super().__init__()
+        self.predictor = cfg.predictor
+        self.log_min = math.log(cfg.min_temperature)
+        self.log_max = math.log(cfg.max_temperature)
+        init = (math.log(cfg.init_teacher_temperature), math.log(cfg.init_student_temperature))
+        if not self.predictor:
+            self.log_t_teacher = nn.Parameter(torch.tensor(init[0]))
+            self.log_t_student = nn.Parameter(torch.tensor(init[1]))
+            self.net = None
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(2 * _FEATURES_PER_LOGITS, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 2)
+            )
+            out = self.net[-1]
+            nn.init.normal_(out.weight, std=1e-2)
+            with torch.no_grad():
+                span = self.log_max - self.log_min
+                for i, v in enumerate(init):
+                    frac = min(max((v - self.log_min) / span, 1e-4), 1 - 1e-4)
+                    out.bias[i] = math.log(frac / (1 - frac))  # sigmoid^-1
+
+    def forward(self, student_logits: Tensor | None = None, teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(T_t, T_s)``: 0-d tensors (scalar mode) or (B,) tensors (predictor).
+
+        Args:
+            student_logits: (B, C) student logits (only read by the predictor, detached).
+            teacher_logits: (B, C) teacher logits (only read by the predictor, detached).
+        """
+        if self.net is None:
+            return (
+                temperature_from_log(self.log_t_teacher.clamp(self.log_min, self.log_max)),
+                temperature_from_log(self.log_t_student.clamp(self.log_min, self.log_max)),
+            )
+        if student_logits is None or teacher_logits is None:
+            raise ValueError("the temperature predictor needs student and teacher logits")
+        feats = torch.cat([logit_features(student_logits), logit_features(teacher_logits)], dim=-1)
+        w = self.net[0].weight
+        z = self.net(feats.to(device=w.device, dtype=w.dtype))  # (B, 2)
+        log_t = self.log_min + (self.log_max - self.log_min) * torch.sigmoid(z)
+        t = temperature_from_log(log_t)
+        return t[:, 0], t[:, 1]
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Clamp the scalar log temperatures into ``[log min, log max]`` (no-op for the predictor)."""
+        if self.net is None:
+            self.log_t_teacher.clamp_(self.log_min, self.log_max)
+            self.log_t_student.clamp_(self.log_min, self.log_max)
+
+
+def mkd_loss(
+    cfg: LossConfig,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    t_teacher: float | Tensor,
+    t_student: float | Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The KD training loss with explicit temperatures (``cfg.temperature`` is ignored).
+
+    ``total = hard_weight * hard + kd_weight * kd_loss(s, t, T_t, student_temperature=T_s)``,
+    i.e. :func:`trainer.losses.distill_loss` of kind ``"kd"`` with separate, possibly
+    per-sample and differentiable, temperatures.
+
+    Args:
+        cfg: loss configuration; ``cfg.kind`` must be ``"kd"``.
+        student_logits: (B, C).
+        teacher_logits: (B, C) (any float dtype; cast to the student's).
+        target: (B, C) mixed / smoothed target probabilities.
+        t_teacher, t_student: float, 0-d or (B,) tensors.
+
+    Returns:
+        ``(total, {"hard": hard, "kd": kd})`` like ``distill_loss``.
+    """
+    if cfg.kind != "kd":
+        raise ValueError(f"MKD learns KD temperatures; loss kind must be 'kd', got {cfg.kind!r}")
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    hard = hard_label_loss(student_logits, target, kind=cfg.hard_kind)
+    kd = kd_loss(student_logits, teacher_logits, t_teacher, student_temperature=t_student)
+    return cfg.hard_weight * hard + cfg.kd_weight * kd, {"hard": hard, "kd": kd}
+
+
+def split_meta(num_samples: int, meta_fraction: float, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Split *training* sample indices into (student, meta) parts, deterministically.
+
+    Returns two sorted int64 index tensors; the meta part holds
+    ``max(1, round(meta_fraction * num_samples))`` samples. The meta batches of
+    :meth:`MetaTemperatureLearner.meta_step` should be drawn from the meta part (never from
+    validation data).
+    """
+    if not 0 < meta_fraction < 1:
+        raise ValueError(f"meta_fraction must be in (0, 1), got {meta_fraction}")
+    if num_samples < 2:
+        raise ValueError(f"need at least 2 samples to split, got {num_samples}")
+    n_meta = min(num_samples - 1, max(1, round(meta_fraction * num_samples)))
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    return perm[n_meta:].sort().values, perm[:n_meta].sort().values
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _math_sdpa():
+    """Context manager forcing the math SDPA kernel (double-backward capable)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # pragma: no cover - old torch
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class MetaTemperatureLearner:
+    """Owns the learnable temperatures and their Adam optimiser; performs MKD meta steps.
+
+    Args:
+        cfg: MKD configuration.
+        num_classes: C (>= 2); logits passed in must have C columns.
+        device: where the temperature parameters live (the student's device).
+        dtype: dtype of the temperature parameters (float32; float64 for gradient checks).
+
+    Attributes:
+        temperatures: the :class:`Temperatures` module.
+        optimizer: ``torch.optim.Adam`` over its parameters.
+        num_meta_steps: meta steps taken so far (checkpointed).
+    """
+
+    def __init__(self, cfg: MKDConfig, num_classes: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.temperatures = Temperatures(cfg).to(device=device, dtype=dtype)
+        self.optimizer = torch.optim.Adam(self.temperatures.parameters(), lr=cfg.meta_lr)
+        self.num_meta_steps = 0
+
+    # ----------------------------------------------------------------- student side
+    @torch.no_grad()
+    def kd_temperatures(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Current ``(T_t, T_s)`` for the student's own step, detached.
+
+        Args:
+            student_logits: (B, C) (only read by the predictor).
+            teacher_logits: (B, C).
+
+        Returns:
+            0-d tensors (scalar mode) or (B,) tensors (predictor), in the student logits'
+            dtype and device.
+        """
+        self._check(student_logits, teacher_logits)
+        t_t, t_s = self.temperatures(student_logits, teacher_logits)
+        like = student_logits
+        return t_t.to(like.device, like.dtype), t_s.to(like.device, like.dtype)
+
+    def should_step(self, step: int) -> bool:
+        """True when a meta step is due at student step ``step`` (0, meta_every, 2 meta_every, ...)."""
+        return self.cfg.meta_every > 0 and step % self.cfg.meta_every == 0
+
+    # -------------------------------------------------------------------- meta side
+    def meta_loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        teacher_logits: Tensor,
+        target_probs: Tensor,
+        x_meta: Tensor,
+        y_meta: Tensor,
+        *,
+        student_lr: float | None = None,
+        loss_cfg: LossConfig,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The meta objective as a differentiable function of the temperature parameters.
+
+        Args:
+            model: the student (its parameters and buffers are read, never modified).
+            x: (B, ...) training inputs of the current step.
+            teacher_logits: (B, C) teacher logits for ``x``.
+            target_probs: (B, C) target probabilities for ``x`` (hard-label term).
+            x_meta: (M, ...) meta inputs from the meta split of the training data.
+            y_meta: (M,) int64 meta labels.
+            student_lr: the student's current lr; the look-ahead step when
+                ``cfg.inner_lr`` is None.
+            loss_cfg: the trainer's loss configuration (kind ``"kd"``).
+
+        Returns:
+            ``(meta_loss, T_t, T_s)``: the 0-d meta CE (attached to the temperature
+            parameters' graph) and the temperatures used in the look-ahead (0-d or (B,)).
+        """
+        inner_lr = self.cfg.inner_lr if self.cfg.inner_lr is not None else student_lr
+        if inner_lr is None or not inner_lr > 0:
+            raise ValueError("need a positive look-ahead step: set MKDConfig.inner_lr or pass student_lr")
+        if y_meta.ndim != 1 or y_meta.shape[0] != x_meta.shape[0]:
+            raise ValueError(f"y_meta must be (M,) integer labels for M={x_meta.shape[0]}, got {tuple(y_meta.shape)}")
+        model = _unwrap(model)
+        named = dict(model.named_parameters())
+        trainable = {n: p for n, p in named.items() if p.requires_grad}
+        frozen = {n: p.detach() for n, p in named.items() if not p.requires_grad}
+        # Clones: in-place running-stat updates (BatchNorm in train mode) hit these, not the model.
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+        with _math_sdpa():
+            logits = torch.func.functional_call(model, ({**trainable, **frozen}, buffers), (x,))
+        self._check(logits, teacher_logits)
+        t_t, t_s = self.temperatures(logits, teacher_logits)
+        t_t, t_s = t_t.to(logits.dtype), t_s.to(logits.dtype)
+        loss, _ = mkd_loss(loss_cfg, logits, teacher_logits, target_probs, t_t, t_s)
+        grads = torch.autograd.grad(loss, list(trainable.values()), create_graph=True, allow_unused=True)
+        updated = {
+            n: p if g is None else p - inner_lr * g for (n, p), g in zip(trainable.items(), grads)
+        }
+        meta_logits = torch.func.functional_call(model, ({**updated, **frozen}, buffers), (x_meta,))
+        meta = F.cross_entropy(meta_logits, y_meta.to(meta_logits.device).long())
+        return meta, t_t, t_s
+
+    def meta_step(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        teacher_logits: Tensor,
+        target_probs: Tensor,
+        x_meta: Tensor,
+        y_meta: Tensor,
+        *,
+        student_lr: float | None = None,
+        loss_cfg: LossConfig,
+    ) -> dict[str, float]:
+        """One MKD meta step: look-ahead, meta CE, Adam step on the temperatures.
+
+        Arguments as in :meth:`meta_loss`. Only the temperature parameters change; their
+        ``.grad`` is left holding this step's meta-gradient (averaged over ranks when
+        distributed). The model's parameters, their ``.grad`` and its buffers are untouched.
+
+        Returns:
+            ``{"meta_loss", "t_teacher", "t_student"}``: the meta CE and the (batch-mean)
+            temperatures used in the look-ahead, i.e. before this update.
+        """
+        params = [p for p in self.temperatures.parameters() if p.requires_grad]
+        meta, t_t, t_s = self.meta_loss(model, x, teacher_logits, target_probs, x_meta, y_meta,
+                                        student_lr=student_lr, loss_cfg=loss_cfg)
+        grads = torch.autograd.grad(meta, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g.detach()
+        meta_value = meta.detach()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                for p in params:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+                meta_value = meta_value.clone()
+                torch.distributed.all_reduce(meta_value)
+                meta_value.div_(world)
+        self.optimizer.step()
+        self.temperatures.project_()
+        self.num_meta_steps += 1
+        return {
+            "meta_loss": float(meta_value),
+            "t_teacher": float(t_t.detach().mean()),
+            "t_student": float(t_s.detach().mean()),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Temperatures, Adam state, step count and the config (for checking on load)."""
+        return {
+            "temperatures": self.temperatures.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "num_meta_steps": self.num_meta_steps,
+            "config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; the predictor setting must match."""
+        saved = state.get("config", {})
+        if "predictor" in saved and bool(saved["predictor"]) != self.cfg.predictor:
+            raise ValueError(
+                f"checkpoint has predictor={saved['predictor']}, this learner predictor={self.cfg.predictor}"
+            )
+        self.temperatures.load_state_dict(state["temperatures"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_meta_steps = int(state.get("num_meta_steps", 0))
+
+    # --------------------------------------------------------------------- helpers
+    def _check(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
+        if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                "expected student and teacher logits of the same shape (B, C), got "
+                f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+            )
+        if student_logits.shape[1] != self.num_classes:
+            raise ValueError(f"expected {self.num_classes} classes, got logits of shape {tuple(student_logits.shape)}")
