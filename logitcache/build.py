@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codec import CodecSpec, encode
+from .codec import CodecSpec, ValueRangeError, encode
 from .errors import BadLogitsError, BadSampleError, LogitcacheError
 from .loader import GroupDataset, collate_groups, create_loader
 from .manifest import DatasetInfo, Manifest
@@ -157,6 +157,10 @@ def build(
         owner += [u] * len(p.groups)
     labels = source.labels()
     t0 = time.perf_counter()
+    for p in todo:  # an empty data shard has no batches: commit its empty unit now
+        if p.num_views == 0:
+            writer.write_unit(p.epoch, p.shard, _empty_unit(codec))
+            report.units_written += 1
     if todo:
         dataset = GroupDataset(source, recipe, groups)
         loader = create_loader(dataset, batches, num_workers=num_workers, pin_memory=teacher.device.type == "cuda")
@@ -165,9 +169,19 @@ def build(
     return report
 
 
+def _empty_unit(codec: CodecSpec) -> dict[str, np.ndarray]:
+    k = codec.k
+    return {
+        "sample_index": np.zeros(0, np.int64), "view_seed": np.zeros(0, np.uint64), "label": np.zeros(0, np.int32),
+        "partner_index": np.zeros(0, np.int64), "mix_lam": np.zeros(0, np.float32),
+        "topk_ids": np.zeros((0, k), codec.id_dtype), "topk_logits": np.zeros((0, k), codec.value_dtype),
+        "tail_lse": np.zeros(0, np.float32),
+    }
+
+
 def _run(loader, todo, owner, teacher, codec, recipe, writer, labels, source, report, progress) -> None:
     pending: dict[int, list[dict]] = {}
-    remaining = {u: p.num_views for u, p in enumerate(todo)}
+    remaining = {u: p.num_views for u, p in enumerate(todo) if p.num_views}
     total_views = sum(remaining.values())
     with _progress(progress, total_views, len(todo)) as bar:
         for batch in loader:
@@ -181,7 +195,7 @@ def _run(loader, todo, owner, teacher, codec, recipe, writer, labels, source, re
             check_logits(logits, codec.num_classes, [source.key(int(i)) for i in index], where)
             try:
                 rows = encode(codec, logits)
-            except OverflowError as e:
+            except ValueRangeError as e:
                 raise BadLogitsError(f"{e} (--value-dtype float32; {where})") from None
             rows.update(
                 sample_index=index,

@@ -24,6 +24,10 @@ VALUE_DTYPES = ("float16", "float32")
 FLOAT16_MAX = 65504.0
 
 
+class ValueRangeError(ValueError):
+    """Logits too large for the codec's value dtype (float16 holds |z| <= 65504)."""
+
+
 def id_dtype_for(num_classes: int) -> str:
     """The smallest unsigned integer dtype that holds every class id."""
     if num_classes <= 1 << 8:
@@ -92,7 +96,7 @@ def encode(spec: CodecSpec, logits: torch.Tensor) -> dict[str, np.ndarray]:
     logits = logits.detach().float().cpu()
     values, ids = torch.topk(logits, spec.k, dim=1, largest=True, sorted=True)
     if spec.value_dtype == "float16" and values.abs().max() > FLOAT16_MAX:
-        raise OverflowError(
+        raise ValueRangeError(
             f"logits up to {float(values.abs().max()):.4g} do not fit float16 (max {FLOAT16_MAX}); use float32 values"
         )
     if spec.k == spec.num_classes:

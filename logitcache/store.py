@@ -115,7 +115,8 @@ class CacheWriter:
             arr = np.ascontiguousarray(arrays[key])
             if arr.shape[0] != n:
                 raise ValueError(f"unit array {key} has {arr.shape[0]} rows, expected {n}")
-            z = group.create_array(key, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape if n else None,
+            chunks = tuple(max(1, d) for d in arr.shape)  # one chunk; zarr needs positive sizes
+            z = group.create_array(key, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
                                    compressors=COMPRESSOR, fill_value=0)
             if n:
                 z[...] = arr

@@ -14,8 +14,8 @@ meta step updates them:
    function of the temperatures);
 2. **meta objective** - cross entropy of the pre-updated student (run through
    ``torch.func.functional_call(model, (theta', buffers), x_meta)``) on a held-out meta
-   batch with integer labels. The meta batch must come from a split of the *training*
-   data (:func:`split_meta`), never from validation;
+   batch with integer labels. The meta batch must come from a held-out split of the
+   *training* data (the trainer's ``trainer.data.meta_split``), never from validation;
 3. back-propagate the meta loss to the temperature parameters (second order, through the
    look-ahead) and take an Adam step on them (``meta_lr``).
 
@@ -42,12 +42,12 @@ Choices:
   the clones, which are thrown away, so the real model's buffers are untouched. The real
   parameters are only read; their ``.grad`` is not touched (gradients are taken with
   ``torch.autograd.grad``). Dropout / drop-path do draw from the global RNG.
-  ``SyncBatchNorm`` is not supported (no double backward).
+  ``SyncBatchNorm`` is untested here.
 * **Look-ahead optimiser**: plain SGD without weight decay, step ``cfg.inner_lr`` or, when
   None, the student's current lr. The temperatures are updated with Adam, which normalises
   the meta-gradient's scale, so a small SGD step (e.g. an AdamW-sized lr) is fine.
 * **Attention**: the look-ahead forward runs with the math SDPA kernel, the only one with
-  a double backward (flash / memory-efficient CUDA kernels have none).
+  a double backward (the default flash kernel has none, on CPU as well as CUDA).
 * **Clamping**: scalar temperatures live as ``log T``; after each meta step the log
   parameters are projected onto ``[log min_temperature, log max_temperature]`` (so the
   gradient w.r.t. ``log T`` is exact inside the range). The predictor outputs
@@ -75,7 +75,6 @@ __all__ = [
     "Temperatures",
     "logit_features",
     "mkd_loss",
-    "split_meta",
 ]
 
 #: Number of per-sample statistics per logit tensor in :func:`logit_features`.
@@ -89,8 +88,9 @@ class MKDConfig:
     Attributes:
         init_teacher_temperature: initial T_t (> 0).
         init_student_temperature: initial T_s (> 0).
-        meta_every: a meta step every N student steps (bounds the cost: one meta step costs
-            roughly 3-4 student steps); <= 0 disables meta steps (fixed temperatures).
+        meta_every: a meta step every N student steps (bounds the cost: a meta step is two
+            forwards plus a second-order backward, several student steps' worth of compute
+            and about twice a step's activation memory); <= 0 disables meta steps.
         inner_lr: look-ahead SGD step size; None = the student's current lr.
         meta_lr: Adam learning rate of the temperature parameters.
         predictor: per-sample temperatures from a small MLP on logit statistics instead of
@@ -223,14 +223,16 @@ def mkd_loss(
     t_teacher: float | Tensor,
     t_student: float | Tensor,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The KD training loss with explicit temperatures (``cfg.temperature`` is ignored).
+    """The KD training loss with explicit temperatures.
 
     ``total = hard_weight * hard + kd_weight * kd_loss(s, t, T_t, student_temperature=T_s)``,
     i.e. :func:`trainer.losses.distill_loss` of kind ``"kd"`` with separate, possibly
-    per-sample and differentiable, temperatures.
+    per-sample and differentiable, temperatures. MKD always uses the KD term:
+    ``cfg.kind`` and ``cfg.temperature`` are ignored; ``hard_kind``, ``hard_weight`` and
+    ``kd_weight`` are used.
 
     Args:
-        cfg: loss configuration; ``cfg.kind`` must be ``"kd"``.
+        cfg: loss configuration.
         student_logits: (B, C).
         teacher_logits: (B, C) (any float dtype; cast to the student's).
         target: (B, C) mixed / smoothed target probabilities.
@@ -239,29 +241,10 @@ def mkd_loss(
     Returns:
         ``(total, {"hard": hard, "kd": kd})`` like ``distill_loss``.
     """
-    if cfg.kind != "kd":
-        raise ValueError(f"MKD learns KD temperatures; loss kind must be 'kd', got {cfg.kind!r}")
     teacher_logits = teacher_logits.to(student_logits.dtype)
     hard = hard_label_loss(student_logits, target, kind=cfg.hard_kind)
     kd = kd_loss(student_logits, teacher_logits, t_teacher, student_temperature=t_student)
     return cfg.hard_weight * hard + cfg.kd_weight * kd, {"hard": hard, "kd": kd}
-
-
-def split_meta(num_samples: int, meta_fraction: float, *, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Split *training* sample indices into (student, meta) parts, deterministically.
-
-    Returns two sorted int64 index tensors; the meta part holds
-    ``max(1, round(meta_fraction * num_samples))`` samples. The meta batches of
-    :meth:`MetaTemperatureLearner.meta_step` should be drawn from the meta part (never from
-    validation data).
-    """
-    if not 0 < meta_fraction < 1:
-        raise ValueError(f"meta_fraction must be in (0, 1), got {meta_fraction}")
-    if num_samples < 2:
-        raise ValueError(f"need at least 2 samples to split, got {num_samples}")
-    n_meta = min(num_samples - 1, max(1, round(meta_fraction * num_samples)))
-    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
-    return perm[n_meta:].sort().values, perm[:n_meta].sort().values
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -306,6 +289,7 @@ class MetaTemperatureLearner:
         self.temperatures = Temperatures(cfg).to(device=device, dtype=dtype)
         self.optimizer = torch.optim.Adam(self.temperatures.parameters(), lr=cfg.meta_lr)
         self.num_meta_steps = 0
+        self._last = {"t_teacher": cfg.init_teacher_temperature, "t_student": cfg.init_student_temperature}
 
     # ----------------------------------------------------------------- student side
     @torch.no_grad()
@@ -322,8 +306,18 @@ class MetaTemperatureLearner:
         """
         self._check(student_logits, teacher_logits)
         t_t, t_s = self.temperatures(student_logits, teacher_logits)
+        self._last = {"t_teacher": t_t.mean(), "t_student": t_s.mean()}  # no device sync here
         like = student_logits
         return t_t.to(like.device, like.dtype), t_s.to(like.device, like.dtype)
+
+    @torch.no_grad()
+    def current(self) -> dict[str, float]:
+        """``{"t_teacher", "t_student"}`` for logging: the current scalar temperatures, or
+        (predictor) the batch means of the last :meth:`kd_temperatures` call."""
+        if not self.cfg.predictor:
+            t_t, t_s = self.temperatures()
+            return {"t_teacher": float(t_t), "t_student": float(t_s)}
+        return {k: float(v) for k, v in self._last.items()}
 
     def should_step(self, step: int) -> bool:
         """True when a meta step is due at student step ``step`` (0, meta_every, 2 meta_every, ...)."""
@@ -341,6 +335,7 @@ class MetaTemperatureLearner:
         *,
         student_lr: float | None = None,
         loss_cfg: LossConfig,
+        inner_lr: float | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The meta objective as a differentiable function of the temperature parameters.
 
@@ -351,16 +346,20 @@ class MetaTemperatureLearner:
             target_probs: (B, C) target probabilities for ``x`` (hard-label term).
             x_meta: (M, ...) meta inputs from the meta split of the training data.
             y_meta: (M,) int64 meta labels.
-            student_lr: the student's current lr; the look-ahead step when
-                ``cfg.inner_lr`` is None.
-            loss_cfg: the trainer's loss configuration (kind ``"kd"``).
+            student_lr: the student's current lr, used as the look-ahead SGD step when
+                ``cfg.inner_lr`` is None (``cfg.inner_lr``, when set, takes precedence).
+            loss_cfg: the trainer's loss configuration (see :func:`mkd_loss`).
+            inner_lr: alias of ``student_lr`` (give one or the other).
 
         Returns:
             ``(meta_loss, T_t, T_s)``: the 0-d meta CE (attached to the temperature
             parameters' graph) and the temperatures used in the look-ahead (0-d or (B,)).
         """
-        inner_lr = self.cfg.inner_lr if self.cfg.inner_lr is not None else student_lr
-        if inner_lr is None or not inner_lr > 0:
+        if student_lr is not None and inner_lr is not None and student_lr != inner_lr:
+            raise ValueError(f"student_lr={student_lr} and its alias inner_lr={inner_lr} disagree")
+        lr = student_lr if student_lr is not None else inner_lr
+        step = self.cfg.inner_lr if self.cfg.inner_lr is not None else lr
+        if step is None or not step > 0:
             raise ValueError("need a positive look-ahead step: set MKDConfig.inner_lr or pass student_lr")
         if y_meta.ndim != 1 or y_meta.shape[0] != x_meta.shape[0]:
             raise ValueError(f"y_meta must be (M,) integer labels for M={x_meta.shape[0]}, got {tuple(y_meta.shape)}")
@@ -379,7 +378,7 @@ class MetaTemperatureLearner:
         loss, _ = mkd_loss(loss_cfg, logits, teacher_logits, target_probs, t_t, t_s)
         grads = torch.autograd.grad(loss, list(trainable.values()), create_graph=True, allow_unused=True)
         updated = {
-            n: p if g is None else p - inner_lr * g for (n, p), g in zip(trainable.items(), grads)
+            n: p if g is None else p - step * g for (n, p), g in zip(trainable.items(), grads)
         }
         meta_logits = torch.func.functional_call(model, ({**updated, **frozen}, buffers), (x_meta,))
         meta = F.cross_entropy(meta_logits, y_meta.to(meta_logits.device).long())
@@ -396,6 +395,7 @@ class MetaTemperatureLearner:
         *,
         student_lr: float | None = None,
         loss_cfg: LossConfig,
+        inner_lr: float | None = None,
     ) -> dict[str, float]:
         """One MKD meta step: look-ahead, meta CE, Adam step on the temperatures.
 
@@ -409,7 +409,7 @@ class MetaTemperatureLearner:
         """
         params = [p for p in self.temperatures.parameters() if p.requires_grad]
         meta, t_t, t_s = self.meta_loss(model, x, teacher_logits, target_probs, x_meta, y_meta,
-                                        student_lr=student_lr, loss_cfg=loss_cfg)
+                                        student_lr=student_lr, loss_cfg=loss_cfg, inner_lr=inner_lr)
         grads = torch.autograd.grad(meta, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = torch.zeros_like(p) if g is None else g.detach()

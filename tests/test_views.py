@@ -1,0 +1,391 @@
+"""Tests for logitcache/views.py: stable seeds, exact replay of views, mix pairing.
+
+The key test (``test_regenerated_views_are_what_the_teacher_saw``) is the issue's "Done
+when": views regenerated in another process, with another DataLoader worker count and
+batch size, are byte-identical to those the build fed the teacher, and the cache holds
+that teacher's logits on them within the codec's stated tolerance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache.codec import CodecSpec
+from logitcache.data.source import open_source
+from logitcache.store import CacheReader
+from logitcache.teacher import Teacher
+from logitcache.views import (
+    MIX_CUTMIX,
+    MIX_MIXUP,
+    MIX_NONE,
+    MixParams,
+    create_recipe,
+    create_train_transform,
+    derive_seed,
+    mix_pair,
+    mix_params,
+    plan_unit,
+    render_group,
+    seeded,
+    view_seed,
+)
+
+# -- view seeds -------------------------------------------------------------------------
+
+#: THE STABILITY CONTRACT. view_seed(0, 3, "s0000001") was computed once (blake2b with an
+#: 8-byte digest of b"0/3/s0000001", read little-endian) and must never change: every
+#: cache ever built names its views by these seeds, on any machine, OS or Python version.
+#: If this test fails, existing caches can no longer be replayed.
+VIEW_SEED_0_3_S0000001 = 1094866549171520790  # 0x0f31bf535bd38516
+
+
+def test_view_seed_is_a_hard_coded_constant():
+    assert view_seed(0, 3, "s0000001") == VIEW_SEED_0_3_S0000001
+    # the documented formula (docs/FORMAT.md), spelled out
+    digest = hashlib.blake2b(b"0/3/s0000001", digest_size=8).digest()
+    assert int.from_bytes(digest, "little") == VIEW_SEED_0_3_S0000001
+    assert view_seed(0, 3, "s0000001") == derive_seed(0, 3, "s0000001")
+
+
+def test_view_seeds_are_uint64_and_distinct():
+    seeds = [view_seed(c, e, f"s{i:07d}") for c in (0, 1) for e in range(3) for i in range(50)]
+    assert all(0 <= s < 2**64 for s in seeds)
+    assert len(set(seeds)) == len(seeds)
+    # each part matters
+    assert view_seed(0, 3, "s0000001") != view_seed(1, 3, "s0000001")
+    assert view_seed(0, 3, "s0000001") != view_seed(0, 4, "s0000001")
+    assert view_seed(0, 3, "s0000001") != view_seed(0, 3, "s0000002")
+
+
+def test_view_seed_is_equal_in_another_process(another_process):
+    # ``another_process`` ran with PYTHONHASHSEED=12345: hash() randomisation must not matter
+    assert another_process["view_seeds"] == {
+        "0/3/s0000001": VIEW_SEED_0_3_S0000001,
+        "7/0/a/b": view_seed(7, 0, "a/b"),
+        "0/1/s0000000": view_seed(0, 1, "s0000000"),
+    }
+
+
+# -- seeded() ----------------------------------------------------------------------------
+
+
+def _rng_states():
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _assert_states_equal(a, b):
+    assert a[0] == b[0]
+    assert a[1][0] == b[1][0] and np.array_equal(a[1][1], b[1][1]) and a[1][2:] == b[1][2:]
+    assert torch.equal(a[2], b[2])
+
+
+def _draw():
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_seeded_restores_global_rng_states():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    _draw()  # move off the freshly seeded state
+    before = _rng_states()
+    expected_next = _draw()
+    random.setstate(before[0]), np.random.set_state(before[1]), torch.set_rng_state(before[2])
+
+    with seeded(2**64 - 1):  # the largest view seed
+        inside = _draw()
+    _assert_states_equal(_rng_states(), before)
+    assert _draw() == expected_next  # the caller's streams continue undisturbed
+
+    # same seed -> same draws from all three generators; another seed -> others
+    with seeded(2**64 - 1):
+        assert _draw() == inside
+    with seeded(12345):
+        assert _draw() != inside
+
+
+def test_seeded_restores_states_after_an_exception():
+    before = _rng_states()
+    with pytest.raises(RuntimeError):
+        with seeded(99):
+            _draw()
+            raise RuntimeError("boom")
+    _assert_states_equal(_rng_states(), before)
+
+
+# -- mix pairing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 40])
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_mix_pairing_covers_every_sample_once(n, epoch):
+    recipe = create_recipe("demo32_mix")
+    start, shard = 1000, 4
+    keys = [f"k{i:05d}" for i in range(n)]
+    plan = plan_unit(recipe, epoch, shard, start, keys)
+    assert (plan.epoch, plan.shard) == (epoch, shard)
+    flat = [i for g in plan.groups for i in g.indices]
+    assert sorted(flat) == list(range(start, start + n))  # every sample exactly once
+    assert plan.num_views == n
+    singles = [g for g in plan.groups if len(g.indices) == 1]
+    assert len(singles) == n % 2
+    for g in plan.groups:
+        assert len(g.indices) in (1, 2)
+        assert len(set(g.indices)) == len(g.indices)  # a pair has two distinct samples
+        assert g.seeds == tuple(view_seed(recipe.cache_seed, epoch, keys[i - start]) for i in g.indices)
+        if len(g.indices) == 2:
+            a, b = (keys[i - start] for i in g.indices)
+            assert g.pair_seed == derive_seed(recipe.cache_seed, epoch, "pair", a, b)
+    # pairing is fixed by (cache_seed, epoch, shard) and changes with each
+    assert plan_unit(recipe, epoch, shard, start, keys).groups == plan.groups
+    if n >= 7:
+        assert plan_unit(recipe, epoch + 1, shard, start, keys).groups != plan.groups
+        assert plan_unit(recipe, epoch, shard + 1, start, keys).groups != plan.groups
+
+
+def test_no_mix_recipe_plans_single_groups_in_order():
+    recipe = create_recipe("demo32")
+    keys = [f"k{i}" for i in range(5)]
+    plan = plan_unit(recipe, 2, 0, 10, keys)
+    assert [g.indices for g in plan.groups] == [(10 + i,) for i in range(5)]
+    assert [g.seeds for g in plan.groups] == [(view_seed(0, 2, k),) for k in keys]
+
+
+def test_mix_params_are_valid_and_cover_both_modes():
+    recipe = create_recipe("demo32_mix")
+    size = recipe.input_size
+    modes = set()
+    for i in range(300):
+        seed = derive_seed("test-pair", i)
+        p = mix_params(recipe, seed)
+        assert mix_params(recipe, seed) == p  # the pair seed fixes switch, lambda and box
+        modes.add(p.mode)
+        assert 0.0 < p.lam <= 1.0
+        if p.mode == MIX_CUTMIX:
+            y0, y1, x0, x1 = p.box
+            assert 0 <= y0 <= y1 <= size and 0 <= x0 <= x1 <= size  # the box is inside the image
+            assert p.lam == pytest.approx(1.0 - (y1 - y0) * (x1 - x0) / (size * size), abs=1e-12)
+        elif p.mode == MIX_MIXUP:
+            assert p.box == (0, 0, 0, 0)
+        else:
+            assert p.mode == MIX_NONE and p == MixParams()
+    assert {MIX_MIXUP, MIX_CUTMIX} <= modes
+
+
+def test_mix_pair_pixels():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 8, 8, generator=g), torch.rand(3, 8, 8, generator=g)
+    va, vb = mix_pair(a, b, MixParams(MIX_MIXUP, 0.25))
+    assert torch.allclose(va, 0.25 * a + 0.75 * b) and torch.allclose(vb, 0.25 * b + 0.75 * a)
+    p = MixParams(MIX_CUTMIX, 1 - 6 / 64, (1, 3, 2, 5))
+    va, vb = mix_pair(a, b, p)
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[1:3, 2:5] = True
+    assert torch.equal(va[:, inside], b[:, inside]) and torch.equal(va[:, ~inside], a[:, ~inside])
+    assert torch.equal(vb[:, inside], a[:, inside]) and torch.equal(vb[:, ~inside], b[:, ~inside])
+    assert torch.equal(a, mix_pair(a, b, MixParams())[0])
+
+
+# -- replay independent of order ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe_name", ["demo32", "demo32_mix"])
+def test_replay_is_independent_of_order(synth_data, recipe_name):
+    recipe = create_recipe(recipe_name)
+    source = open_source(synth_data, "train")
+    shard = len(source.shards) - 1
+    info = source.shards[shard]
+    plan = plan_unit(recipe, 1, shard, info.start, source.keys()[info.start:info.stop])
+
+    def render(order, disturb, transform):
+        out = {}
+        for j in order:
+            if disturb:  # whatever the global RNGs hold must not matter
+                random.seed(j), np.random.seed(j), torch.manual_seed(j)
+            out[j] = render_group(recipe, transform, source.load_image, plan.groups[j])
+        return out
+
+    n = len(plan.groups)
+    forward = render(range(n), False, create_train_transform(recipe))
+    shuffled_order = list(range(n))
+    random.Random(7).shuffle(shuffled_order)
+    transform = create_train_transform(recipe)  # used for both orders, after other renders
+    for other in (render(reversed(range(n)), True, transform), render(shuffled_order, True, transform)):
+        for j in range(n):
+            x, y = forward[j], other[j]
+            assert torch.equal(x.images, y.images), f"group {j} rendered differently"
+            for name in ("index", "partner", "lam", "seed"):
+                assert torch.equal(getattr(x, name), getattr(y, name))
+    if recipe.mixes:  # the pairs really are mixed (the test is not vacuous)
+        assert any(float(r.lam[0]) < 1.0 for r in forward.values() if len(r.lam) == 2)
+
+
+# -- THE KEY TEST: regenerated views == what the build fed the teacher --------------------
+
+REGEN_WORKERS = 2
+REGEN_GROUPS_PER_BATCH = 3  # the build used 16 views per batch, one unit at a time
+
+#: Regenerates every view of both caches' epochs in a fresh process, with a DataLoader of
+#: REGEN_WORKERS workers, batches of REGEN_GROUPS_PER_BATCH groups that cross unit
+#: boundaries, and the batches in reverse order. Saves one file per recipe.
+_REGEN_SCRIPT = r"""
+import json, sys
+import torch
+from logitcache.data.source import open_source
+from logitcache.loader import GroupDataset, create_loader
+from logitcache.views import create_recipe, plan_unit, view_seed
+
+args = json.loads(sys.argv[1])
+seeds = {"0/3/s0000001": view_seed(0, 3, "s0000001"), "7/0/a/b": view_seed(7, 0, "a/b"),
+         "0/1/s0000000": view_seed(0, 1, "s0000000")}
+source = open_source(args["data"], "train")
+keys = source.keys()
+for name, out_path in args["outputs"].items():
+    recipe = create_recipe(name)
+    groups, group_epoch = [], []
+    for epoch in args["epochs"]:
+        for shard, info in enumerate(source.shards):
+            plan = plan_unit(recipe, epoch, shard, info.start, keys[info.start:info.stop])
+            groups += plan.groups
+            group_epoch += [epoch] * len(plan.groups)
+    per = args["groups_per_batch"]
+    batches = [list(range(i, min(i + per, len(groups)))) for i in range(0, len(groups), per)][::-1]
+    loader = create_loader(GroupDataset(source, recipe, groups), batches, num_workers=args["workers"])
+    parts = {k: [] for k in ("images", "index", "partner", "lam", "seed", "epoch")}
+    for batch in loader:
+        assert not batch["errors"], batch["errors"]
+        for k in ("images", "index", "partner", "lam", "seed"):
+            parts[k].append(batch[k])
+        parts["epoch"].append(torch.tensor([group_epoch[int(i)] for i in batch["item"]], dtype=torch.int64))
+    torch.save({k: torch.cat(v) for k, v in parts.items()}, out_path)
+print(json.dumps({"view_seeds": seeds}))
+"""
+
+
+REGEN_EPOCHS = [0, 1]  # the epochs of the session caches (tests/conftest.py)
+REGEN_RECIPES = ["demo32", "demo32_mix"]
+
+
+@pytest.fixture(scope="module")
+def another_process(tmp_path_factory, synth_data):
+    """What a fresh Python process (PYTHONHASHSEED=12345) computes: view seeds, and every view
+    of REGEN_EPOCHS of both recipes as {recipe: {(epoch, sample index): {images, partner, lam, seed}}}."""
+    out_dir = tmp_path_factory.mktemp("regen")
+    outputs = {name: str(out_dir / f"{name}.pt") for name in REGEN_RECIPES}
+    args = {"data": synth_data, "outputs": outputs, "epochs": REGEN_EPOCHS, "workers": REGEN_WORKERS,
+            "groups_per_batch": REGEN_GROUPS_PER_BATCH}
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    proc = subprocess.run([sys.executable, "-c", _REGEN_SCRIPT, json.dumps(args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["views"] = {}
+    for name, path in outputs.items():
+        saved = torch.load(path, weights_only=True)
+        views = {
+            (int(e), int(i)): {k: saved[k][row] for k in ("images", "partner", "lam", "seed")}
+            for row, (e, i) in enumerate(zip(saved["epoch"].tolist(), saved["index"].tolist()))
+        }
+        assert len(views) == len(saved["index"])  # no (epoch, sample) rendered twice
+        result["views"][name] = views
+    return result
+
+
+def _build_feed(source, recipe, epochs, batch_size):
+    """(epoch, sample index) of every view in the order the build feeds the teacher, and the
+    sizes of its teacher calls: units in (epoch, shard) order, groups in plan order,
+    ``batch_size // group_size`` groups per call, never across units."""
+    order, batch_sizes = [], []
+    keys = source.keys()
+    per_batch = max(1, batch_size // recipe.group_size)
+    for epoch in epochs:
+        for shard, info in enumerate(source.shards):
+            plan = plan_unit(recipe, epoch, shard, info.start, keys[info.start:info.stop])
+            for b in range(0, len(plan.groups), per_batch):
+                chunk = plan.groups[b:b + per_batch]
+                batch_sizes.append(sum(len(g.indices) for g in chunk))
+                order += [(epoch, i) for g in chunk for i in g.indices]
+    return order, batch_sizes
+
+
+def _assert_matches_teacher(spec: CodecSpec, ids: np.ndarray, values: np.ndarray, tail_lse: np.ndarray,
+                            true: torch.Tensor, where: str) -> None:
+    """Cached top-k rows vs the teacher's float32 logits ``true`` (B, C), at the codec's tolerance.
+
+    Kept values: |cached - true| <= rtol * |true| against the teacher's sorted top-k.
+    Ids: equal, except at positions where the two ids' teacher logits tie within rtol.
+    tail_lse: within rtol (relative) of the log-sum-exp of the logits outside the cached ids.
+    """
+    rtol = spec.relative_tolerance()
+    ids_t = torch.from_numpy(ids.astype(np.int64))
+    vals_t = torch.from_numpy(values.astype(np.float32))
+    true_vals, true_ids = torch.topk(true, spec.k, dim=1)
+    assert torch.all((vals_t - true_vals).abs() <= rtol * true_vals.abs()), f"{where}: kept logits off"
+    at_cached = true.gather(1, ids_t)
+    differ = ids_t != true_ids
+    ties = (at_cached - true_vals).abs() <= rtol * true_vals.abs()
+    assert torch.all(~differ | ties), f"{where}: ids differ where the teacher's logits do not tie"
+    assert torch.all((vals_t - at_cached).abs() <= 2 * rtol * at_cached.abs())
+    true_tail = torch.logsumexp(true.scatter(1, ids_t, -float("inf")), dim=1)
+    tail_t = torch.from_numpy(tail_lse)
+    assert torch.all((tail_t - true_tail).abs() <= rtol * true_tail.abs()), f"{where}: tail_lse off"
+
+
+@pytest.mark.parametrize("which", ["built_cache_record", "built_cache_mix_record"])
+def test_regenerated_views_are_what_the_teacher_saw(request, which, synth_data, tiny_teacher, another_process):
+    record = request.getfixturevalue(which)
+    assert set(record.epochs) <= set(REGEN_EPOCHS) and record.recipe in REGEN_RECIPES
+    recipe = create_recipe(record.recipe)
+    source = open_source(synth_data, "train")
+    order, batch_sizes = _build_feed(source, recipe, record.epochs, record.batch_size)
+    assert len(order) == len(record.epochs) * len(source)
+
+    # 1. the build fed the teacher exactly the planned batches ...
+    assert [len(v) for v in record.teacher_inputs] == batch_sizes
+    fed = torch.cat(record.teacher_inputs)
+    assert not torch.equal(fed[0], fed[1]) and fed.std() > 0.1  # real, distinct images
+    # ... in the order the cache rows record (units in (epoch, shard) order)
+    reader = CacheReader(record.url)
+    cached_order = [(e, int(i)) for e in record.epochs for s in range(reader.num_shards)
+                    for i in reader.read_unit(e, s)["sample_index"]]
+    assert cached_order == order
+
+    # 2. byte-identical views from another process, 2 workers, another batch size and order
+    regen = another_process["views"][record.recipe]
+    assert set(regen) == set(order)
+    again = torch.stack([regen[key]["images"] for key in order])
+    assert again.dtype == torch.float32 and again.shape == fed.shape
+    assert torch.equal(again, fed), "regenerated views differ from what the build fed the teacher"
+    if recipe.mixes:
+        assert any(float(regen[key]["lam"]) < 1.0 for key in order)  # mixed views were really compared
+
+    # 3. the cache holds the teacher's logits on the regenerated views (a fresh Teacher,
+    #    run over the same batches as the build) within the codec's stated tolerance,
+    #    and the per-view metadata of the regenerated views
+    teacher = Teacher("test_resnet", weights=tiny_teacher, num_classes=source.num_classes)
+    spec = reader.manifest.codec
+    bounds = np.cumsum([0] + batch_sizes)
+    true = torch.cat([teacher(again[a:b], recipe.mean, recipe.std) for a, b in zip(bounds[:-1], bounds[1:])])
+    labels = source.labels()
+    for epoch in record.epochs:
+        rows = [j for j, (e, _) in enumerate(order) if e == epoch]
+        index = np.array([order[j][1] for j in rows])
+        ep = reader.load_epoch(epoch, verify=True)
+        _assert_matches_teacher(spec, ep.topk_ids[index], ep.topk_logits[index], ep.tail_lse[index],
+                                true[rows], f"{record.recipe} epoch {epoch}")
+        keys = [(epoch, int(i)) for i in index]
+        assert np.array_equal(ep.partner_index[index], np.array([int(regen[k]["partner"]) for k in keys]))
+        assert np.array_equal(ep.mix_lam[index], np.array([float(regen[k]["lam"]) for k in keys], np.float32))
+        assert np.array_equal(ep.view_seed[index], np.array([view_seed(recipe.cache_seed, epoch, source.key(int(i)))
+                                                              for i in index], dtype=np.uint64))
+        assert np.array_equal(ep.view_seed[index].view(np.int64), np.array([int(regen[k]["seed"]) for k in keys]))
+        assert np.array_equal(ep.label[index], labels[index].astype(np.int32))
