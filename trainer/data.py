@@ -76,10 +76,19 @@ def create_train_loader(source, recipe: Recipe, groups: list[Group], rows: Cache
     gs = recipe.group_size
     if batch_size % (gs * world_size):
         raise ValueError(f"batch size {batch_size} must be a multiple of {gs * world_size} (group size x world size)")
-    batches = train_batches(len(groups), batch_size // gs, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    batches = train_batches(len(groups), batch_size // gs, seed=seed, epoch=epoch, rank=0, world_size=1)
     batches = batches[:limit] if limit else batches
-    return create_loader(GroupDataset(source, recipe, groups, extra=rows), batches[skip:], num_workers=num_workers,
-                         pin_memory=pin_memory)
+    # Views per global batch (a mixing recipe's odd leftover sample is a group of one view, so
+    # ranks may hold different numbers of views): the trainer weights each rank's mean loss
+    # by its share, which makes the DDP-averaged gradient the gradient of the global mean.
+    sizes = np.fromiter((len(g.indices) for g in groups), dtype=np.int64, count=len(groups))
+    global_views = [int(sizes[b].sum()) for b in batches]
+    per_rank = batch_size // gs // world_size
+    batches = [b[rank * per_rank:(rank + 1) * per_rank] for b in batches]
+    loader = create_loader(GroupDataset(source, recipe, groups, extra=rows), batches[skip:], num_workers=num_workers,
+                           pin_memory=pin_memory)
+    loader.global_batch_views = global_views[skip:]
+    return loader
 
 
 def meta_split(source, fraction: float, seed: int) -> np.ndarray:
@@ -108,10 +117,29 @@ class IndexedEvalDataset(Dataset):
         return self.inner[int(self.indices[i])]
 
 
-def create_meta_loader(source, recipe: Recipe, indices: np.ndarray, *, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled batches of the meta split (main process: small and cheap)."""
-    return DataLoader(IndexedEvalDataset(source, recipe, indices), batch_size=batch_size, shuffle=True,
-                      drop_last=len(indices) >= batch_size, generator=torch.Generator().manual_seed(seed))
+def meta_batches(num: int, batch_size: int, *, seed: int, start: int = 0):
+    """Endless shuffled batches of positions ``0..num-1`` (a fresh permutation per pass, each
+    from ``(seed, pass)``), from batch number ``start`` on: the stream is a pure function of
+    the batch number, so a resumed run continues it exactly."""
+    if num < 1:
+        raise ValueError("the meta split is empty: raise --meta-fraction or use more training data")
+    batch_size = min(batch_size, num)
+    per_pass = num // batch_size  # the last partial batch of a pass is dropped
+    p, j = divmod(start, per_pass)
+    while True:
+        order = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 1_000_003 + 7919 * p + 1)).tolist()
+        for k in range(j, per_pass):
+            yield order[k * batch_size:(k + 1) * batch_size]
+        p, j = p + 1, 0
+
+
+def create_meta_loader(source, recipe: Recipe, indices: np.ndarray, *, batch_size: int, seed: int,
+                       start: int = 0) -> DataLoader:
+    """Endless shuffled batches ``(images, labels)`` of the meta split (main process: small and
+    cheap), from meta batch number ``start`` on (see :func:`meta_batches`)."""
+    return DataLoader(IndexedEvalDataset(source, recipe, indices),
+                      batch_sampler=meta_batches(len(indices), batch_size, seed=seed, start=start),
+                      generator=torch.Generator().manual_seed(seed))
 
 
 class EvalDataset(Dataset):
