@@ -117,7 +117,9 @@ def build(
     Several processes: ``--procs N`` runs N ranks on this machine; or launch with
     ``torchrun --nproc-per-node N logitcache build ...`` (one or more machines; ranks from
     RANK/WORLD_SIZE/LOCAL_RANK; on CUDA rank r uses cuda:LOCAL_RANK). Units are dealt out
-    round-robin; the cache is identical to a one-process build.
+    round-robin; ``--workers`` is per process. The cache is byte-identical to a one-process
+    build when every process uses the same number of CPU threads (OMP_NUM_THREADS; torchrun
+    sets 1): CPU kernels round differently with other thread counts.
 
     Object storage: --data and --out take any fsspec URL (s3://, gs://, ...). For an
     S3-compatible server set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the usual

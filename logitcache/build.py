@@ -22,7 +22,7 @@ from .codec import CodecSpec, ValueRangeError, encode
 from .errors import BadLogitsError, BadSampleError, LogitcacheError
 from .loader import GroupDataset, collate_groups, create_loader
 from .manifest import DatasetInfo, Manifest
-from .store import CacheWriter, epoch_path, unit_path
+from .store import CacheWriter, unit_path
 from .teacher import Teacher, check_logits
 from .views import Recipe, UnitPlan, plan_unit
 
@@ -84,21 +84,6 @@ def unit_batches(plan: UnitPlan, first_item: int, batch_size: int, group_size: i
     return [ids[i:i + per_batch] for i in range(0, len(ids), per_batch)]
 
 
-def _prepare_epochs(writer: CacheWriter, epochs: list[int]) -> None:
-    """Create ``epochs`` and each ``epochs/<EEEE>`` before the units groups, one level at a time.
-
-    zarr writes a new group's metadata and its missing parents' concurrently, so a kill in
-    between can leave ``epochs/<EEEE>/units`` without ``epochs/<EEEE>`` (or ``epochs``);
-    ``require_group`` then finds the child and would never write the parent, and readers,
-    which list epochs through the parents, would never see that epoch. Going top-down
-    also repairs a cache left that way.
-    """
-    writer.root.require_group("epochs")
-    for e in epochs:
-        writer.root.require_group(epoch_path(e))
-    writer.prepare_epochs(epochs)
-
-
 def build(
     source,
     *,
@@ -135,7 +120,7 @@ def build(
     )
     if rank == 0:
         writer = CacheWriter(url, manifest, storage_options)
-        _prepare_epochs(writer, epochs)
+        writer.prepare_epochs(epochs)
     if barrier is not None:
         barrier()
     if rank != 0:

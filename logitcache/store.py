@@ -92,8 +92,16 @@ class CacheWriter:
             manifest.check_same_build(Manifest.from_dict(existing), url)
 
     def prepare_epochs(self, epochs: list[int]) -> None:
-        """Create the epoch groups up front (one process), so unit writers never race on them."""
+        """Create the epoch groups up front (one process), so unit writers never race on them.
+
+        Top-down, one level at a time: zarr writes a new group's metadata and its missing
+        parents' concurrently, so a kill in between can leave ``epochs/<EEEE>/units``
+        without ``epochs/<EEEE>``; readers list epochs through the parents and would never
+        see that epoch. Going top-down also repairs a cache left that way.
+        """
+        self.root.require_group("epochs")
         for e in epochs:
+            self.root.require_group(epoch_path(e))
             self.root.require_group(f"{epoch_path(e)}/units")
 
     def is_committed(self, epoch: int, shard: int) -> bool:
