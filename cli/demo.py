@@ -19,7 +19,7 @@ from rich.table import Table
 TEACHER, STUDENT, RECIPE = "resnet18", "test_resnet", "demo32"
 
 
-def run_demo(out: Path, *, epochs: int = 12, teacher_epochs: int = 24, workers: int = 2, topk: int = 10,
+def run_demo(out: Path, *, epochs: int = 12, teacher_epochs: int = 30, workers: int = 2, topk: int = 10,
              train_per_class: int = 40) -> dict:
     from logitcache.build import build
     from logitcache.codec import create_codec

@@ -255,7 +255,7 @@ def train(
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="Everything the demo makes goes here."),
     epochs: int = typer.Option(12, help="Student epochs (and cached epochs)."),
-    teacher_epochs: int = typer.Option(24),
+    teacher_epochs: int = typer.Option(30, help="Teacher epochs (plain CE)."),
     workers: int = typer.Option(2),
 ):
     """The whole product on the embedded data: data -> teacher -> cache -> two students."""

@@ -10,6 +10,7 @@ plain numpy arrays.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -21,17 +22,15 @@ from .views import Group, Recipe, create_train_transform, render_group
 
 class GroupDataset(Dataset):
     """Item ``i`` is a dict of the rendered views of ``groups[i]`` (tensors with a leading
-    view dimension of 1 or 2), plus whatever ``extra(group)`` returns (e.g. cached logits).
+    view dimension of 1 or 2).
 
     A sample that cannot be read comes back as ``{"error": message}`` rather than as an
     exception, so the main process can report it on one line (or skip it)."""
 
-    def __init__(self, source, recipe: Recipe, groups: Sequence[Group],
-                 extra: Callable[[Group], dict[str, torch.Tensor]] | None = None):
+    def __init__(self, source, recipe: Recipe, groups: Sequence[Group]):
         self.source = source
         self.recipe = recipe
         self.groups = groups
-        self.extra = extra
         self._transform = None  # built lazily, once per worker process
 
     def __len__(self) -> int:
@@ -45,30 +44,33 @@ class GroupDataset(Dataset):
             r = render_group(self.recipe, self._transform, self.source.load_image, group)
         except LogitcacheError as e:
             return {"error": str(e), "item": i}
-        out = {"images": r.images, "index": r.index, "partner": r.partner, "lam": r.lam, "seed": r.seed,
-               "item": torch.full((len(group.indices),), i, dtype=torch.int64)}
-        if self.extra is not None:
-            out.update(self.extra(group))
-        return out
+        return {"images": r.images, "index": r.index, "partner": r.partner, "lam": r.lam, "seed": r.seed,
+                "item": torch.full((len(group.indices),), i, dtype=torch.int64)}
 
 
-def collate_groups(items: list[dict]) -> dict:
-    """Concatenate groups along the view dimension; errors are passed through as a list."""
+def collate_groups(items: list[dict], batch_extra: Callable[[dict], dict] | None = None) -> dict:
+    """Concatenate groups along the view dimension; errors are passed through as a list.
+
+    ``batch_extra(batch)`` adds fields computed for the whole batch at once (the trainer's
+    cached rows: one vectorised gather per batch instead of one per sample)."""
     errors = [it for it in items if "error" in it]
     good = [it for it in items if "error" not in it]
     batch = {k: torch.cat([it[k] for it in good]) for k in good[0]} if good else {}
+    if good and batch_extra is not None:
+        batch.update(batch_extra(batch))
     batch["errors"] = errors
     return batch
 
 
 def create_loader(dataset: Dataset, batches: Sequence[Sequence[int]], *, num_workers: int,
-                  pin_memory: bool = False, prefetch_factor: int = 4) -> DataLoader:
+                  pin_memory: bool = False, prefetch_factor: int = 4,
+                  batch_extra: Callable[[dict], dict] | None = None) -> DataLoader:
     """A DataLoader over fixed batches of dataset items (each batch a list of item ids)."""
     return DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=num_workers,
-        collate_fn=collate_groups,
+        collate_fn=functools.partial(collate_groups, batch_extra=batch_extra),
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,

@@ -19,15 +19,17 @@ from logitcache.views import Group, Recipe, create_eval_transform
 
 
 class CachedRows:
-    """Picklable lookup of one epoch's cached rows by global sample index."""
+    """Adds label targets and one epoch's cached rows to a collated batch, by sample index.
+
+    Runs in the DataLoader workers, once per batch: one vectorised numpy gather per array
+    (no per-sample Python), so rows arrive with the images as small tensors."""
 
     def __init__(self, arrays: EpochArrays | None, labels: np.ndarray):
         self.arrays = arrays
         self.labels = labels
 
-    def __call__(self, group: Group) -> dict[str, torch.Tensor]:
-        idx = np.asarray(group.indices)
-        partner = idx[::-1].copy() if len(idx) == 2 else idx
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        idx, partner = batch["index"].numpy(), batch["partner"].numpy()
         out = {"label": torch.from_numpy(self.labels[idx]), "partner_label": torch.from_numpy(self.labels[partner])}
         if self.arrays is not None:
             a = self.arrays
@@ -85,8 +87,8 @@ def create_train_loader(source, recipe: Recipe, groups: list[Group], rows: Cache
     global_views = [int(sizes[b].sum()) for b in batches]
     per_rank = batch_size // gs // world_size
     batches = [b[rank * per_rank:(rank + 1) * per_rank] for b in batches]
-    loader = create_loader(GroupDataset(source, recipe, groups, extra=rows), batches[skip:], num_workers=num_workers,
-                           pin_memory=pin_memory)
+    loader = create_loader(GroupDataset(source, recipe, groups), batches[skip:], num_workers=num_workers,
+                           pin_memory=pin_memory, batch_extra=rows)
     loader.global_batch_views = global_views[skip:]
     return loader
 
