@@ -33,7 +33,7 @@ class CachedRows:
         out = {"label": torch.from_numpy(self.labels[idx]), "partner_label": torch.from_numpy(self.labels[partner])}
         if self.arrays is not None:
             a = self.arrays
-            out["topk_ids"] = torch.from_numpy(a.topk_ids[idx].astype(np.int64))
+            out["topk_ids"] = torch.from_numpy(a.topk_ids[idx])  # stored dtype; decode widens on the device
             out["topk_logits"] = torch.from_numpy(a.topk_logits[idx])
             out["tail_lse"] = torch.from_numpy(a.tail_lse[idx])
         return out

@@ -1,0 +1,190 @@
+"""Helpers shared by the benchmarks: the run context, timing, environment and fixtures."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Ctx:
+    """What every benchmark gets: the device, quick or full mode, and a scratch folder."""
+
+    device: torch.device
+    quick: bool
+    workdir: Path
+    tiny: bool = False  # smoke test of the suite itself: minimal sizes, meaningless numbers
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def pick(self, *, quick_cpu, full_cpu, quick_cuda=None, full_cuda=None, tiny=None):
+        """A setting by (mode, device type); the CUDA values default to the CPU ones."""
+        if self.tiny and tiny is not None:
+            return tiny
+        if self.cuda:
+            q = quick_cpu if quick_cuda is None else quick_cuda
+            f = full_cpu if full_cuda is None else full_cuda
+            return q if self.quick else f
+        return quick_cpu if self.quick else full_cpu
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Where and with what a result was measured."""
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {n: _version(n) for n in ("torch", "timm", "numpy", "zarr", "pillow", "logitcache")},
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *sys.argv[1:]]),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds one call of ``fn()`` takes, device work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, *, warmup: int, reps: int, device: torch.device) -> dict[str, list[float]]:
+    """Time each of ``fns`` (name -> callable) ``reps`` times, interleaved A B C C B A A B C ...
+
+    Warm-up calls are made (interleaved the same way) and dropped. Alternating the order
+    every round cancels slow drift (thermal, other load) and position effects.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            timed(fns[n], device)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            out[n].append(timed(fns[n], device))
+    return out
+
+
+def stats(samples: list[float]) -> dict:
+    """Median, min, max and inter-quartile range of timing samples (seconds)."""
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=4, method="inclusive") if len(s) >= 2 else [s[0], s[0], s[0]]
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "q1": q[0], "q3": q[2], "n": len(s),
+            "samples": samples}
+
+
+def dir_bytes(path: str | Path) -> int:
+    """Total size of the files under ``path``."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+# --- realistic teacher logits ----------------------------------------------------------
+
+def teacher_like_logits(n: int, num_classes: int = 1000, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (n, C) float32, label (n,) int64) shaped like a trained ImageNet teacher's.
+
+    Per view: Gaussian noise on every class (sigma 1.3), a per-view offset (logits are
+    shift-invariant, real ones are not centred), a margin of about 9 nats on the true
+    class, and 0-6 "confusable" classes close to it in id order (as ImageNet's related
+    classes mostly are: dog breeds, ...) with margins of 2-7 nats. Mean top-1 probability
+    comes out near 0.69, top-10 mass near 0.8, entropy near 2 nats: a teacher on strongly
+    augmented, mixed views (bench/storage.py records these statistics with its results).
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 1.3, (n, num_classes)).astype(np.float32)
+    z += rng.normal(0.0, 2.0, (n, 1)).astype(np.float32)
+    label = rng.integers(0, num_classes, n)
+    rows = np.arange(n)
+    z[rows, label] += rng.normal(9.0, 2.0, n).astype(np.float32)
+    for j in range(6):
+        present = rng.random(n) < 0.8 ** (j + 1) * 1.2
+        near = np.clip(label + rng.integers(-20, 21, n), 0, num_classes - 1)
+        z[rows[present], near[present]] += rng.uniform(2.0, 7.0, int(present.sum())).astype(np.float32)
+    return z, label
+
+
+def mixed_view_metadata(n: int, start: int, *, seed: int, mixing: bool = True) -> dict[str, np.ndarray]:
+    """The per-view fields of a unit of ``n`` views (global indices ``start ..``), as a build
+    with a mixing recipe writes them: plan-order sample indices, random 64-bit seeds,
+    labels, pair partners and lambdas (cutmix half the time, box-quantised; mixup Beta(0.1, 0.1))."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    index = (start + order).astype(np.int64)
+    partner = index.copy()
+    lam = np.ones(n, np.float32)
+    if mixing:
+        m = n - n % 2
+        partner[0:m:2], partner[1:m:2] = index[1:m:2], index[0:m:2]
+        cut = rng.random(m // 2) < 0.5
+        side = np.round(np.sqrt(1 - rng.uniform(0, 1, m // 2)) * 224)
+        lam_pair = np.where(cut, 1 - side * side / 224**2, rng.beta(0.1, 0.1, m // 2)).astype(np.float32)
+        lam[0:m:2] = lam[1:m:2] = lam_pair
+    return {
+        "sample_index": index,
+        "view_seed": rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False),
+        "label": rng.integers(0, 1000, n).astype(np.int32),
+        "partner_index": partner,
+        "mix_lam": lam,
+    }
+
+
+def synthetic_manifest(num_samples: int, shard_sizes: list[int], codec, recipe=None):
+    """A manifest for a cache written directly with CacheWriter (no real dataset behind it)."""
+    from logitcache.manifest import DatasetInfo, Manifest
+    from logitcache.views import create_recipe
+
+    recipe = recipe or create_recipe("vanillakd_a2")
+    shards = [f"train-{i:06d}.tar" for i in range(len(shard_sizes))]
+    info = DatasetInfo(name="bench-synthetic", split="train", fingerprint=f"bench-{num_samples}", num_samples=num_samples,
+                       shards=shards, shard_sizes=list(shard_sizes))
+    return Manifest(teacher="bench-synthetic-teacher", teacher_weights="none", teacher_weights_sha256=None,
+                    recipe=recipe, dataset=info, codec=codec, num_classes=codec.num_classes)
