@@ -127,7 +127,7 @@ def fidelity_table(z: torch.Tensor, ks, temperatures, value_dtype: str) -> list[
         codec = create_codec("full", c, value_dtype=value_dtype) if k == "full" else \
             create_codec("topk", c, k, value_dtype=value_dtype)
         enc = encode(codec, z)
-        rebuilt = decode(torch.from_numpy(enc["topk_ids"].astype(np.int64)), torch.from_numpy(enc["topk_logits"]),
+        rebuilt = decode(torch.from_numpy(enc["topk_ids"]), torch.from_numpy(enc["topk_logits"]),
                          torch.from_numpy(enc["tail_lse"]), c)
         r5 = rebuilt.topk(min(5, c), 1).indices
         overlap = (r5[:, :, None] == top5[:, None, :]).any(2).float().mean().item()

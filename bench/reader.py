@@ -85,7 +85,7 @@ def vectorised_rate(arrays, order_views: np.ndarray, batch_views: int, max_views
     t0 = time.perf_counter()
     for b in range(0, len(order_views), batch_views):
         idx = order_views[b:b + batch_views]
-        out = (torch.from_numpy(arrays.topk_ids[idx].astype(np.int64)), torch.from_numpy(arrays.topk_logits[idx]),
+        out = (torch.from_numpy(arrays.topk_ids[idx]), torch.from_numpy(arrays.topk_logits[idx]),
                torch.from_numpy(arrays.tail_lse[idx]), torch.from_numpy(arrays.label[idx].astype(np.int64)))
         views += len(out[0])
         if views >= max_views:

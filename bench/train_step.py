@@ -89,9 +89,9 @@ class Bench:
         lam = torch.rand(batch, generator=g)
         logits, _ = teacher_like_logits(batch, NUM_CLASSES, seed=seed)
         rows = encode(create_codec("topk", NUM_CLASSES, K), torch.from_numpy(logits))
-        host = {  # what CachedRows + collate hand over: int64 ids, fp16 values, fp32 tail
+        host = {  # what collate + CachedRows hand over: ids in the stored dtype, fp16 values, fp32 tail
             "images": x, "label": label, "partner_label": partner, "lam": lam,
-            "topk_ids": torch.from_numpy(rows["topk_ids"].astype("int64")),
+            "topk_ids": torch.from_numpy(rows["topk_ids"]),
             "topk_logits": torch.from_numpy(rows["topk_logits"]),
             "tail_lse": torch.from_numpy(rows["tail_lse"]),
         }
