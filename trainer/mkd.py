@@ -335,7 +335,6 @@ class MetaTemperatureLearner:
         *,
         student_lr: float | None = None,
         loss_cfg: LossConfig,
-        inner_lr: float | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The meta objective as a differentiable function of the temperature parameters.
 
@@ -349,16 +348,12 @@ class MetaTemperatureLearner:
             student_lr: the student's current lr, used as the look-ahead SGD step when
                 ``cfg.inner_lr`` is None (``cfg.inner_lr``, when set, takes precedence).
             loss_cfg: the trainer's loss configuration (see :func:`mkd_loss`).
-            inner_lr: alias of ``student_lr`` (give one or the other).
 
         Returns:
             ``(meta_loss, T_t, T_s)``: the 0-d meta CE (attached to the temperature
             parameters' graph) and the temperatures used in the look-ahead (0-d or (B,)).
         """
-        if student_lr is not None and inner_lr is not None and student_lr != inner_lr:
-            raise ValueError(f"student_lr={student_lr} and its alias inner_lr={inner_lr} disagree")
-        lr = student_lr if student_lr is not None else inner_lr
-        step = self.cfg.inner_lr if self.cfg.inner_lr is not None else lr
+        step = self.cfg.inner_lr if self.cfg.inner_lr is not None else student_lr
         if step is None or not step > 0:
             raise ValueError("need a positive look-ahead step: set MKDConfig.inner_lr or pass student_lr")
         if y_meta.ndim != 1 or y_meta.shape[0] != x_meta.shape[0]:
@@ -395,7 +390,6 @@ class MetaTemperatureLearner:
         *,
         student_lr: float | None = None,
         loss_cfg: LossConfig,
-        inner_lr: float | None = None,
     ) -> dict[str, float]:
         """One MKD meta step: look-ahead, meta CE, Adam step on the temperatures.
 
@@ -409,7 +403,7 @@ class MetaTemperatureLearner:
         """
         params = [p for p in self.temperatures.parameters() if p.requires_grad]
         meta, t_t, t_s = self.meta_loss(model, x, teacher_logits, target_probs, x_meta, y_meta,
-                                        student_lr=student_lr, loss_cfg=loss_cfg, inner_lr=inner_lr)
+                                        student_lr=student_lr, loss_cfg=loss_cfg)
         grads = torch.autograd.grad(meta, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = torch.zeros_like(p) if g is None else g.detach()

@@ -527,7 +527,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: StepCallback | None = None) 
                 if mkd is not None and mkd.should_step(step):
                     x_meta, y_meta = next(meta_iter)
                     meta = mkd.meta_step(model, x, teacher_logits, target, x_meta.to(device), y_meta.to(device),
-                                         inner_lr=optimizer.param_groups[0]["lr"], loss_cfg=cfg.loss)
+                                         student_lr=optimizer.param_groups[0]["lr"], loss_cfg=cfg.loss)
                 with autocast:
                     logits = train_model(x)
                 logits = logits.float()
