@@ -57,6 +57,9 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
     for name, d in data.items():
         summary.update({f"{name}.{k}": v for k, v in d["summary"].items() if isinstance(v, (int, float))})
         summary[f"{name}.wall_seconds"] = d["meta"]["wall_seconds"]
+    accuracy = json.loads((results / "accuracy.json").read_text()) if (results / "accuracy.json").is_file() else None
+    if accuracy is not None:  # python -m bench.accuracy: flat headline keys as the issue names them
+        summary.update({k: v for k, v in accuracy.items() if k.startswith(("acc_", "digits_acc_"))})
     (results / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
 
     lines = [
@@ -105,8 +108,26 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
         lines += [f"![{img}]({(rel / img).as_posix()})" for img in images]
         if images:
             lines.append("")
+    if accuracy is not None:
+        lines += _accuracy_markdown(accuracy, rel)
     md_path.write_text("\n".join(lines))
     return md_path
+
+
+def _accuracy_markdown(acc: dict, rel: Path) -> list[str]:
+    """Mean +- std of final val top-1 per variant and dataset (``python -m bench.accuracy``)."""
+    lines = ["## 6. Accuracy study (students from the cache vs CE vs online)", ""]
+    for ds, d in acc["datasets"].items():
+        st = d["settings"]
+        lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "
+                  f"`{st['teacher']}` (val top-1 {d['teacher']['val_top1']:.2f}%).", "",
+                  "| variant | top-1 per seed | mean | std |", "|---|---|---:|---:|"]
+        for name, r in d["variants"].items():
+            lines.append(f"| {name} | {', '.join(f'{x:.2f}' for x in r['top1'])} | {r['mean']:.2f} | {r['std']:.2f} |")
+        lines.append("")
+    lines += ["Checks: " + ", ".join(f"{k} = {v}" for k, v in acc["checks"].items()) + ".", ""]
+    lines += [f"![{Path(p).name}]({(rel / Path(p).name).as_posix()})" for p in acc.get("plots", [])]
+    return lines + [""]
 
 
 if __name__ == "__main__":
