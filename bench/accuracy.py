@@ -673,6 +673,12 @@ def markdown(data: dict) -> str:
         lines.append(f"| {VARIANT_LABELS[v]} | " + " | ".join(cells) + " |")
     teachers = ", ".join(f"{n}: {data['datasets'][n]['teacher']['val_top1']:.2f}%" for n in names)
     lines.append("")
+    for n in names:
+        sweep = data["datasets"][n].get("k_sweep") or {}
+        if sweep:
+            cells = [f"k={k}: {v['mean']:.2f} ± {v['std']:.2f}" + (" (= top-10 run)" if v["variant"] == "kd_cache" else "")
+                     for k, v in sweep.items() if v["mean"] is not None]
+            lines.append(f"{n} top-k sweep (vanilla KD from cache): " + "; ".join(cells) + ".")
     lines.append(f"Teacher ({TEACHER}) val top-1: {teachers}.")
     return "\n".join(lines)
 
@@ -694,7 +700,7 @@ def plot(data: dict, outdir: str | Path, prefix: str = "accuracy") -> list[str]:
             xs = list(range(len(ks)))
             labels = [f"full ({d['dataset']['num_classes']})" if k == "full" else k for k in ks]
             if n != "synth" and d["dataset"]["num_classes"] <= MAIN_K:
-                labels = [lab if k != "10" else f"10 (= full)" for k, lab in zip(ks, labels)]
+                labels = [lab if k != "10" else "10 (= full)" for k, lab in zip(ks, labels)]
             ax.errorbar(xs, [d["k_sweep"][k]["mean"] for k in ks], yerr=[d["k_sweep"][k]["std"] for k in ks],
                         marker="o", capsize=4, label="vanilla KD from cache")
             for v, style in (("ce", "--"), ("kd_online", ":")):

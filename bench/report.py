@@ -32,6 +32,17 @@ TARGETS = [
 ]
 
 
+#: flat summary key -> (benchmark, its own summary key)
+HEADLINE = {
+    "cached_over_ce_step": ("train_step", "cached_over_ce_step"),
+    "speedup_over_online": ("train_step", "speedup_over_online_resnet152"),
+    "ideal_speedup_over_online": ("train_step", "ideal_speedup_over_online_resnet152"),
+    "build_over_raw_teacher": ("build", "build_over_raw_teacher"),
+    "reader_views_per_s": ("reader", "gather_shuffled_views_per_s"),
+    "bytes_per_view_k10": ("storage", "bytes_per_view_k10"),
+}
+
+
 def load_results(results: Path) -> dict[str, dict]:
     out = {}
     for name in ORDER:
@@ -57,6 +68,14 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
     for name, d in data.items():
         summary.update({f"{name}.{k}": v for k, v in d["summary"].items() if isinstance(v, (int, float))})
         summary[f"{name}.wall_seconds"] = d["meta"]["wall_seconds"]
+    # The headline figures under the flat names issue 5 asks for (numbers only), plus device and date.
+    for flat, (bench, key) in HEADLINE.items():
+        if bench in data and isinstance(data[bench]["summary"].get(key), (int, float)):
+            summary[flat] = data[bench]["summary"][key]
+    if data:
+        meta = next(iter(data.values()))["meta"]
+        summary["device"] = f"{meta['device']}: {meta['device_name']}"
+        summary["date"] = max(d["meta"]["date"] for d in data.values())
     accuracy = json.loads((results / "accuracy.json").read_text()) if (results / "accuracy.json").is_file() else None
     if accuracy is not None:  # python -m bench.accuracy: flat headline keys as the issue names them
         summary.update({k: v for k, v in accuracy.items() if k.startswith(("acc_", "digits_acc_"))})
