@@ -26,9 +26,15 @@ only, no k sweep) proves the pipeline and writes ``accuracy_quick*`` files inste
 
 Work (data, teachers, caches, student runs) goes to ``--workdir`` (default
 ``runs/accuracy``, git-ignored). Teachers and caches are reused by later invocations;
-finished student runs are reused only with ``--resume``. Runtime is reported as wall
-time and as CPU seconds (this process plus its reaped DataLoader workers), the latter
-being what a quiet machine would need.
+finished student runs are reused only with ``--resume`` (a study killed half-way resumes
+where it stopped). ``--quick`` uses the full study's teacher when one is on disk.
+
+Runs go ``--jobs`` (2) at a time in forked processes with one torch thread each; teacher
+and students render their views in-process (``--student-workers 0``), cache builds use
+two DataLoader workers. None of that changes a number: views and batch order are
+functions of seeds only. Runtime: wall and CPU seconds of the invocation, and summed
+over every task (``runtime.tasks_*``, reused tasks with their stored times);
+``quiet_2core_estimate_s`` = all tasks' CPU seconds / 2.
 """
 
 from __future__ import annotations
@@ -691,6 +697,7 @@ def plot(data: dict, outdir: str | Path, prefix: str = "accuracy") -> list[str]:
     import matplotlib.pyplot as plt
 
     outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
     written = []
     swept = {n: d for n, d in data["datasets"].items() if d.get("k_sweep")}
     if swept:
