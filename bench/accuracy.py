@@ -406,8 +406,11 @@ def _schedule(tasks: list[Task], jobs: int, threads: int, on_done) -> dict:
                 finish(t, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
         return done
 
-    # fork: the parent has not started any torch thread pool (it only plans and waits)
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork"), initializer=_init_process,
+    import torch
+
+    # fork (cheap) unless the caller already initialised CUDA, which a forked child cannot use
+    method = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context(method), initializer=_init_process,
                                 initargs=(threads,)) as pool:
         running: dict = {}
         while pending or running:
