@@ -118,15 +118,6 @@ def stats(samples: list[float]) -> dict:
             "samples": samples}
 
 
-def dir_bytes(path: str | Path) -> int:
-    """Total size of the files under ``path``."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            total += os.path.getsize(os.path.join(root, f))
-    return total
-
-
 # --- realistic teacher logits ----------------------------------------------------------
 
 def teacher_like_logits(n: int, num_classes: int = 1000, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

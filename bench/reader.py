@@ -20,7 +20,9 @@ import time
 import numpy as np
 import torch
 
-from .common import Ctx, dir_bytes, mixed_view_metadata, synthetic_manifest
+from logitcache.inspect import storage_bytes
+
+from .common import Ctx, mixed_view_metadata, synthetic_manifest
 
 NUM_CLASSES = 1000
 
@@ -101,7 +103,7 @@ def run(ctx: Ctx) -> dict:
     s = settings(ctx)
     url = str(ctx.workdir / "reader.zarr")
     write_s, sizes = write_epoch(url, s["views"], s["units"], s["k"])
-    disk = dir_bytes(url)
+    disk = storage_bytes(url)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker

@@ -25,7 +25,9 @@ import os
 import numpy as np
 import torch
 
-from .common import Ctx, dir_bytes, mixed_view_metadata, synthetic_manifest, teacher_like_logits
+from logitcache.inspect import storage_bytes
+
+from .common import Ctx, mixed_view_metadata, synthetic_manifest, teacher_like_logits
 
 NUM_CLASSES = 1000
 IMAGENET_VIEWS = 1_281_167
@@ -45,7 +47,7 @@ def settings(ctx: Ctx) -> dict:
 
 
 def _array_bytes(unit_dir: str) -> dict[str, int]:
-    return {name: dir_bytes(os.path.join(unit_dir, name)) for name in sorted(os.listdir(unit_dir))
+    return {name: storage_bytes(os.path.join(unit_dir, name)) for name in sorted(os.listdir(unit_dir))
             if os.path.isdir(os.path.join(unit_dir, name))}
 
 
@@ -68,7 +70,7 @@ def write_config(url: str, codec, logits: np.ndarray, unit_views: int, mixing: b
         arrays.update(meta)
         raw += sum(a.nbytes for a in arrays.values())
         writer.write_unit(0, u, arrays)
-    total = dir_bytes(url)
+    total = storage_bytes(url)
     per_array = _array_bytes(os.path.join(url, unit_path(0, 0)))
     return {
         "bytes_per_view": total / n,

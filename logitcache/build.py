@@ -22,7 +22,7 @@ from .codec import CodecSpec, ValueRangeError, encode
 from .errors import BadLogitsError, BadSampleError, LogitcacheError
 from .loader import GroupDataset, collate_groups, create_loader
 from .manifest import DatasetInfo, Manifest
-from .store import CacheWriter, unit_path
+from .store import CacheWriter, empty_unit, unit_path
 from .teacher import Teacher, check_logits
 from .views import Recipe, UnitPlan, plan_unit
 
@@ -144,7 +144,7 @@ def build(
     t0 = time.perf_counter()
     for p in todo:  # an empty data shard has no batches: commit its empty unit now
         if p.num_views == 0:
-            writer.write_unit(p.epoch, p.shard, _empty_unit(codec))
+            writer.write_unit(p.epoch, p.shard, empty_unit(codec))
             report.units_written += 1
     if todo:
         dataset = GroupDataset(source, recipe, groups)
@@ -152,16 +152,6 @@ def build(
         _run(loader, todo, owner, teacher, codec, recipe, writer, labels, source, report, progress)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _empty_unit(codec: CodecSpec) -> dict[str, np.ndarray]:
-    k = codec.k
-    return {
-        "sample_index": np.zeros(0, np.int64), "view_seed": np.zeros(0, np.uint64), "label": np.zeros(0, np.int32),
-        "partner_index": np.zeros(0, np.int64), "mix_lam": np.zeros(0, np.float32),
-        "topk_ids": np.zeros((0, k), codec.id_dtype), "topk_logits": np.zeros((0, k), codec.value_dtype),
-        "tail_lse": np.zeros(0, np.float32),
-    }
 
 
 def _run(loader, todo, owner, teacher, codec, recipe, writer, labels, source, report, progress) -> None:

@@ -21,12 +21,24 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from .codec import CodecSpec
 from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError
 from .manifest import ATTR_KEY, Manifest
 
 #: Arrays of a unit, in the order they are written: name -> (rows are views).
 UNIT_ARRAYS = ("sample_index", "view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits", "tail_lse")
 COMPRESSOR = ZstdCodec(level=3)  # integer ids and seeds compress well; fp16 logits a little
+
+
+def empty_unit(codec: CodecSpec) -> dict[str, np.ndarray]:
+    """The arrays of a unit with no views (an empty data shard), in their stored dtypes."""
+    k = codec.k
+    return {
+        "sample_index": np.zeros(0, np.int64), "view_seed": np.zeros(0, np.uint64), "label": np.zeros(0, np.int32),
+        "partner_index": np.zeros(0, np.int64), "mix_lam": np.zeros(0, np.float32),
+        "topk_ids": np.zeros((0, k), codec.id_dtype), "topk_logits": np.zeros((0, k), codec.value_dtype),
+        "tail_lse": np.zeros(0, np.float32),
+    }
 
 
 def epoch_path(epoch: int) -> str:
