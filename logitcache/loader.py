@@ -53,8 +53,8 @@ def collate_groups(items: list[dict], batch_extra: Callable[[dict], dict] | None
 
     ``batch_extra(batch)`` adds fields computed for the whole batch at once (the trainer's
     cached rows: one vectorised gather per batch instead of one per sample)."""
-    errors = [it for it in items if "error" in it]
     good = [it for it in items if "error" not in it]
+    errors = [it for it in items if "error" in it] if len(good) < len(items) else []
     batch = {k: torch.cat([it[k] for it in good]) for k in good[0]} if good else {}
     if good and batch_extra is not None:
         batch.update(batch_extra(batch))

@@ -302,3 +302,43 @@ def test_build_with_an_empty_shard_makes_a_readable_epoch(tmp_path, tiny_teacher
           recipe=create_recipe("demo32"), codec=create_codec("topk", 16, k=5), url=url, epochs=[0],
           batch_size=16, num_workers=0, progress=False)
     assert CacheReader(url).epochs() == [0]
+
+
+def _unit_with_indices(index: list[int], k: int = 2) -> dict[str, np.ndarray]:
+    n = len(index)
+    return {"sample_index": np.array(index, np.int64), "view_seed": np.arange(n, dtype=np.uint64) + 100,
+            "label": np.array(index, np.int32) % 4, "partner_index": np.array(index, np.int64),
+            "mix_lam": np.ones(n, np.float32), "topk_ids": np.tile(np.arange(k, dtype=np.uint8), (n, 1)),
+            "topk_logits": np.array(index, np.float16)[:, None].repeat(k, 1), "tail_lse": np.array(index, np.float32)}
+
+
+@pytest.mark.parametrize("units, ok", [
+    ([[3, 0], [2, 1]], True),          # a permutation across two units: reordered by sample index
+    ([[0, 1], [1, 3]], False),         # sample 1 twice, sample 2 missing
+    ([[0, 1], [2]], False),            # sample 3 missing
+    ([[0, 1], [2, 4]], False),         # an index past the dataset
+    ([[0, 1], [2, -1]], False),        # a negative index
+])
+def test_load_epoch_checks_every_sample_is_covered_exactly_once(tmp_path, units, ok):
+    from logitcache.codec import create_codec
+    from logitcache.errors import CorruptCacheError
+    from logitcache.manifest import DatasetInfo, Manifest
+    from logitcache.store import CacheReader, CacheWriter
+    from logitcache.views import create_recipe
+
+    manifest = Manifest(teacher="t", teacher_weights="w", teacher_weights_sha256=None,
+                        recipe=create_recipe("demo32"), codec=create_codec("topk", 4, k=2), num_classes=4,
+                        dataset=DatasetInfo("d", "train", "fp", 4, ["a.tar", "b.tar"], [2, 2]))
+    url = str(tmp_path / "c.zarr")
+    writer = CacheWriter(url, manifest)
+    writer.prepare_epochs([0])
+    for shard, index in enumerate(units):
+        writer.write_unit(0, shard, _unit_with_indices(index))
+    if ok:
+        arrays = CacheReader(url).load_epoch(0)
+        np.testing.assert_array_equal(arrays.tail_lse, [0, 1, 2, 3])
+        np.testing.assert_array_equal(arrays.topk_logits[:, 0], [0, 1, 2, 3])
+        np.testing.assert_array_equal(arrays.view_seed, [101, 101, 100, 100])
+    else:
+        with pytest.raises(CorruptCacheError, match="exactly once"):
+            CacheReader(url).load_epoch(0)
