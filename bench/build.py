@@ -40,9 +40,9 @@ def settings(ctx: Ctx) -> dict:
         "image_size": IMAGE_SIZE,
         "num_classes": NUM_CLASSES,
         "shards": 2,
-        "images": ctx.pick(quick_cpu=64, full_cpu=128, quick_cuda=2048, full_cuda=8192, tiny=8),
+        "images": ctx.pick(quick_cpu=128, full_cpu=256, quick_cuda=2048, full_cuda=8192, tiny=8),
         "batch_size": ctx.pick(quick_cpu=16, full_cpu=16, quick_cuda=128, full_cuda=128, tiny=2),
-        "num_workers": ctx.pick(quick_cpu=[2, 1], full_cpu=[2, 1], quick_cuda=[8, 16], full_cuda=[8, 16]),
+        "num_workers": ctx.pick(quick_cpu=[0, 1], full_cpu=[2, 1, 0], quick_cuda=[8, 16], full_cuda=[8, 16]),
         "epochs": 1,
     }
 

@@ -112,7 +112,7 @@ def vectorised_rate(arrays, order_views: np.ndarray, batch_views: int, max_views
 
 
 def run(ctx: Ctx) -> dict:
-    from logitcache.store import READ_THREADS, CacheReader
+    from logitcache.store import IO_THREADS, CacheReader
     from logitcache.views import Group
     from trainer.data import CachedRows
 
@@ -169,7 +169,7 @@ def run(ctx: Ctx) -> dict:
             "load_epoch_views_per_s": s["views"] / load_s,
             "load_epoch_verify_views_per_s": s["views"] / float(np.median(loads_verify)),
             "load_epoch_split_s": {"read_units": read_units_s, "assemble": load_s - read_units_s},
-            "read_threads": READ_THREADS,
+            "read_threads": IO_THREADS,
             "gather_views_per_s": {"sequential": seq, "shuffled": shuf},
             "rows_only_shuffled_views_per_s": rows_shuf,
             "vectorised_views_per_s": {"sequential": vec_seq, "shuffled": vec_shuf},

@@ -43,6 +43,69 @@ HEADLINE = {
 }
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_START = "<!-- bench-headline:start (written by python -m bench.report from bench/results/summary.json) -->"
+README_END = "<!-- bench-headline:end -->"
+
+#: README's headline rows: (what, formatter of summary -> value or None when absent, target)
+_pp = "{:+.2f} pp".format
+
+
+def _get(summary: dict, *keys: str):
+    vals = [summary.get(k) for k in keys]
+    return None if any(not isinstance(v, (int, float)) for v in vals) else vals
+
+
+def readme_block(summary: dict) -> str:
+    """The headline figures README quotes, as one Markdown table, from ``summary.json``."""
+    rows = []
+
+    def row(what: str, keys: tuple[str, ...], fmt, target: str) -> None:
+        vals = _get(summary, *keys)
+        if vals is not None:
+            rows.append(f"| {what} | {fmt(*vals)} | {target} |")
+
+    row("cached-KD step / CE-only step, ResNet-50 (`cached_over_ce_step`)", ("cached_over_ce_step",),
+        "{:.3f}".format, "<= 1.05")
+    row("speed-up of cached KD over online KD, teacher ResNet-152 (`speedup_over_online`; ideal = online / CE)",
+        ("speedup_over_online", "ideal_speedup_over_online"), "{:.2f}x (ideal {:.2f}x)".format, ">= 0.9 x ideal")
+    row("the same, teacher BEiTv2-L (full suite)",
+        ("train_step.speedup_over_online_beitv2_l", "train_step.ideal_speedup_over_online_beitv2_l"),
+        "{:.2f}x (ideal {:.2f}x)".format, ">= 0.9 x ideal")
+    row("build / raw teacher inference, ResNet-152 224 px (`build_over_raw_teacher`)", ("build_over_raw_teacher",),
+        "{:.3f}".format, ">= 0.9")
+    row("reader, views/s per process once an epoch is loaded (`reader_views_per_s`)", ("reader_views_per_s",),
+        "{:,.0f}".format, ">= 1,000,000")
+    row("bytes per view on disk at k = 10, 1000 classes (`bytes_per_view_k10`)", ("bytes_per_view_k10",),
+        "{:.1f} B".format, "TinyViT: 44 B")
+    row("accuracy, KD from cache minus CE only, synth, 3 seeds (`acc_kd_minus_ce_pp`; CE std `acc_ce_std_pp`)",
+        ("acc_kd_minus_ce_pp", "acc_ce_std_pp"), lambda d, sd: f"{_pp(d)} (CE std {sd:.2f} pp)", "> 1 std")
+    row("accuracy, KD from cache minus KD online, same views (`acc_cache_minus_online_pp`)",
+        ("acc_cache_minus_online_pp",), _pp, "within +-0.5 pp")
+    if not rows:
+        return ""
+    return "\n".join([
+        f"Measured on {summary.get('device', '?')}, latest result {summary.get('date', '?')}; ratios are side by side "
+        "in one process. Every figure is a key of [bench/results/summary.json](bench/results/summary.json).",
+        "",
+        "| figure | measured | target |",
+        "|---|---:|---|",
+        *rows,
+    ])
+
+
+def update_readme(summary: dict, readme: Path = README) -> bool:
+    """Replace README's headline block (between the markers) with :func:`readme_block`;
+    returns whether README has the markers."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{readme_block(summary)}\n{README_END}{tail}")
+    return True
+
+
 def load_results(results: Path) -> dict[str, dict]:
     out = {}
     for name in ORDER:
@@ -80,6 +143,8 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
     if accuracy is not None:  # python -m bench.accuracy: flat headline keys as the issue names them
         summary.update({k: v for k, v in accuracy.items() if k.startswith(("acc_", "digits_acc_"))})
     (results / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    if results.resolve() == RESULTS_DIR.resolve():  # the committed results: README quotes them
+        update_readme(summary)
 
     lines = [
         "# logitcache benchmarks",

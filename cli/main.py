@@ -102,7 +102,8 @@ def build(
     topk: int = typer.Option(10, help="Logits kept per view (k >= classes means full)."),
     value_dtype: str = typer.Option("float16", help="float16 or float32."),
     batch_size: int = typer.Option(64, help="Views per teacher batch."),
-    workers: int = typer.Option(2, help="DataLoader worker processes (per build process)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes per build process [CPU: 1, "
+                                                     "CUDA: up to 8; see logitcache.build.default_workers]."),
     device: str = typer.Option("auto"),
     compile: bool = typer.Option(False, help="torch.compile the teacher."),
     progress: bool = typer.Option(True),

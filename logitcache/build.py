@@ -46,6 +46,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers of a build when none are asked for.
+
+    CUDA: up to 8 (one core left to the main process), so rendering keeps the GPU busy.
+    CPU: 1. The teacher's own threads need the cores; rendering costs a few ms per view,
+    which one worker delivers faster than a CPU teacher consumes them, while more workers
+    take cores from the teacher (bench/build.py compares 0, 1 and 2 workers against raw
+    teacher inference: bench/RESULTS.md, section 1)."""
+    if device.type == "cuda":
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return 1
+
+
 def dataset_info(source, name: str) -> DatasetInfo:
     return DatasetInfo(
         name=name, split=source.split, fingerprint=source.fingerprint(), num_samples=len(source),
@@ -94,7 +107,7 @@ def build(
     url: str,
     epochs: list[int],
     batch_size: int = 64,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     barrier=None,
@@ -106,6 +119,7 @@ def build(
     Several processes: call with ``rank``/``world_size`` in each and a ``barrier`` that waits
     for all ranks (logitcache.distributed); rank 0 creates the root and epoch groups before
     it, each rank then writes only its own units. ``storage_options`` go to fsspec.
+    ``num_workers`` None picks :func:`default_workers` for the teacher's device.
     """
     if codec.num_classes != source.num_classes:
         raise LogitcacheError(f"codec has {codec.num_classes} classes, dataset has {source.num_classes}")
@@ -146,6 +160,8 @@ def build(
         if p.num_views == 0:
             writer.write_unit(p.epoch, p.shard, empty_unit(codec))
             report.units_written += 1
+    if num_workers is None:
+        num_workers = default_workers(teacher.device)
     if todo:
         dataset = GroupDataset(source, recipe, groups)
         loader = create_loader(dataset, batches, num_workers=num_workers, pin_memory=teacher.device.type == "cuda")

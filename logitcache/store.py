@@ -28,8 +28,9 @@ from .manifest import ATTR_KEY, Manifest
 
 #: Arrays of a unit, in the order they are written: name -> (rows are views).
 UNIT_ARRAYS = ("sample_index", "view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits", "tail_lse")
-#: Units read at once by ``CacheReader.load_epoch``.
-READ_THREADS = 8
+#: Threads for concurrent zarr requests: units read at once by ``CacheReader.read_units``, arrays
+#: written at once by ``CacheWriter.write_unit``.
+IO_THREADS = 8
 COMPRESSOR = ZstdCodec(level=3)  # integer ids and seeds compress well; fp16 logits a little
 
 
@@ -131,18 +132,25 @@ class CacheWriter:
         if missing:
             raise ValueError(f"unit arrays missing: {sorted(missing)}")
         n = len(arrays["sample_index"])
+        for key in UNIT_ARRAYS:
+            if arrays[key].shape[0] != n:
+                raise ValueError(f"unit array {key} has {arrays[key].shape[0]} rows, expected {n}")
         units = self.root.require_group(f"{epoch_path(epoch)}/units")
         name = f"{shard:05d}"
         group = units.create_group(name, overwrite=True)
-        for key in UNIT_ARRAYS:
+
+        def write(key: str) -> None:
             arr = np.ascontiguousarray(arrays[key])
-            if arr.shape[0] != n:
-                raise ValueError(f"unit array {key} has {arr.shape[0]} rows, expected {n}")
             chunks = tuple(max(1, d) for d in arr.shape)  # one chunk; zarr needs positive sizes
             z = group.create_array(key, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
                                    compressors=COMPRESSOR, fill_value=0)
             if n:
                 z[...] = arr
+
+        # The arrays are independent objects: write them at once (object storage is
+        # latency-bound, two requests per array), then the commit record, strictly after.
+        with ThreadPoolExecutor(max_workers=min(IO_THREADS, len(UNIT_ARRAYS))) as pool:
+            list(pool.map(write, UNIT_ARRAYS))  # list(): re-raises the first error here
         group.attrs["commit"] = {"n": n, "sha256": {k: array_digest(arrays[k]) for k in UNIT_ARRAYS}}
 
 
@@ -218,12 +226,12 @@ class CacheReader:
         return out
 
     def read_units(self, epoch: int, verify: bool = False) -> list[dict[str, np.ndarray]]:
-        """Every unit of ``epoch``, in shard order, read by up to ``READ_THREADS`` threads.
+        """Every unit of ``epoch``, in shard order, read by up to ``IO_THREADS`` threads.
 
         A unit read mostly waits on zarr's event loop and the storage (a metadata and a
         chunk request per array), so overlapping them cuts the time on a local disk and
         divides it by the thread count on object storage."""
-        with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, self.num_shards))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, self.num_shards))) as pool:
             return list(pool.map(lambda s: self.read_unit(epoch, s, verify=verify), range(self.num_shards)))
 
     def load_epoch(self, epoch: int, verify: bool = False) -> EpochArrays:

@@ -1,0 +1,65 @@
+"""The benchmark suite runs, writes its results where asked, and README quotes the committed
+headline figures exactly (bench/report.py writes README's block from summary.json)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY = ROOT / "bench" / "results" / "summary.json"
+FLAT_KEYS = ("cached_over_ce_step", "speedup_over_online", "ideal_speedup_over_online", "build_over_raw_teacher",
+             "reader_views_per_s", "bytes_per_view_k10", "acc_cache_minus_online_pp", "acc_kd_minus_ce_pp",
+             "acc_ce_std_pp")
+
+
+def test_committed_summary_has_the_headline_keys_as_numbers():
+    summary = json.loads(SUMMARY.read_text())
+    for key in FLAT_KEYS:
+        assert isinstance(summary[key], (int, float)) and not isinstance(summary[key], bool), key
+    assert isinstance(summary["device"], str) and summary["device"]
+    assert isinstance(summary["date"], str) and summary["date"][:2] == "20"
+
+
+def test_readme_quotes_the_committed_summary_exactly():
+    from bench.report import README_END, README_START, readme_block
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
+    expected = readme_block(json.loads(SUMMARY.read_text())).strip()
+    assert expected, "summary.json yields no headline rows"
+    assert block == expected, "README's benchmark table is stale: run python -m bench.report"
+
+
+def test_update_readme_replaces_only_the_block(tmp_path):
+    from bench.report import README_END, README_START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{README_START}\nold table\n{README_END}\nafter\n")
+    assert update_readme({"cached_over_ce_step": 1.01234, "device": "cpu: X", "date": "2026-01-01"}, readme)
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("\nafter\n") and "old table" not in text
+    assert "| 1.012 | <= 1.05 |" in text
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not update_readme({"cached_over_ce_step": 1.0}, plain) and plain.read_text() == "no markers\n"
+
+
+@pytest.mark.timeout(300)
+def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
+    readme_before = (ROOT / "README.md").read_text()
+    out = tmp_path / "results"
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,storage", "--device", "cpu",
+                        "--results-dir", str(out), "--workdir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert p.returncode == 0, p.stdout + p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reader_views_per_s"] > 0 and summary["bytes_per_view_k10"] > 0
+    reader = json.loads((out / "reader.json").read_text())
+    assert reader["meta"]["tiny"] is True and reader["meta"]["device"] == "cpu"
+    assert "## 3. Reader throughput" in (out / "RESULTS.md").read_text()
+    assert (ROOT / "README.md").read_text() == readme_before  # only the committed results rewrite README
