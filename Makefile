@@ -25,8 +25,11 @@ test: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick
 
+# The full suite: every performance benchmark, then the accuracy study (3 seeds per variant;
+# --resume reuses finished student runs under runs/accuracy).
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.accuracy --resume
 
 clean:
 	rm -rf demo_out runs .pytest_cache

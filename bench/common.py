@@ -50,13 +50,9 @@ def _version(name: str) -> str:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from logitcache.manifest import device_name
+
+    return device_name("cpu")
 
 
 def environment(device: torch.device) -> dict:

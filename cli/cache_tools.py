@@ -42,6 +42,7 @@ def format_stats(st) -> str:
         ("cache", st.url),
         ("created", f"{st.created}  (format {st.format_version})"),
         ("teacher", f"{st.teacher}  weights {weights}"),
+        ("built on", ", ".join(f"{k} {v}" for k, v in st.build_env.items()) or "-"),
         ("recipe", f"{recipe}  cache_seed {st.recipe['cache_seed']}  input {st.recipe['input_size']} px  "
                    f"sha256 {st.recipe_sha256[:12]}"),
         ("dataset", f"{d['name']}  split {d['split']}  {d['num_samples']} samples in {d['num_shards']} shards  "

@@ -131,6 +131,7 @@ def build(
     manifest = Manifest(
         teacher=teacher.name, teacher_weights=teacher.weights_label, teacher_weights_sha256=teacher.weights_sha256,
         recipe=recipe, dataset=dataset_info(source, dataset_name), codec=codec, num_classes=source.num_classes,
+        build_env=teacher.runtime(),
     )
     if rank == 0:
         writer = CacheWriter(url, manifest, storage_options)

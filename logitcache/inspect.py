@@ -197,6 +197,7 @@ class CacheStats:
     codec: dict  # name, k, num_classes, value_dtype, id_dtype
     num_classes: int
     library_versions: dict[str, str]
+    build_env: dict  # Teacher.runtime() at build time: device, precision, compile, torch_threads
     epochs_complete: list[int]
     units: dict[int, tuple[int, int]]  # epoch present -> (committed units, total units)
     views: int  # committed views, all epochs
@@ -280,7 +281,7 @@ def inspect_cache(url: str, storage_options: dict | None = None) -> CacheStats:
         dataset={"name": d.name, "split": d.split, "fingerprint": d.fingerprint, "num_samples": d.num_samples,
                  "num_shards": len(d.shards), "url": d.url},
         codec=m.codec.to_dict(), num_classes=C, library_versions=dict(m.library_versions),
-        epochs_complete=[e for e, units in committed.items() if len(units) == n_shards],
+        build_env=dict(m.build_env), epochs_complete=[e for e, units in committed.items() if len(units) == n_shards],
         units={e: (len(units), n_shards) for e, units in committed.items()},
         views=views, bytes=nbytes, bytes_per_view=nbytes / views if views else None,
         raw_bytes_per_view=m.codec.bytes_per_view,

@@ -28,6 +28,24 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def device_name(device) -> str:
+    """The GPU's name for a CUDA device, else the CPU model (from /proc/cpuinfo on Linux)."""
+    import platform
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @dataclass
 class DatasetInfo:
     """Which data a cache covers. ``fingerprint`` hashes shard names, keys and labels."""
@@ -55,6 +73,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     library_versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    build_env: dict = field(default_factory=dict)  # Teacher.runtime(): device, precision, ... (informative)
 
     def to_dict(self) -> dict:
         return {
@@ -69,6 +88,7 @@ class Manifest:
             "num_classes": self.num_classes,
             "library_versions": self.library_versions,
             "created": self.created,
+            "build_env": self.build_env,
         }
 
     @classmethod
@@ -88,6 +108,7 @@ class Manifest:
             format_version=d["format_version"],
             library_versions=d.get("library_versions", {}),
             created=d.get("created", ""),
+            build_env=d.get("build_env", {}),
         )
 
     def identity(self) -> dict:

@@ -174,6 +174,7 @@ class Teacher:
         model.eval().requires_grad_(False).to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+        self.compiled = compile
         self.model = torch.compile(model) if compile else model
 
     def _pretrained(self, num_classes: int | None):
@@ -205,6 +206,17 @@ class Teacher:
                 f"teacher {self.name} predicts {model.num_classes} classes but the dataset has {num_classes}"
             )
         return model
+
+    def runtime(self) -> dict:
+        """Where and how the logits are computed (recorded in the manifest; informative):
+        device name, arithmetic (bf16 autocast on CUDA, float32 on CPU), torch.compile,
+        CPU threads. Caches built under other settings differ in the last bits of the logits."""
+        from .manifest import device_name
+
+        dev = self.device
+        return {"device": f"{dev.type}: {device_name(dev)}",
+                "precision": "bf16 autocast" if dev.type == "cuda" else "float32",
+                "compile": self.compiled, "torch_threads": torch.get_num_threads()}
 
     @torch.inference_mode()
     def __call__(self, views: torch.Tensor, src_mean, src_std) -> torch.Tensor:

@@ -129,6 +129,9 @@ def test_inspect_numbers(env):
     assert st.bytes > 0 and st.bytes_per_view == pytest.approx(st.bytes / st.views)
     assert st.recipe_name == "demo32" and st.teacher == "test_resnet"
     assert st.teacher_weights == "teacher.safetensors" and st.teacher_weights_sha256
+    # how the teacher ran is recorded: CPU, float32, eager, this process's thread count
+    assert st.build_env["device"].startswith("cpu: ") and st.build_env["precision"] == "float32"
+    assert st.build_env["compile"] is False and st.build_env["torch_threads"] >= 1
     assert st.dataset["num_samples"] == N_TRAIN and st.dataset["num_shards"] == 3
     assert st.codec["k"] == 5 and st.raw_bytes_per_view == 5 * (1 + 2) + 4
     assert st.unmixed_views == st.views  # demo32 does not mix
