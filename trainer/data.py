@@ -163,5 +163,7 @@ class EvalDataset(Dataset):
 
 
 def create_eval_loader(source, recipe: Recipe, *, batch_size: int = 256, num_workers: int = 2) -> DataLoader:
+    """Validation batches ``(images, labels)`` in dataset order. Its workers persist across
+    epochs (the eval set never changes; the train loader's views do, so it is made anew)."""
     return DataLoader(EvalDataset(source, recipe), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      generator=torch.Generator())
+                      persistent_workers=num_workers > 0, generator=torch.Generator())
