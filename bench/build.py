@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from .common import Ctx, sync
+from .common import Ctx, PeakRSS, sync
 
 NUM_CLASSES = 1000
 IMAGE_SIZE = 256  # stored PNGs; views are 224 px random-resized crops
@@ -118,6 +118,7 @@ def timed_build(ctx: Ctx, source, teacher, recipe, codec, *, batch_size: int, nu
     from logitcache.build import build
 
     proxy = TimedTeacher(teacher)
+    memory = PeakRSS()
     t0 = time.perf_counter()
     report = build(source, dataset_name="bench224", teacher=proxy, recipe=recipe, codec=codec, url=url, epochs=[0],
                    batch_size=batch_size, num_workers=num_workers, progress=False)
@@ -138,6 +139,7 @@ def timed_build(ctx: Ctx, source, teacher, recipe, codec, *, batch_size: int, nu
         "between_calls_s": sum(gaps),
         "max_gap_s": max(gaps) if gaps else 0.0,
         "after_last_call_s": t1 - calls[-1][1] if calls else None,
+        "memory": memory.read(),  # main process (teacher already loaded) + the largest worker
     }
 
 
@@ -304,14 +306,17 @@ def markdown(data: dict) -> str:
         f"is compared with the mean of the raw passes on either side of it).",
         "",
         "| num_workers | build views/s | **build / raw teacher** | teacher time | before 1st batch | between batches |"
-        " after last | teacher slowdown in build |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " after last | teacher slowdown in build | peak RSS (growth) | largest worker |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b in r["builds"]:
+        m = b.get("memory", {})
+        mem = f"{m['peak_rss_mb']:,.0f} MB (+{m['rss_growth_mb']:,.0f})" if m else "-"
+        worker = f"{m['max_child_peak_rss_mb']:,.0f} MB" if m and b["num_workers"] else "-"
         lines.append(
             f"| {b['num_workers']} | {b['views_per_s']:.2f} | **{b['build_over_raw_teacher']:.3f}** | "
             f"{b['teacher_seconds']:.1f} s | {b['before_first_call_s']:.2f} s | {b['between_calls_s']:.2f} s | "
-            f"{b['after_last_call_s']:.2f} s | x{b['teacher_slowdown_in_build']:.2f} |"
+            f"{b['after_last_call_s']:.2f} s | x{b['teacher_slowdown_in_build']:.2f} | {mem} | {worker} |"
         )
     prof = r["render"]
     stages = ", ".join(f"{k} {v:.1f}" for k, v in prof["stage_ms_per_view"].items())
@@ -321,6 +326,10 @@ def markdown(data: dict) -> str:
         f"Worker cost, one thread: **{prof['item_ms_per_view']:.1f} ms per view** (whole item incl. mixing); "
         f"stages (ms/view): {stages}. Encode {1000 * ew['encode_s_per_batch']:.1f} ms per batch, "
         f"zarr write {1000 * ew['write_s_per_unit']:.1f} ms per unit.",
+        "",
+        "Memory: peak RSS of the build process over the build (the teacher is already loaded: the growth is "
+        "the build's own), and the largest peak of any DataLoader worker so far (the kernel keeps one "
+        "lifetime figure for all finished children).",
     ]
     cm = r["cpu_model"]
     if cm["predicted_build_over_raw"] is not None:

@@ -6,6 +6,7 @@ import datetime as _dt
 import importlib.metadata
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -112,6 +113,49 @@ def stats(samples: list[float]) -> dict:
     q = statistics.quantiles(s, n=4, method="inclusive") if len(s) >= 2 else [s[0], s[0], s[0]]
     return {"median": statistics.median(s), "min": s[0], "max": s[-1], "q1": q[0], "q3": q[2], "n": len(s),
             "samples": samples}
+
+
+# --- peak memory ---------------------------------------------------------------------------
+
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` field (VmRSS, VmHWM) in MB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _maxrss_mb(who=resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
+
+
+class PeakRSS:
+    """Peak resident memory of this process from now on, and how much it grew.
+
+    ``PeakRSS()`` resets the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``) so
+    that an earlier peak (imports, other benchmarks) does not hide what follows; ``read()``
+    gives ``peak_rss_mb``, ``rss_growth_mb`` (peak minus the RSS at the start), whether the
+    reset worked (else the peak is the process's lifetime maximum), and
+    ``max_child_peak_rss_mb``: the largest peak of any finished child process so far
+    (DataLoader workers; the kernel keeps no per-interval figure for children)."""
+
+    def __init__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.base = (_status_mb("VmRSS") if self.reset else None) or _maxrss_mb()
+
+    def read(self) -> dict:
+        peak = (_status_mb("VmHWM") if self.reset else None) or _maxrss_mb()
+        return {"peak_rss_mb": peak, "rss_growth_mb": peak - self.base, "peak_reset": self.reset,
+                "max_child_peak_rss_mb": _maxrss_mb(resource.RUSAGE_CHILDREN)}
 
 
 # --- realistic teacher logits ----------------------------------------------------------

@@ -4,11 +4,12 @@
     every sample once, reordered by sample index), in views/s; also with ``verify=True``
     (sha256 of every array).
 (b) per-batch row gathering once the epoch is in memory, done as the trainer does it:
-    ``trainer.data.CachedRows`` called once per collated batch inside the DataLoader
-    worker, then ``logitcache.loader.collate_groups`` concatenating the groups of a batch;
-    groups visited in index order (sequential) and in a random order (shuffled, as
-    training does). One process, one thread: the cost per DataLoader worker. For
-    reference, the same rows gathered with one vectorised numpy take per batch.
+    ``logitcache.loader.collate_groups`` concatenating the freshly made group items of a
+    batch, then ``trainer.data.CachedRows`` once per collated batch (inside the DataLoader
+    worker in training); groups visited in index order (sequential) and in a random order
+    (shuffled, as training does). One process, one thread: the cost per DataLoader worker.
+    Also ``CachedRows`` alone, and for reference the same rows gathered with one
+    vectorised numpy take per batch.
 
 Target: >= 1,000,000 views/s per process once an epoch is loaded.
 """
@@ -67,18 +68,25 @@ def write_epoch(url: str, n: int, units: int, k: int) -> tuple[float, list[int]]
 
 def gather_rate(rows, groups, order: np.ndarray, batch_groups: int, max_views: int) -> float:
     """views/s of the trainer's path: collate_groups over a batch of group items, which calls
-    CachedRows once per batch (one vectorised gather), over groups in ``order``."""
+    CachedRows once per batch (one vectorised gather), over groups in ``order``.
+
+    As in a DataLoader worker, each batch's items are made just before they are collated
+    (their index fields as ``GroupDataset`` makes them); making them is not timed, it is the
+    dataset's work (rendering), not reading. "Shuffled" is then what it is in training:
+    rows gathered from random places of the loaded epoch."""
     from logitcache.loader import collate_groups
 
-    items = [{"index": torch.tensor(g.indices), "partner": torch.tensor(g.indices[::-1])} for g in groups]
-    views = 0
-    t0 = time.perf_counter()
+    views, seconds = 0, 0.0
     for b in range(0, len(order), batch_groups):
-        batch = collate_groups([items[i] for i in order[b:b + batch_groups]], batch_extra=rows)
+        items = [{"index": torch.tensor(groups[i].indices), "partner": torch.tensor(groups[i].indices[::-1])}
+                 for i in order[b:b + batch_groups]]
+        t0 = time.perf_counter()
+        batch = collate_groups(items, batch_extra=rows)
+        seconds += time.perf_counter() - t0
         views += len(batch["label"])
         if views >= max_views:
             break
-    return views / (time.perf_counter() - t0)
+    return views / seconds
 
 
 def rows_rate(rows, groups, order: np.ndarray, batch_groups: int, max_views: int) -> float:
@@ -133,6 +141,16 @@ def run(ctx: Ctx) -> dict:
             t0 = time.perf_counter()
             CacheReader(url).load_epoch(0, verify=True)
             loads_verify.append(time.perf_counter() - t0)
+        # memory: what a loaded epoch holds, and the peak numpy allocations while loading it
+        import tracemalloc
+
+        tracemalloc.start()
+        held = CacheReader(url).load_epoch(0)
+        _, load_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        epoch_bytes = sum(getattr(held, f).nbytes for f in ("view_seed", "label", "partner_index", "mix_lam",
+                                                          "topk_ids", "topk_logits", "tail_lse"))
+        del held
         # where load_epoch's time goes: reading the units (zarr) vs assembling the epoch (numpy)
         read_units = []
         for _ in range(s["load_repeats"]):
@@ -170,6 +188,9 @@ def run(ctx: Ctx) -> dict:
             "load_epoch_verify_views_per_s": s["views"] / float(np.median(loads_verify)),
             "load_epoch_split_s": {"read_units": read_units_s, "assemble": load_s - read_units_s},
             "read_threads": IO_THREADS,
+            "epoch_bytes_in_memory": epoch_bytes,
+            "epoch_bytes_per_view_in_memory": epoch_bytes / s["views"],
+            "load_epoch_peak_alloc_bytes": load_peak,
             "gather_views_per_s": {"sequential": seq, "shuffled": shuf},
             "rows_only_shuffled_views_per_s": rows_shuf,
             "vectorised_views_per_s": {"sequential": vec_seq, "shuffled": vec_shuf},
@@ -181,6 +202,8 @@ def run(ctx: Ctx) -> dict:
             "gather_shuffled_views_per_s": shuf,
             "rows_only_shuffled_views_per_s": rows_shuf,
             "vectorised_shuffled_views_per_s": vec_shuf,
+            "epoch_mb_in_memory": epoch_bytes / 2**20,
+            "load_epoch_peak_alloc_mb": load_peak / 2**20,
         },
     }
 
@@ -209,6 +232,12 @@ def markdown(data: dict) -> str:
         f"{r.get('read_threads', '?')} threads) "
         f"{r['load_epoch_split_s']['read_units']:.3f} s, assembling the epoch (concatenate, coverage "
         f"check with one bincount, scatter by sample index) the rest. Batches of {s['batch_views']} views.",
+        "",
+        f"Memory: a loaded epoch holds {r['epoch_bytes_in_memory'] / 2**20:,.1f} MB "
+        f"({r['epoch_bytes_per_view_in_memory']:.0f} B/view); loading it peaks at "
+        f"{r['load_epoch_peak_alloc_bytes'] / 2**20:,.1f} MB of numpy allocations (tracemalloc: the units, their "
+        f"concatenations and the result). The trainer holds one epoch at a time (its DataLoader workers share it "
+        f"copy-on-write)."
     ])
 
 

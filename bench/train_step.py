@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import time
 
 import torch
 
-from .common import Ctx, interleaved, stats, sync
+from .common import Ctx, PeakRSS, interleaved, stats, sync
 
 NUM_CLASSES = 1000
 K = 10
@@ -176,31 +175,6 @@ class Bench:
 
 # --- peak memory, one subprocess per variant -------------------------------------------------
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``), so that
-    the peak of what follows is not hidden by an earlier one (imports)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_child(student: str, variant: str, teacher: str | None, device: str, batch: int, size: int) -> dict:
     """Runs in a fresh process: build only what ``variant`` (ce, cached, online) needs, two
     steps, report peaks."""
@@ -210,8 +184,7 @@ def memory_child(student: str, variant: str, teacher: str | None, device: str, b
     import trainer.losses  # noqa: F401
     import trainer.train  # noqa: F401
 
-    reset = _reset_peak_rss()
-    base = _proc_status_mb("VmRSS") if reset else _maxrss_mb()
+    mark = PeakRSS()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     b = Bench(student, dev, batch, size)
@@ -223,8 +196,7 @@ def memory_child(student: str, variant: str, teacher: str | None, device: str, b
     for _ in range(2):
         fn()
     sync(dev)
-    peak = (_proc_status_mb("VmHWM") if reset else None) or _maxrss_mb()
-    out = {"peak_rss_mb": peak, "rss_growth_mb": peak - base, "peak_reset": reset}
+    out = mark.read()
     if dev.type == "cuda":
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return out

@@ -240,9 +240,10 @@ class CacheReader:
         k = self.manifest.codec.k
         units = self.read_units(epoch, verify=verify)
         idx = np.concatenate([u["sample_index"] for u in units])
-        # Coverage in one pass: n_total indices, all in range, every sample hit -> a permutation.
-        hits = np.bincount(idx, minlength=n_total) if len(idx) and idx.min() >= 0 else None
-        if len(idx) != n_total or hits is None or len(hits) != n_total or not hits.all():
+        # n_total indices, all in range, every sample hit: a permutation (one bincount, no sort).
+        covered = len(idx) == n_total and (
+            n_total == 0 or (idx.min() >= 0 and idx.max() < n_total and np.bincount(idx, minlength=n_total).all()))
+        if not covered:
             raise CorruptCacheError(
                 f"epoch {epoch} of {self.url} does not cover samples 0..{n_total - 1} exactly once"
             )

@@ -277,6 +277,7 @@ def test_empty_unit_can_be_written_and_read(tmp_path):
     writer.write_unit(0, 0, _empty_unit_arrays(2))
     unit = CacheReader(url).read_unit(0, 0, verify=True)
     assert unit["topk_ids"].shape == (0, 2)
+    assert CacheReader(url).load_epoch(0).topk_ids.shape == (0, 2)  # an empty epoch loads as empty arrays
     assert DocReader(url).readable_epochs() == [0]
 
 
