@@ -50,19 +50,15 @@ def _version(name: str) -> str:
         return "missing"
 
 
-def cpu_name() -> str:
-    from logitcache.manifest import device_name
-
-    return device_name("cpu")
-
-
 def environment(device: torch.device) -> dict:
     """Where and with what a result was measured."""
+    from logitcache.manifest import device_name
+
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu": cpu_name(),
+        "device_name": device_name(device),
+        "cpu": device_name("cpu"),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -92,11 +92,12 @@ def gather_rate(rows, groups, order: np.ndarray, batch_groups: int, max_views: i
 def rows_rate(rows, groups, order: np.ndarray, batch_groups: int, max_views: int) -> float:
     """views/s of ``CachedRows`` alone on already-collated index tensors: what reading the
     cache adds to a batch the data pipeline collates anyway."""
-    batches = []
+    batches, made = [], 0
     for b in range(0, len(order), batch_groups):
         idx = torch.tensor([i for g in order[b:b + batch_groups] for i in groups[g].indices])
         batches.append({"index": idx, "partner": idx.flip(0)})
-        if sum(len(x["index"]) for x in batches) >= max_views:
+        made += len(idx)
+        if made >= max_views:
             break
     views = 0
     t0 = time.perf_counter()
@@ -148,8 +149,7 @@ def run(ctx: Ctx) -> dict:
         held = CacheReader(url).load_epoch(0)
         _, load_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        epoch_bytes = sum(getattr(held, f).nbytes for f in ("view_seed", "label", "partner_index", "mix_lam",
-                                                          "topk_ids", "topk_logits", "tail_lse"))
+        epoch_bytes = sum(v.nbytes for v in vars(held).values() if isinstance(v, np.ndarray))
         del held
         # where load_epoch's time goes: reading the units (zarr) vs assembling the epoch (numpy)
         read_units = []
