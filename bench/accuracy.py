@@ -206,8 +206,8 @@ def _teacher(name: str, data: Path, work: Path, epochs: int, workers: int, only_
     """Train (once) the dataset's teacher; later calls find it on disk. ``only_existing``:
     None instead of training."""
     from logitcache.data.source import open_source
-    from trainer.losses import LossConfig
-    from trainer.train import TrainConfig, train
+    from logitcache.trainer.losses import LossConfig
+    from logitcache.trainer.train import TrainConfig, train
 
     fingerprint = open_source(str(data), "train").fingerprint()
     spec = {"model": TEACHER, "recipe": RECIPE, "epochs": epochs, "loss": "none", "batch_size": 128, "seed": 0,
@@ -272,8 +272,8 @@ def _cache(name: str, data: Path, work: Path, teacher: dict, k, epochs: int, wor
 
 def _variant_config(variant: str, caches: dict, teacher: dict) -> dict:
     """TrainConfig keyword arguments that make ``variant`` (besides the shared ones)."""
-    from trainer.losses import LossConfig
-    from trainer.mkd import MKDConfig
+    from logitcache.trainer.losses import LossConfig
+    from logitcache.trainer.mkd import MKDConfig
 
     main = caches[MAIN_K]["url"]
     if variant == "ce":
@@ -297,7 +297,7 @@ def _variant_config(variant: str, caches: dict, teacher: dict) -> dict:
 
 def _student(name: str, data: Path, work: Path, variant: str, seed: int, epochs: int, extra: dict,
              workers: int, resume: bool, limit_batches: int | None) -> dict:
-    from trainer.train import TrainConfig, train
+    from logitcache.trainer.train import TrainConfig, train
 
     out = work / name / "students" / f"e{epochs}" / variant / f"seed{seed}"
     cfg = TrainConfig(data=str(data), student=STUDENT, out=str(out), epochs=epochs, batch_size=128, lr=2e-3,

@@ -75,7 +75,7 @@ def make_teacher_weights(path, name: str, input_size: int = 224) -> str:
     import timm
 
     from logitcache.views import create_recipe
-    from trainer.train import save_student
+    from logitcache.trainer.train import save_student
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

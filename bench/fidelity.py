@@ -59,7 +59,7 @@ def train_tiny_teacher(ctx: Ctx, data: str, recipe, name: str, epochs: int) -> t
     import timm
 
     from logitcache.data.source import open_source
-    from trainer.train import save_student
+    from logitcache.trainer.train import save_student
 
     train_src, val_src = open_source(data, "train"), open_source(data, "val")
     x, y = _eval_tensors(train_src, recipe, np.arange(len(train_src)))

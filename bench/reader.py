@@ -5,7 +5,7 @@
     (sha256 of every array).
 (b) per-batch row gathering once the epoch is in memory, done as the trainer does it:
     ``logitcache.loader.collate_groups`` concatenating the freshly made group items of a
-    batch, then ``trainer.data.CachedRows`` once per collated batch (inside the DataLoader
+    batch, then ``logitcache.trainer.data.CachedRows`` once per collated batch (inside the DataLoader
     worker in training); groups visited in index order (sequential) and in a random order
     (shuffled, as training does). One process, one thread: the cost per DataLoader worker.
     Also ``CachedRows`` alone, and for reference the same rows gathered with one
@@ -123,7 +123,7 @@ def vectorised_rate(arrays, order_views: np.ndarray, batch_views: int, max_views
 def run(ctx: Ctx) -> dict:
     from logitcache.store import IO_THREADS, CacheReader
     from logitcache.views import Group
-    from trainer.data import CachedRows
+    from logitcache.trainer.data import CachedRows
 
     s = settings(ctx)
     url = str(ctx.workdir / "reader.zarr")

@@ -7,7 +7,7 @@ the rest:
 * ``ce``: student forward, soft-target CE on mixed targets, backward, AdamW step;
 * ``cached``: the same plus the cached top-k rows (pre-made tensors as the DataLoader
   workers deliver them) moved to the device, ``logitcache.codec.decode`` there, and
-  ``trainer.losses.distill_loss`` kind ``kd`` (CE + KL at T = 1);
+  ``logitcache.trainer.losses.distill_loss`` kind ``kd`` (CE + KL at T = 1);
 * ``online_<teacher>``: timm's ``timm.task.LogitDistillationTask`` (teacher forward under
   ``no_grad`` on the same batch, its own KL), backward, AdamW step.
 
@@ -106,7 +106,7 @@ class Bench:
         self.tasks: dict[str, object] = {}
 
     def _inputs(self):
-        from trainer.train import smoothed_targets
+        from logitcache.trainer.train import smoothed_targets
 
         h, dev = self.host, self.device
         x = h["images"].to(dev, non_blocking=True)
@@ -122,7 +122,7 @@ class Bench:
         self.opt.step()
 
     def step_ce(self):
-        from trainer.losses import LossConfig, distill_loss
+        from logitcache.trainer.losses import LossConfig, distill_loss
 
         x, target = self._inputs()
         with self.autocast:
@@ -132,7 +132,7 @@ class Bench:
 
     def step_cached(self):
         from logitcache.codec import decode
-        from trainer.losses import LossConfig, distill_loss
+        from logitcache.trainer.losses import LossConfig, distill_loss
 
         x, target = self._inputs()
         h, dev = self.host, self.device
@@ -181,8 +181,8 @@ def memory_child(student: str, variant: str, teacher: str | None, device: str, b
     dev = torch.device(device)
     import timm  # noqa: F401 - imported before the baseline
 
-    import trainer.losses  # noqa: F401
-    import trainer.train  # noqa: F401
+    import logitcache.trainer.losses  # noqa: F401
+    import logitcache.trainer.train  # noqa: F401
 
     mark = PeakRSS()
     if dev.type == "cuda":

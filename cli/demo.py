@@ -27,8 +27,8 @@ def run_demo(out: Path, *, epochs: int = 12, teacher_epochs: int = 30, workers: 
     from logitcache.data.synth import generate_synth
     from logitcache.teacher import Teacher
     from logitcache.views import create_recipe
-    from trainer.losses import LossConfig
-    from trainer.train import TrainConfig, train
+    from logitcache.trainer.losses import LossConfig
+    from logitcache.trainer.train import TrainConfig, train
 
     console = Console()
     out.mkdir(parents=True, exist_ok=True)

@@ -220,7 +220,7 @@ def train(
     Under torchrun, every rank trains on its slice of the same global batches (DDP)."""
     flags = dict(locals())  # first: only the parameters
     from logitcache.errors import LogitcacheError
-    from trainer.train import load_config, make_config, train as run_train
+    from logitcache.trainer.train import load_config, make_config, train as run_train
 
     settings = load_config(config) if config else {}
     loss = dict(settings.get("loss") or {})
@@ -260,12 +260,12 @@ def demo(
     workers: int = typer.Option(2),
 ):
     """The whole product on the embedded data: data -> teacher -> cache -> two students."""
-    from cli.demo import run_demo
+    from logitcache.cli.demo import run_demo
 
     run_demo(out, epochs=epochs, teacher_epochs=teacher_epochs, workers=workers)
 
 
-from cli.cache_tools import register as _register_cache_tools  # noqa: E402 - inspect, verify, ls
+from logitcache.cli.cache_tools import register as _register_cache_tools  # noqa: E402 - inspect, verify, ls
 
 _register_cache_tools(app)
 
@@ -274,7 +274,7 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     from logitcache.errors import LogitcacheError
 
-    from trainer.train import TrainingStopped
+    from logitcache.trainer.train import TrainingStopped
 
     try:
         app()

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from timm.data.mixup import Mixup, cutmix_bbox_and_lam
 
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
 
@@ -187,20 +186,38 @@ class MixParams:
 
 
 def mix_params(recipe: Recipe, pair_seed: int) -> MixParams:
-    """Draw the switch, lambda and box of one pair from its seed, with timm's Mixup logic."""
-    mixer = Mixup(
-        mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, prob=recipe.mix_prob,
-        switch_prob=recipe.switch_prob, mode="pair", num_classes=2,
-    )
+    """Draw the switch, lambda and box of one pair from its seed.
+
+    The draws follow timm's ``Mixup`` (per-batch parameters, as in its "pair" mode) and its
+    ``rand_bbox``/``cutmix_bbox_and_lam``, in the same order from the same stream: a numpy
+    ``RandomState`` seeded with the pair seed's two 32-bit halves. Mix with probability
+    ``mix_prob``; with both alphas on, cutmix instead of mixup with ``switch_prob``; lambda
+    ~ Beta(alpha, alpha); a cutmix box of side ``int(size * sqrt(1 - lambda))`` centred at a
+    uniform pixel, clipped to the image, and lambda corrected to the unclipped area. They
+    are written out here rather than taken from timm's private ``Mixup._params_per_batch``,
+    so a timm release cannot silently change the mixed views of existing caches
+    (tests/test_views.py compares both over many seeds).
+    """
+    rng = np.random.RandomState([pair_seed & 0xFFFFFFFF, pair_seed >> 32])
+    if not recipe.mixes or rng.rand() >= recipe.mix_prob:
+        return MixParams()
+    if recipe.mixup_alpha > 0 and recipe.cutmix_alpha > 0:
+        use_cutmix = rng.rand() < recipe.switch_prob
+    else:
+        use_cutmix = recipe.cutmix_alpha > 0
+    alpha = recipe.cutmix_alpha if use_cutmix else recipe.mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    if lam == 1.0:
+        return MixParams()
+    if not use_cutmix:
+        return MixParams(MIX_MIXUP, lam)
     size = recipe.input_size
-    with seeded(pair_seed):
-        lam, use_cutmix = mixer._params_per_batch()
-        if lam == 1.0:
-            return MixParams()
-        if not use_cutmix:
-            return MixParams(MIX_MIXUP, float(lam))
-        (y0, y1, x0, x1), lam = cutmix_bbox_and_lam((size, size), lam, correct_lam=True)
-        return MixParams(MIX_CUTMIX, float(lam), (int(y0), int(y1), int(x0), int(x1)))
+    cut = int(size * np.sqrt(1 - lam))  # square box side, pixels
+    cy, cx = rng.randint(0, size), rng.randint(0, size)
+    y0, y1 = int(np.clip(cy - cut // 2, 0, size)), int(np.clip(cy + (cut + 1) // 2, 0, size))
+    x0, x1 = int(np.clip(cx - cut // 2, 0, size)), int(np.clip(cx + (cut + 1) // 2, 0, size))
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / float(size * size)
+    return MixParams(MIX_CUTMIX, float(lam), (y0, y1, x0, x1))
 
 
 def mix_pair(a: torch.Tensor, b: torch.Tensor, params: MixParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Importing torch, timm and zarr takes most of a tiny build's time. This process imports
 them once, then for each JSON line on stdin forks a child that runs ``logitcache <args>``
-(cli.main.main, the console script's function) with ``env`` added to its environment and
+(logitcache.cli.main.main, the console script's function) with ``env`` added to its environment and
 its output discarded; it prints the child's pid, waits for it and prints its status::
 
     -> {"args": ["build", "--data", ...], "write_delay": 0.01, "env": {"AWS_...": "..."}}
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cli.main  # noqa: E402
+import logitcache.cli.main  # noqa: E402
 import logitcache.build  # noqa: E402,F401  (torch, timm, zarr: the slow imports)
 import logitcache.teacher  # noqa: E402,F401
 from zarr.storage import _local  # noqa: E402
@@ -44,7 +44,7 @@ def _child(args: list[str], write_delay: float, env: dict[str, str]) -> None:
     sys.argv = ["logitcache"] + args
     code = 0
     try:
-        cli.main.main()
+        logitcache.cli.main.main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001

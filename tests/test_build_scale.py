@@ -58,7 +58,7 @@ def tiny(tmp_path_factory):
     import timm
 
     from logitcache.data.synth import generate_synth
-    from trainer.train import save_student
+    from logitcache.trainer.train import save_student
 
     root = tmp_path_factory.mktemp("scale")
     data = generate_synth(root / "data", num_classes=16, train_per_class=6, val_per_class=2, image_size=32, seed=0,
@@ -87,7 +87,7 @@ def cli_args(tiny, out, *, recipe="demo32", epochs="3", batch_size=8, workers=0,
 
 def logitcache_cmd() -> list[str]:
     script = BIN / "logitcache"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "logitcache.cli.main"]
 
 
 def sub_env(**extra) -> dict[str, str]:
@@ -305,7 +305,7 @@ def test_resume_repairs_epoch_group_without_parent(tiny, ref):
 def test_torchrun_two_ranks_equals_one_process(tiny, ref):
     cache = tiny["root"] / "torchrun.zarr"
     out = run_ok([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                  str(free_port()), "-m", "cli.main"] + cli_args(tiny, cache))
+                  str(free_port()), "-m", "logitcache.cli.main"] + cli_args(tiny, cache))
     assert "rank 0/2" in out and "rank 1/2" in out, out
     assert_same_units(ref, cache, [0, 1, 2])
     assert_same_tree(ref, cache)

@@ -19,8 +19,8 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from cli.cache_tools import register
-from cli.main import app, main
+from logitcache.cli.cache_tools import register
+from logitcache.cli.main import app, main
 from logitcache.build import build
 from logitcache.codec import create_codec, rebuilt_probs
 from logitcache.data.source import open_source
@@ -37,7 +37,7 @@ from logitcache.inspect import (
 from logitcache.store import CacheReader, array_digest, unit_path
 from logitcache.teacher import Teacher
 from logitcache.views import create_recipe
-from trainer.train import save_student
+from logitcache.trainer.train import save_student
 
 register(app)
 runner = CliRunner()

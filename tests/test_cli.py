@@ -16,7 +16,7 @@ import pytest
 
 from logitcache.store import CacheReader
 
-CLI = [sys.executable, "-m", "cli.main"]
+CLI = [sys.executable, "-m", "logitcache.cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

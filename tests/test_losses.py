@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from trainer.losses import (
+from logitcache.trainer.losses import (
     LossConfig,
     dist_loss,
     distill_loss,

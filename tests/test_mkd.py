@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.losses import LossConfig, distill_loss
-from trainer.mkd import MetaTemperatureLearner, MKDConfig, Temperatures, logit_features, mkd_loss
+from logitcache.trainer.losses import LossConfig, distill_loss
+from logitcache.trainer.mkd import MetaTemperatureLearner, MKDConfig, Temperatures, logit_features, mkd_loss
 
 C = 5
 D = 8

@@ -40,9 +40,9 @@ from logitcache.data.source import open_source
 from logitcache.errors import LogitcacheError
 from logitcache.store import CacheReader
 from logitcache.teacher import Teacher
-from trainer.data import CachedRows, create_train_loader, epoch_groups
-from trainer.losses import LossConfig, distill_loss
-from trainer.train import TrainConfig, TrainingStopped, smoothed_targets, train
+from logitcache.trainer.data import CachedRows, create_train_loader, epoch_groups
+from logitcache.trainer.losses import LossConfig, distill_loss
+from logitcache.trainer.train import TrainConfig, TrainingStopped, smoothed_targets, train
 
 torch.set_num_threads(1)  # in-process runs: the same arithmetic as the 1-thread subprocesses
 
@@ -86,7 +86,7 @@ def cli_train(*args: str):
     """``logitcache train ...`` in this process (typer's runner); returns the result, checked."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from logitcache.cli.main import app
 
     result = CliRunner().invoke(app, ["train", *args])
     if result.exit_code != 0:
@@ -276,7 +276,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, synth_data, built_cache):
             "--no-progress", "--device", "cpu"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), "-m", "cli.main", "train", *args, "--out", str(tmp_path / "ddp")],
+         "--master-port", str(free_port()), "-m", "logitcache.cli.main", "train", *args, "--out", str(tmp_path / "ddp")],
         capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     single = train(base_config(synth_data, built_cache, tmp_path / "one", student="test_vit", limit_batches=4,
@@ -314,7 +314,7 @@ def uninterrupted(tmp_path_factory, synth_data, built_cache) -> Path:
 
 def _start_and_signal(args: list[str], out: Path, lines: int, sig: int) -> subprocess.CompletedProcess:
     """Start ``logitcache train``; once steps.jsonl has ``lines`` rows, send ``sig``."""
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "logitcache.cli.main", "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV, cwd=ROOT)
     try:
         deadline = time.monotonic() + 240
@@ -411,7 +411,7 @@ def test_toml_config_with_flag_overrides(tmp_path, synth_data, built_cache):
 
 
 def test_config_with_unknown_setting_is_rejected(tmp_path, synth_data):
-    from trainer.train import load_config
+    from logitcache.trainer.train import load_config
 
     path = tmp_path / "bad.yaml"
     path.write_text(f"data: {synth_data}\nepoch: 3\n")
@@ -452,7 +452,7 @@ def test_mkd_run_logs_moving_positive_temperatures_every_step(tmp_path, synth_da
 
 def test_mkd_with_online_teacher(tmp_path, synth_data, built_cache, tiny_teacher):
     # The teacher answers under inference_mode; MKD's meta step differentiates through it.
-    from trainer.mkd import MKDConfig
+    from logitcache.trainer.mkd import MKDConfig
 
     train(base_config(synth_data, built_cache, tmp_path, limit_batches=1, online_teacher=True,
                       teacher_weights=tiny_teacher, mkd=MKDConfig(meta_every=1)))
@@ -462,7 +462,7 @@ def test_mkd_with_online_teacher(tmp_path, synth_data, built_cache, tiny_teacher
 
 def test_mkd_stopped_and_resumed_equals_uninterrupted(tmp_path, synth_data, built_cache):
     """The meta batches continue where they stopped (not from the start of the meta split)."""
-    from trainer.mkd import MKDConfig
+    from logitcache.trainer.mkd import MKDConfig
 
     cfg = base_config(synth_data, built_cache, tmp_path / "ref", student="test_vit", batch_size=8, limit_batches=6,
                       deterministic=True, meta_fraction=0.3, mkd=MKDConfig(meta_every=2, meta_lr=0.1))
@@ -486,7 +486,7 @@ def test_mkd_stopped_and_resumed_equals_uninterrupted(tmp_path, synth_data, buil
 
 
 def test_mkd_needs_vanilla_kd(tmp_path, synth_data, built_cache):
-    from trainer.mkd import MKDConfig
+    from logitcache.trainer.mkd import MKDConfig
 
     with pytest.raises(LogitcacheError, match="MKD"):
         train(base_config(synth_data, built_cache, tmp_path, mkd=MKDConfig(), loss=LossConfig(kind="dkd")))

@@ -181,6 +181,51 @@ def test_mix_params_are_valid_and_cover_both_modes():
     assert {MIX_MIXUP, MIX_CUTMIX} <= modes
 
 
+def _timm_private_mix_params(recipe, pair_seed: int) -> MixParams:
+    """The draws as logitcache made them before it had its own: timm's private
+    ``Mixup._params_per_batch`` and ``cutmix_bbox_and_lam`` under the global RNGs seeded from
+    the pair seed. The oracle that existing caches were built with."""
+    from timm.data.mixup import Mixup, cutmix_bbox_and_lam
+
+    from logitcache.views import seeded
+
+    mixer = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, prob=recipe.mix_prob,
+                  switch_prob=recipe.switch_prob, mode="pair", num_classes=2)
+    size = recipe.input_size
+    with seeded(pair_seed):
+        lam, use_cutmix = mixer._params_per_batch()
+        if lam == 1.0:
+            return MixParams()
+        if not use_cutmix:
+            return MixParams(MIX_MIXUP, float(lam))
+        (y0, y1, x0, x1), lam = cutmix_bbox_and_lam((size, size), lam, correct_lam=True)
+        return MixParams(MIX_CUTMIX, float(lam), (int(y0), int(y1), int(x0), int(x1)))
+
+
+MIX_VARIANTS = {
+    "vanillakd_a2": {}, "demo32_mix": {},
+    "mixup_only": {"mixup_alpha": 0.8, "cutmix_alpha": 0.0},
+    "cutmix_only": {"mixup_alpha": 0.0, "cutmix_alpha": 1.0},
+    "half_mixed": {"mix_prob": 0.5, "switch_prob": 0.3},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(MIX_VARIANTS))
+def test_mix_params_equal_the_old_timm_draws(variant):
+    """Every pair seed gives exactly the switch, lambda and box the old private-API draws gave
+    (10,000 seeds per recipe), so caches built before keep replaying."""
+    base = "demo32_mix" if variant not in ("vanillakd_a2",) else "vanillakd_a2"
+    recipe = create_recipe(base, **MIX_VARIANTS[variant])
+    modes = set()
+    for i in range(10_000):
+        seed = derive_seed("old-vs-new", variant, i)
+        new = mix_params(recipe, seed)
+        assert new == _timm_private_mix_params(recipe, seed), (variant, i, seed)
+        modes.add(new.mode)
+    expected = {"mixup_only": {MIX_MIXUP}, "cutmix_only": {MIX_CUTMIX}, "half_mixed": {MIX_NONE, MIX_MIXUP, MIX_CUTMIX}}
+    assert expected.get(variant, {MIX_MIXUP, MIX_CUTMIX}) <= modes  # every branch of the recipe was compared
+
+
 def test_mix_pair_pixels():
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(3, 8, 8, generator=g), torch.rand(3, 8, 8, generator=g)

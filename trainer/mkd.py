@@ -15,7 +15,7 @@ meta step updates them:
 2. **meta objective** - cross entropy of the pre-updated student (run through
    ``torch.func.functional_call(model, (theta', buffers), x_meta)``) on a held-out meta
    batch with integer labels. The meta batch must come from a held-out split of the
-   *training* data (the trainer's ``trainer.data.meta_split``), never from validation;
+   *training* data (the trainer's ``logitcache.trainer.data.meta_split``), never from validation;
 3. back-propagate the meta loss to the temperature parameters (second order, through the
    look-ahead) and take an Adam step on them (``meta_lr``).
 
@@ -226,7 +226,7 @@ def mkd_loss(
     """The KD training loss with explicit temperatures.
 
     ``total = hard_weight * hard + kd_weight * kd_loss(s, t, T_t, student_temperature=T_s)``,
-    i.e. :func:`trainer.losses.distill_loss` of kind ``"kd"`` with separate, possibly
+    i.e. :func:`logitcache.trainer.losses.distill_loss` of kind ``"kd"`` with separate, possibly
     per-sample and differentiable, temperatures. MKD always uses the KD term:
     ``cfg.kind`` and ``cfg.temperature`` are ignored; ``hard_kind``, ``hard_weight`` and
     ``kd_weight`` are used.

@@ -10,7 +10,7 @@ same global batches, so results do not depend on the world size. Checkpoints are
 written every epoch and on SIGTERM; ``resume`` continues exactly where a run stopped
 (deterministic mode: bit-identical weights, including MKD's meta-batch stream).
 
-MKD (``cfg.mkd``): every ``meta_every`` steps :class:`trainer.mkd.MetaTemperatureLearner`
+MKD (``cfg.mkd``): every ``meta_every`` steps :class:`logitcache.trainer.mkd.MetaTemperatureLearner`
 updates the KD temperatures on a meta batch held out from the *training* split
 (``meta_fraction``); the step's loss uses the current temperatures, which steps.jsonl
 records every step (``t_teacher``, ``t_student``; ``meta_loss`` on meta steps).
@@ -74,7 +74,7 @@ class TrainConfig:
     clip_grad: float | None = None
     label_smoothing: float = 0.0
     loss: LossConfig = field(default_factory=LossConfig)
-    mkd: "MKDConfig | None" = None  # noqa: F821 - trainer.mkd.MKDConfig; meta-learned temperatures (vanilla KD loss with learnable T)
+    mkd: "MKDConfig | None" = None  # noqa: F821 - logitcache.trainer.mkd.MKDConfig; meta-learned temperatures (vanilla KD loss with learnable T)
     meta_fraction: float = 0.05  # MKD: training samples held out as the meta split
     online_teacher: bool = False  # run the teacher on the views instead of reading the cache
     teacher: str | None = None  # online teacher name (default: the cache's teacher)
