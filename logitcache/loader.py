@@ -3,9 +3,9 @@
 Each dataset item is one :class:`~logitcache.views.Group` (a mixing pair or a single
 sample), rendered from its seeds inside the DataLoader worker. Batches are lists of
 groups chosen by the caller (a batch sampler), so which views land in which batch never
-depends on the worker count. Workers never touch the cache store (PRIOR_ART: forked
-workers that use a store opened by the parent can deadlock); cached rows reach them as
-plain numpy arrays.
+depends on the worker count. Workers never touch the cache store (a worker forked after
+the parent opened a zarr store can deadlock on the store's event loop); cached rows reach
+them as plain numpy arrays.
 """
 
 from __future__ import annotations

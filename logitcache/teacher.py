@@ -111,26 +111,25 @@ def _in_local_cache(name: str) -> bool:
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Weights from a safetensors file or a plain state dict (``torch.load(weights_only=True)``:
-    nothing is unpickled beyond tensors). Returns (state dict, safetensors metadata or {})."""
+    """Weights from a safetensors file, a plain state dict or a training checkpoint, through
+    timm's ``load_state_dict`` (``weights_only=True``: nothing is unpickled beyond tensors; the
+    ``state_dict_ema``/``model_ema``/``state_dict``/``model`` entry of a checkpoint; DDP's
+    ``module.`` and torch.compile's ``_orig_mod.`` prefixes stripped). Returns (state dict,
+    safetensors metadata or {})."""
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"--teacher-weights {path}: no such file")
+    try:
+        state = timm.models.load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
+        raise WeightsUnavailableError(f"--teacher-weights {path}: not a safetensors file or plain state dict ({e})") from None
+    meta: dict[str, str] = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
-        raise WeightsUnavailableError(f"--teacher-weights {path}: not a safetensors file or plain state dict ({e})") from None
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    return obj, {}
+    return state, meta
 
 
 def create_model_from_weights(name: str | None, weights: str | Path, num_classes: int | None = None):

@@ -124,7 +124,8 @@ def view_seed(cache_seed: int, epoch: int, key: str) -> int:
 def seeded(seed: int) -> Iterator[None]:
     """Seed Python ``random``, ``numpy.random`` and torch's CPU generator; restore them after.
 
-    timm's transforms draw from all three (PRIOR_ART), so all three are fixed per view.
+    timm's transforms draw from all three (crop and RandAugment magnitudes from ``random``,
+    RandAugment ops from ``numpy``, erasing noise from torch), so all three are fixed per view.
     Restoring keeps the caller's own random streams (e.g. shuffling) undisturbed.
     """
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()

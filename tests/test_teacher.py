@@ -1,0 +1,68 @@
+"""Teacher weights from the files people have: safetensors (with or without logitcache's
+metadata), a plain state dict, and training checkpoints (EMA entry, DDP/compile prefixes)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from logitcache.errors import WeightsUnavailableError
+from logitcache.teacher import META_MODEL, Teacher, create_model_from_weights, read_state_dict
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", num_classes=7)
+
+
+def _same(state: dict, model: torch.nn.Module) -> bool:
+    ref = model.state_dict()
+    return set(state) == set(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+def test_safetensors_keeps_its_metadata(model, tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={META_MODEL: "test_resnet", "num_classes": "7"})
+    state, meta = read_state_dict(path)
+    assert _same(state, model) and meta[META_MODEL] == "test_resnet"
+    rebuilt, _ = create_model_from_weights(None, path)  # architecture and classes from the metadata
+    assert rebuilt.num_classes == 7 and _same(rebuilt.state_dict(), model)
+
+
+def test_plain_state_dict(model, tmp_path):
+    path = tmp_path / "t.pth"
+    torch.save(model.state_dict(), path)
+    state, meta = read_state_dict(path)
+    assert _same(state, model) and meta == {}
+
+
+def test_training_checkpoint_prefers_ema_and_strips_wrapper_prefixes(model, tmp_path):
+    prefixed = {f"module.{k}": v for k, v in model.state_dict().items()}
+    compiled = {f"_orig_mod.{k}": torch.zeros_like(v) for k, v in model.state_dict().items()}
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"epoch": 3, "state_dict": compiled, "state_dict_ema": prefixed}, path)
+    state, _ = read_state_dict(path)
+    assert _same(state, model)  # the EMA entry, with DDP's "module." removed
+    torch.save({"model": compiled}, path)
+    state, _ = read_state_dict(path)
+    assert set(state) == set(model.state_dict()) and all(not v.any() for v in state.values())
+
+
+def test_teacher_from_a_checkpoint(model, tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    teacher = Teacher("test_resnet", weights=str(path), num_classes=7)
+    assert teacher.num_classes == 7 and _same(teacher.model.state_dict(), model)
+
+
+def test_unreadable_or_missing_weights_are_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match="bad.pth"):
+        read_state_dict(bad)
+    with pytest.raises(WeightsUnavailableError, match="no such file"):
+        read_state_dict(tmp_path / "missing.safetensors")
