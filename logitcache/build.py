@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .codec import CodecSpec, ValueRangeError, encode
 from .errors import BadLogitsError, BadSampleError, LogitcacheError
-from .loader import GroupDataset, collate_groups, create_loader
+from .loader import BatchDataset, create_batch_loader
 from .manifest import DatasetInfo, Manifest
+from .plan import Groups, plan_unit
 from .store import CacheWriter, empty_unit, unit_path
 from .teacher import Teacher, check_logits
-from .views import Recipe, UnitPlan, plan_unit
+from .views import Recipe
 
 DEFAULT_CACHE_ROOT = "~/.cache/logitcache"
 
@@ -74,27 +74,43 @@ class BuildReport:
     units_skipped: int = 0
     views: int = 0
     seconds: float = 0.0
-    skipped_keys: list[str] = field(default_factory=list)
 
     @property
     def views_per_s(self) -> float:
         return self.views / self.seconds if self.seconds > 0 else 0.0
 
 
-def plan_units(source, recipe: Recipe, epochs: list[int]) -> list[UnitPlan]:
-    """Every unit of ``epochs``, in (epoch, shard) order."""
-    keys = [source.key(i) for i in range(len(source))]
-    return [
-        plan_unit(recipe, e, s, info.start, keys[info.start:info.stop])
-        for e in epochs for s, info in enumerate(source.shards)
-    ]
+class UnitBatches:
+    """The teacher batches of a list of units, planned when a batch is asked for.
 
+    Holds O(units) integers whatever the epoch count: item ``j`` is ``(epoch, groups,
+    {"unit": u})``, batch ``j`` of the concatenated batches of the units, where unit ``u``'s
+    groups (:func:`logitcache.plan.plan_unit`) are cut into batches of ``batch_size //
+    group_size`` groups in plan order. A unit's batches are fixed whatever else is built,
+    so a resumed build feeds the teacher the same batches as an uninterrupted one.
+    """
 
-def unit_batches(plan: UnitPlan, first_item: int, batch_size: int, group_size: int) -> list[list[int]]:
-    """Item ids of the unit's batches: ``batch_size`` views (batch_size // group_size groups) each."""
-    per_batch = max(1, batch_size // group_size)
-    ids = list(range(first_item, first_item + len(plan.groups)))
-    return [ids[i:i + per_batch] for i in range(0, len(ids), per_batch)]
+    def __init__(self, recipe: Recipe, bounds: np.ndarray, epochs: np.ndarray, shards: np.ndarray, batch_size: int):
+        self.recipe, self.bounds = recipe, bounds  # bounds (S, 2): [start, stop) of each data shard
+        self.epochs, self.shards = epochs.astype(np.int64), shards.astype(np.int64)  # (U,): the units
+        self.per_batch = max(1, batch_size // recipe.group_size)
+        sizes = bounds[self.shards, 1] - bounds[self.shards, 0]
+        self.unit_views = sizes  # (U,) views of each unit
+        self.unit_batches = -(-((sizes + 1) // 2 if recipe.mixes else sizes) // self.per_batch)
+        self.end = np.cumsum(self.unit_batches)  # (U,): one past each unit's last batch
+        self._last: tuple[int, Groups] | None = None  # the unit planned last (per worker process)
+
+    def __len__(self) -> int:
+        return int(self.end[-1]) if len(self.end) else 0
+
+    def __getitem__(self, j: int) -> tuple[int, Groups, dict]:
+        u = int(np.searchsorted(self.end, j, side="right"))
+        b = j - int(self.end[u] - self.unit_batches[u])
+        if self._last is None or self._last[0] != u:
+            e, s = int(self.epochs[u]), int(self.shards[u])
+            self._last = (u, plan_unit(self.recipe, e, s, int(self.bounds[s, 0]), int(self.bounds[s, 1])))
+        groups = self._last[1].take(slice(b * self.per_batch, (b + 1) * self.per_batch))
+        return int(self.epochs[u]), groups, {"unit": u}
 
 
 def build(
@@ -142,68 +158,79 @@ def build(
         writer = CacheWriter(url, manifest, storage_options)
 
     report = BuildReport(url=url)
-    plans = [p for j, p in enumerate(plan_units(source, recipe, epochs)) if j % world_size == rank]
-    todo = []
-    for p in plans:
-        if writer.is_committed(p.epoch, p.shard):
-            report.units_skipped += 1
-        else:
-            todo.append(p)
-
-    groups, batches, owner = [], [], []  # owner[item] = position of its unit in todo
-    for u, p in enumerate(todo):
-        batches += unit_batches(p, len(groups), batch_size, recipe.group_size)
-        groups += p.groups
-        owner += [u] * len(p.groups)
-    labels = source.labels()
+    units = _units_to_build(writer, recipe, source, epochs, rank, world_size, batch_size, report)
     t0 = time.perf_counter()
-    for p in todo:  # an empty data shard has no batches: commit its empty unit now
-        if p.num_views == 0:
-            writer.write_unit(p.epoch, p.shard, empty_unit(codec))
-            report.units_written += 1
+    for u in np.flatnonzero(units.unit_views == 0):  # an empty data shard has no batches: commit it now
+        writer.write_unit(int(units.epochs[u]), int(units.shards[u]), empty_unit(codec))
+        report.units_written += 1
     if num_workers is None:
         num_workers = default_workers(teacher.device)
-    if todo:
-        dataset = GroupDataset(source, recipe, groups)
-        loader = create_loader(dataset, batches, num_workers=num_workers, pin_memory=teacher.device.type == "cuda")
-        _run(loader, todo, owner, teacher, codec, recipe, writer, labels, source, report, progress)
+    if len(units):
+        loader = create_batch_loader(BatchDataset(source, recipe, units), num_workers=num_workers,
+                                     pin_memory=teacher.device.type == "cuda")
+        _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report), progress)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _run(loader, todo, owner, teacher, codec, recipe, writer, labels, source, report, progress) -> None:
+def _units_to_build(writer: CacheWriter, recipe: Recipe, source, epochs: list[int], rank: int, world_size: int,
+                    batch_size: int, report: BuildReport) -> UnitBatches:
+    """This rank's uncommitted units (rank r of W takes units r, r + W, ... of the (epoch,
+    shard) order); counts the committed ones it skips."""
+    bounds = np.array([(s.start, s.stop) for s in source.shards], dtype=np.int64).reshape(-1, 2)
+    num_shards = len(bounds)
+    all_units = np.arange(len(epochs) * num_shards)
+    mine = all_units[all_units % world_size == rank]
+    ep = np.asarray(epochs, dtype=np.int64)[mine // num_shards]
+    sh = mine % num_shards
+    done = np.array([writer.is_committed(int(e), int(s)) for e, s in zip(ep, sh)], dtype=bool)
+    report.units_skipped += int(done.sum())
+    return UnitBatches(recipe, bounds, ep[~done], sh[~done], batch_size)
+
+
+@dataclass
+class _Sink:
+    """Where the teacher's batches go: logits checked, encoded, gathered per unit, written."""
+
+    teacher: Teacher
+    codec: CodecSpec
+    recipe: Recipe
+    writer: CacheWriter
+    source: object
+    report: BuildReport
+
+
+def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) -> None:
     pending: dict[int, list[dict]] = {}
-    remaining = {u: p.num_views for u, p in enumerate(todo) if p.num_views}
-    total_views = sum(remaining.values())
-    with _progress(progress, total_views, len(todo)) as bar:
+    remaining = {u: int(n) for u, n in enumerate(units.unit_views) if n}
+    labels = sink.source.labels()
+    with _progress(progress, sum(remaining.values()), len(units.unit_views)) as bar:
         for batch in loader:
             for err in batch["errors"]:
-                raise BadSampleError(err["error"])  # already names shard and key
-            u = owner[int(batch["item"][0])]
-            plan = todo[u]
-            where = f"{writer.url} {unit_path(plan.epoch, plan.shard)}, shard {source.shards[plan.shard].name}"
-            logits = teacher(batch["images"], recipe.mean, recipe.std)
+                raise BadSampleError(err)  # already names shard and key
+            u = batch["unit"]
+            epoch, shard = int(units.epochs[u]), int(units.shards[u])
+            where = f"{sink.writer.url} {unit_path(epoch, shard)}, shard {sink.source.shards[shard].name}"
+            logits = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std)
             index = batch["index"].numpy()
-            check_logits(logits, codec.num_classes, [source.key(int(i)) for i in index], where)
+            check_logits(logits, sink.codec.num_classes, [sink.source.key(int(i)) for i in index], where)
             try:
-                rows = encode(codec, logits)
+                rows = encode(sink.codec, logits)
             except ValueRangeError as e:
                 raise BadLogitsError(f"{e} (--value-dtype float32; {where})") from None
             rows.update(
-                sample_index=index,
-                view_seed=batch["seed"].numpy().view(np.uint64),
-                label=labels[index].astype(np.int32),
-                partner_index=batch["partner"].numpy(),
+                sample_index=index, view_seed=batch["seed"].numpy().view(np.uint64),
+                label=labels[index].astype(np.int32), partner_index=batch["partner"].numpy(),
                 mix_lam=batch["lam"].numpy(),
             )
             pending.setdefault(u, []).append(rows)
             remaining[u] -= len(index)
-            report.views += len(index)
+            sink.report.views += len(index)
             bar.advance(len(index))
             if remaining[u] == 0:
                 parts = pending.pop(u)
-                writer.write_unit(plan.epoch, plan.shard, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-                report.units_written += 1
+                sink.writer.write_unit(epoch, shard, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+                sink.report.units_written += 1
                 bar.unit_done()
 
 
@@ -241,3 +268,22 @@ class _progress:
         if self.enabled:
             self.p.__exit__(*exc)
         return False
+
+
+# Per-view planning of format version 1, kept until every caller plans with logitcache.plan.
+def plan_units(source, recipe: Recipe, epochs: list[int]):
+    """Every unit of ``epochs``, in (epoch, shard) order (UnitPlan objects)."""
+    from .views import plan_unit as plan_unit_v1
+
+    keys = [source.key(i) for i in range(len(source))]
+    return [
+        plan_unit_v1(recipe, e, s, info.start, keys[info.start:info.stop])
+        for e in epochs for s, info in enumerate(source.shards)
+    ]
+
+
+def unit_batches(plan, first_item: int, batch_size: int, group_size: int) -> list[list[int]]:
+    """Item ids of the unit's batches: ``batch_size`` views (batch_size // group_size groups) each."""
+    per_batch = max(1, batch_size // group_size)
+    ids = list(range(first_item, first_item + len(plan.groups)))
+    return [ids[i:i + per_batch] for i in range(0, len(ids), per_batch)]

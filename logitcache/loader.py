@@ -13,11 +13,13 @@ from __future__ import annotations
 import functools
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import LogitcacheError
-from .views import Group, Recipe, create_train_transform, render_group
+from .plan import Groups, pair_seeds, view_seeds
+from .views import Group, Recipe, create_train_transform, mix_pair, mix_params, render_group, render_view
 
 
 class GroupDataset(Dataset):
@@ -74,6 +76,89 @@ def create_loader(dataset: Dataset, batches: Sequence[Sequence[int]], *, num_wor
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,
+        # Its own generator: starting workers must not consume the global torch RNG, or a
+        # resumed run's dropout stream would differ from an uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+# --- batches planned as arrays (logitcache.plan) ---------------------------------------------
+
+def render_batch(recipe: Recipe, transform, source, epoch: int, groups: Groups) -> dict:
+    """The views of ``groups`` at ``epoch``, in group order (see :class:`~logitcache.plan.Groups`).
+
+    Seeds are hashed here, a batch at a time, from the samples' keys. Returns tensors over
+    the V views: images (V, 3, H, W) float32; index, partner (V,) int64 global sample
+    indices (partner = the view itself when not mixed); lam (V,) float32, the weight of
+    the view's own image; seed (V,) int64 (the uint64 view seed's bit pattern).
+    """
+    key = source.key
+    first, second = groups.first.tolist(), groups.second.tolist()
+    paired = [b for b in second if b >= 0]
+    seeds_a = view_seeds(recipe.cache_seed, epoch, [key(a) for a in first]).tolist()
+    seeds_b = iter(view_seeds(recipe.cache_seed, epoch, [key(b) for b in paired]).tolist())
+    mix_seeds = iter(pair_seeds(recipe.cache_seed, epoch, [key(a) for a, b in zip(first, second) if b >= 0],
+                                [key(b) for b in paired]).tolist())
+    images, index, partner, lam, seed = [], [], [], [], []
+    for a, b, sa in zip(first, second, seeds_a):
+        va = render_view(transform, source.load_image(a), sa)
+        if b < 0:
+            images.append(va)
+            index.append(a), partner.append(a), lam.append(1.0), seed.append(sa)
+            continue
+        sb = next(seeds_b)
+        vb = render_view(transform, source.load_image(b), sb)
+        params = mix_params(recipe, next(mix_seeds))
+        images += mix_pair(va, vb, params)
+        index += [a, b]
+        partner += [b, a]
+        lam += [params.lam, params.lam]
+        seed += [sa, sb]
+    return {
+        "images": torch.stack(images), "index": torch.tensor(index, dtype=torch.int64),
+        "partner": torch.tensor(partner, dtype=torch.int64), "lam": torch.tensor(lam, dtype=torch.float32),
+        "seed": torch.from_numpy(np.array(seed, dtype=np.uint64).view(np.int64)),
+    }
+
+
+class BatchDataset(Dataset):
+    """Item ``b`` is batch ``b`` of ``batches`` rendered: a dict as :func:`render_batch` makes
+    it, plus ``"errors"`` (a list of one-line messages; a sample that cannot be read comes
+    back as an error, not an exception, so the main process reports it on one line) and
+    whatever ``extra(batch, tag)`` adds (e.g. the trainer's cached rows: one vectorised
+    gather per batch, in the worker).
+
+    ``batches[b]`` is ``(epoch, groups, tag)``: the view epoch, a :class:`Groups`, and a
+    dict of small values passed through to the batch (e.g. the unit a build batch belongs
+    to). Used with ``batch_size=None``: the dataset makes whole batches.
+    """
+
+    def __init__(self, source, recipe: Recipe, batches, extra: Callable[[dict, dict], dict] | None = None):
+        self.source, self.recipe, self.batches, self.extra = source, recipe, batches, extra
+        self._transform = None  # built lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> dict:
+        if self._transform is None:
+            self._transform = create_train_transform(self.recipe)
+        epoch, groups, tag = self.batches[b]
+        try:
+            batch = render_batch(self.recipe, self._transform, self.source, epoch, groups)
+            if self.extra is not None:
+                batch.update(self.extra(batch, tag))
+        except LogitcacheError as e:
+            return {"errors": [str(e)], **tag}
+        return {**batch, **tag, "errors": []}
+
+
+def create_batch_loader(dataset: BatchDataset, *, num_workers: int, pin_memory: bool = False,
+                        prefetch_factor: int = 4) -> DataLoader:
+    """A DataLoader over a :class:`BatchDataset`'s batches, in order."""
+    return DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False,
         # Its own generator: starting workers must not consume the global torch RNG, or a
         # resumed run's dropout stream would differ from an uninterrupted one.
         generator=torch.Generator().manual_seed(0),
