@@ -1,4 +1,4 @@
-"""SampleSource: random access by global index to the samples of one split.
+"""SampleSource: random access by global index to the samples of one split; :func:`open_source` opens one.
 
 Three inputs are understood by :func:`open_source` (local paths or any fsspec URL):
 
@@ -6,11 +6,11 @@ Three inputs are understood by :func:`open_source` (local paths or any fsspec UR
 * tar shard URLs directly, with brace expansion (``.../train-{000000..000009}.tar``);
   there is no metadata, so ``num_classes`` must be given;
 * an image folder ``<dir>/<class_name>/<file>.{png,jpg,jpeg}``, grouped into virtual
-  shards of ``shard_size`` sorted files.
+  shards of ``shard_size`` sorted files (image_folder.py).
 
-Tar shards are indexed once from their headers (data offset and size of every image
-member, plus the ``.cls`` label); an image is then read with one seek and one read.
-Only image members and ``.cls`` are ever read: nothing is unpickled.
+Tar shards are indexed once from their headers (tar_index.py); an image is then read
+with one seek and one read. Only image members and ``.cls`` are ever read: nothing is
+unpickled. Images come back as fully decoded RGB PIL images.
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ import json
 import operator
 import os
 import posixpath
-import tarfile
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -33,142 +30,18 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
 
+from logitcache.data.image_folder import FolderListing, list_folder
+from logitcache.data.shard_info import ShardInfo
+from logitcache.data.tar_index import index_tars
+from logitcache.data.urls import join_url, normalise_url
 from logitcache.errors import BadSampleError, BadShardError, LogitcacheError
 
-# Extensions of the image member of a tar sample (WebDataset: text after the first dot).
-TAR_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-# Extensions of the files of an image folder (compared lower-case).
-FOLDER_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+__all__ = ["SampleSource", "ShardInfo", "open_source"]
+
 # Formats PIL may decode: no other decoder is ever reached, whatever the bytes say.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP")
-# A .cls member is a short ASCII integer; anything longer is not a label.
-MAX_CLS_BYTES = 64
 # Open shard files kept per process (bounded so thousands of shards don't exhaust fds).
 MAX_OPEN_HANDLES = 16
-# Threads used to index tar shards (hides the latency of remote stores).
-INDEX_THREADS = 8
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard: a tar file, or a run of files of an image folder.
-
-    ``name`` is the shard's URL or path (what error messages print); the shard holds the
-    samples with global indices ``start <= index < stop``.
-    """
-
-    name: str
-    start: int
-    stop: int
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass
-class _TarIndex:
-    """What indexing one tar shard yields; one entry per sample, in member order."""
-
-    keys: list[str]
-    labels: list[int]
-    offsets: list[int]  # byte offset of the image member's data in the tar
-    sizes: list[int]  # byte size of the image member's data
-
-
-def _normalise_url(url: str) -> str:
-    """Absolute local path (so spawned workers with another cwd agree) or the URL as given."""
-    url = url.rstrip("/") or "/"
-    if "://" in url or "::" in url:
-        return url
-    return os.path.abspath(os.path.expanduser(url))
-
-
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
-
-
-def _split_member_name(name: str) -> tuple[str, str]:
-    """WebDataset convention: key = directory + basename up to its first dot; ext = the rest."""
-    while name.startswith("./"):  # GNU tar's "./x.png" names the same member as "x.png"
-        name = name[2:]
-    directory, base = posixpath.split(name)
-    stem, dot, ext = base.partition(".")
-    key = posixpath.join(directory, stem) if directory else stem
-    return key, ext.lower() if dot else ""
-
-
-def _parse_label(raw: bytes, num_classes: int, shard: str, key: str) -> int:
-    try:
-        text = raw.decode("ascii").strip()
-        label = int(text, 10)
-    except (UnicodeDecodeError, ValueError):
-        raise BadSampleError(f"label is not a decimal integer: {raw[:MAX_CLS_BYTES]!r}", shard=shard, key=key) from None
-    if not 0 <= label < num_classes:
-        raise BadSampleError(f"label {label} out of range [0, {num_classes})", shard=shard, key=key)
-    return label
-
-
-def _index_tar(url: str, num_classes: int) -> _TarIndex:
-    """Walk the headers of one tar shard; raise BadShardError / BadSampleError on bad input."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            return _index_tar_file(f, url, num_classes)
-    except FileNotFoundError:
-        raise BadShardError(f"shard file not found: {url}") from None
-    except tarfile.TarError as e:
-        raise BadShardError(f"corrupt or truncated tar shard {url}: {e}") from None
-    except OSError as e:
-        raise BadShardError(f"cannot read shard {url}: {e}") from None
-
-
-def _index_tar_file(f: Any, url: str, num_classes: int) -> _TarIndex:
-    image: dict[str, tuple[int, int]] = {}  # key -> (data offset, size)
-    labels: dict[str, int] = {}
-    order: list[str] = []  # keys in order of first appearance
-    seen: set[str] = set()
-    # Seekable mode: tarfile reads each 512-byte header and seeks past the data.
-    with tarfile.open(fileobj=f, mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, ext = _split_member_name(member.name)
-            if ext in TAR_IMAGE_EXTS or ext == "cls":
-                if key not in seen:
-                    seen.add(key)
-                    order.append(key)
-            if ext in TAR_IMAGE_EXTS:
-                if key in image:
-                    raise BadSampleError("more than one image member", shard=url, key=key)
-                image[key] = (member.offset_data, member.size)
-            elif ext == "cls":
-                if key in labels:
-                    raise BadSampleError("more than one .cls member", shard=url, key=key)
-                if member.size > MAX_CLS_BYTES:
-                    raise BadSampleError(f".cls member of {member.size} bytes is not a label", shard=url, key=key)
-                f.seek(member.offset_data)
-                raw = f.read(member.size)
-                if len(raw) != member.size:
-                    raise BadShardError(f"corrupt or truncated tar shard {url}: .cls of key {key} cut short")
-                labels[key] = _parse_label(raw, num_classes, url, key)
-            # Any other member (.json, .txt, .pyd, .pth, ...) is skipped unread.
-        # tarfile stops silently at a short or garbled header after the first member;
-        # a complete archive ends with a zero block exactly where the walk stopped.
-        end = tar.offset
-    f.seek(end)
-    block = f.read(tarfile.BLOCKSIZE)
-    if len(block) != tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
-        raise BadShardError(f"corrupt or truncated tar shard {url}: no valid header or end-of-archive at byte {end}")
-    index = _TarIndex(keys=[], labels=[], offsets=[], sizes=[])
-    for key in order:
-        if key not in image:
-            raise BadSampleError("sample has a .cls member but no image member", shard=url, key=key)
-        if key not in labels:
-            raise BadSampleError("sample has an image member but no .cls member", shard=url, key=key)
-        index.keys.append(key)
-        index.labels.append(labels[key])
-        index.offsets.append(image[key][0])
-        index.sizes.append(image[key][1])
-    return index
 
 
 def _decode_image(data: bytes, shard: str, key: str) -> Image.Image:
@@ -381,14 +254,8 @@ class SampleSource:
 
 
 def _from_tars(url: str, split: str | None, urls: list[str], classes: list[str]) -> SampleSource:
-    num_classes = len(classes)
-    # Threads only pay off against a remote store's latency; locally parsing is the cost (GIL).
-    local = all("://" not in u or u.startswith("file://") for u in urls)
-    if len(urls) > 1 and not local:
-        with ThreadPoolExecutor(max_workers=min(INDEX_THREADS, len(urls))) as pool:
-            indexes = list(pool.map(lambda u: _index_tar(u, num_classes), urls))
-    else:
-        indexes = [_index_tar(u, num_classes) for u in urls]
+    """The tar shards ``urls`` concatenated in order: global index = shard order, then member order."""
+    indexes = index_tars(urls, len(classes))
     shards: list[ShardInfo] = []
     keys: list[str] = []
     labels: list[int] = []
@@ -413,8 +280,22 @@ def _from_tars(url: str, split: str | None, urls: list[str], classes: list[str])
     )
 
 
+def _from_folder(listing: FolderListing, split: str | None) -> SampleSource:
+    return SampleSource(
+        url=listing.url,
+        split=split,
+        classes=listing.classes,
+        shards=listing.shards,
+        shard_ids=listing.shard_ids,
+        keys=listing.keys,
+        labels=np.array(listing.labels, dtype=np.int64),
+        files=listing.files,
+    )
+
+
 def _read_meta(fs: Any, path: str, url: str) -> dict[str, Any]:
-    where = _join(url, "dataset.json")
+    """The parsed ``dataset.json`` of root ``url``; LogitcacheError when unreadable or malformed."""
+    where = join_url(url, "dataset.json")
     try:
         with fs.open(path, "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
@@ -441,54 +322,12 @@ def _open_root(url: str, split: str | None, meta: dict[str, Any], num_classes: i
     if num_classes is not None and num_classes != meta["num_classes"]:
         raise LogitcacheError(f"dataset {url} has {meta['num_classes']} classes, not {num_classes}")
     entry = meta["splits"][split]
-    urls = [_join(url, str(name)) for name in entry["shards"]]
+    urls = [join_url(url, str(name)) for name in entry["shards"]]
     source = _from_tars(url, split, urls, [str(c) for c in meta["classes"]])
     expected = entry.get("num_samples")
     if isinstance(expected, int) and expected != len(source):
         raise BadShardError(f"dataset {url} split {split!r}: dataset.json says {expected} samples, shards hold {len(source)}")
     return source
-
-
-def _open_folder(fs: Any, url: str, path: str, split: str | None, shard_size: int, num_classes: int | None) -> SampleSource:
-    if split is not None:
-        if not fs.isdir(_join(path, split)):
-            raise LogitcacheError(f"image folder {url}: no sub-directory {split!r} for split {split!r}")
-        url, path = _join(url, split), _join(path, split)
-    names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True) if e["type"] == "directory")
-    classes = sorted(n for n in names if not n.startswith("."))  # skip .ipynb_checkpoints etc.
-    if not classes:
-        raise LogitcacheError(f"image folder {url}: no class sub-directories")
-    if num_classes is not None and num_classes != len(classes):
-        raise LogitcacheError(f"image folder {url} has {len(classes)} class directories, not {num_classes}")
-    keys: list[str] = []
-    files: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        class_path = _join(path, name)
-        rels = sorted(
-            posixpath.relpath(p, path)
-            for p in fs.find(class_path)
-            if posixpath.splitext(p)[1].lower() in FOLDER_IMAGE_EXTS
-        )
-        for rel in rels:
-            # Keys keep '/', but a dot would break the WebDataset key/extension convention.
-            keys.append(posixpath.splitext(rel)[0].replace(".", "_"))
-            files.append(_join(url, rel))
-            labels.append(label)
-    shards = []
-    for start in range(0, len(keys), shard_size):
-        stop = min(start + shard_size, len(keys))
-        shards.append(ShardInfo(name=f"{url}[{start}:{stop}]", start=start, stop=stop))
-    return SampleSource(
-        url=url,
-        split=split,
-        classes=classes,
-        shards=shards,
-        shard_ids=[f"[{s.start}:{s.stop}]" for s in shards],
-        keys=keys,
-        labels=np.array(labels, dtype=np.int64),
-        files=files,
-    )
 
 
 def open_source(
@@ -506,15 +345,15 @@ def open_source(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    url = _normalise_url(os.fspath(url))
+    url = normalise_url(os.fspath(url))
     if url.endswith(".tar"):
         if num_classes is None:
             raise LogitcacheError(f"{url}: tar shards without dataset.json need num_classes")
         return _from_tars(url, split, list(braceexpand(url)), [str(i) for i in range(num_classes)])
     fs, path = fsspec.core.url_to_fs(url)
-    meta_path = _join(path, "dataset.json")
+    meta_path = join_url(path, "dataset.json")
     if fs.isfile(meta_path):
         return _open_root(url, split, _read_meta(fs, meta_path, url), num_classes)
     if fs.isdir(path):
-        return _open_folder(fs, url, path, split, shard_size, num_classes)
+        return _from_folder(list_folder(fs, url, path, split, shard_size, num_classes), split)
     raise LogitcacheError(f"{url}: not a dataset root (no dataset.json), image folder or .tar shard URL")
