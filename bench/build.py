@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from .common import Ctx, PeakRSS, sync
+from .common import Ctx, PeakRSS, save_figure, sync
 
 NUM_CLASSES = 1000
 IMAGE_SIZE = 256  # stored PNGs; views are 224 px random-resized crops
@@ -75,7 +75,7 @@ def make_teacher_weights(path, name: str, input_size: int = 224) -> str:
     import timm
 
     from logitcache.views import create_recipe
-    from logitcache.trainer.train import save_student
+    from logitcache.trainer.checkpoint import save_student
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -145,21 +145,25 @@ def timed_build(ctx: Ctx, source, teacher, recipe, codec, *, batch_size: int, nu
 
 def render_profile(source, recipe, n_views: int) -> dict:
     """Per-view CPU cost of what a DataLoader worker does, one thread (as in a worker):
-    the whole item (``GroupDataset.__getitem__``: decode + transform + mix), and each
-    stage of the transform separately."""
-    from logitcache.build import plan_units
-    from logitcache.loader import GroupDataset
+    a whole batch of the build (``BatchDataset.__getitem__``: seeds, decode, transform, mix),
+    and each stage of the transform separately."""
+    from logitcache.build import UnitBatches
+    from logitcache.loader import BatchDataset
     from logitcache.views import create_train_transform, mix_pair, mix_params, seeded
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        groups = [g for p in plan_units(source, recipe, [0]) for g in p.groups]
-        ds = GroupDataset(source, recipe, groups)
+        bounds = np.array([(s.start, s.stop) for s in source.shards], dtype=np.int64)
+        units = UnitBatches(recipe, bounds, np.zeros(len(bounds), np.int64), np.arange(len(bounds)), 16)
+        ds = BatchDataset(source, recipe, units)
         ds[0]  # builds the transform
-        n_items = min(len(groups), max(1, n_views // recipe.group_size))
         t0 = time.perf_counter()
-        views = sum(len(ds[i]["index"]) for i in range(n_items))
+        views = 0
+        for j in range(len(ds)):
+            views += len(ds[j]["index"])
+            if views >= n_views:
+                break
         item_s = (time.perf_counter() - t0) / views
 
         stages = {"decode_png": 0.0}
@@ -196,7 +200,7 @@ def render_profile(source, recipe, n_views: int) -> dict:
 def encode_write_cost(codec, logits: torch.Tensor, unit_views: int, workdir) -> dict:
     """Seconds to encode one batch of logits, and to write one unit of ``unit_views`` views."""
     from logitcache.codec import encode
-    from logitcache.store import CacheWriter
+    from logitcache.writer import CacheWriter
 
     from .common import mixed_view_metadata, synthetic_manifest
 
@@ -354,8 +358,4 @@ def plot(data: dict, outdir) -> list[str]:
     ax.bar(names, vals, color=["#888"] + ["#2a7"] * len(r["builds"]))
     ax.set_ylabel("views/s")
     ax.set_title(f"build vs raw teacher ({data['settings']['teacher']}, {data['meta']['device']})")
-    fig.tight_layout()
-    path = outdir / "build_throughput.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return [save_figure(fig, outdir / "build_throughput.png").name]

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: the run context, timing, environment and fixtures."""
+"""Helpers shared by the benchmarks: the run context, timing, environment, fixtures and plots."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class Ctx:
         return quick_cpu if self.quick else full_cpu
 
 
-def _version(name: str) -> str:
+def package_version(name: str) -> str:
+    """The installed version of distribution ``name``, or "missing"."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -64,12 +65,32 @@ def environment(device: torch.device) -> dict:
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {n: _version(n) for n in ("torch", "timm", "numpy", "zarr", "pillow", "logitcache")},
+        "versions": {n: package_version(n) for n in ("torch", "timm", "numpy", "zarr", "pillow", "logitcache")},
         "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *sys.argv[1:]]),
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
     return env
+
+
+class Clock:
+    """Wall and CPU seconds from now on: this process, and its finished children (DataLoader
+    workers, pool processes, subprocesses) apart."""
+
+    def __init__(self):
+        self.wall = time.perf_counter()
+        self.cpu = self._cpu()
+
+    @staticmethod
+    def _cpu() -> tuple[float, float]:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, ch.ru_utime + ch.ru_stime
+
+    def read(self) -> dict:
+        main, children = self._cpu()
+        return {"wall_s": time.perf_counter() - self.wall, "cpu_main_s": main - self.cpu[0],
+                "cpu_workers_s": children - self.cpu[1]}
 
 
 def sync(device: torch.device) -> None:
@@ -152,6 +173,24 @@ class PeakRSS:
         peak = (_status_mb("VmHWM") if self.reset else None) or _maxrss_mb()
         return {"peak_rss_mb": peak, "rss_growth_mb": peak - self.base, "peak_reset": self.reset,
                 "max_child_peak_rss_mb": _maxrss_mb(resource.RUSAGE_CHILDREN)}
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` and close it (pyplot keeps open figures alive)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def codec_for_k(k: int | str, num_classes: int, value_dtype: str = "float16"):
+    """The codec that keeps ``k`` logits per view; ``k == "full"`` keeps every class."""
+    from logitcache.codec import create_codec
+
+    full = k == "full"
+    return create_codec("full" if full else "topk", num_classes, None if full else k, value_dtype)
 
 
 # --- realistic teacher logits ----------------------------------------------------------

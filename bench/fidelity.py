@@ -19,11 +19,10 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import Ctx, teacher_like_logits
+from .common import Ctx, codec_for_k, save_figure, teacher_like_logits
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_TEACHER = REPO / "demo_out" / "teacher" / "model.safetensors"
@@ -45,13 +44,11 @@ def settings(ctx: Ctx) -> dict:
     }
 
 
-def _eval_tensors(source, recipe, indices):
-    from logitcache.views import create_eval_transform
+def _eval_tensors(source, recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of ``source`` through the eval transform, and the labels (int64), as one batch."""
+    from logitcache.trainer.data import create_eval_loader
 
-    tf = create_eval_transform(recipe)
-    x = torch.stack([tf(source.load_image(int(i))) for i in indices])
-    y = torch.as_tensor(source.labels()[indices], dtype=torch.int64)
-    return x, y
+    return next(iter(create_eval_loader(source, recipe, batch_size=len(source), num_workers=0)))
 
 
 def train_tiny_teacher(ctx: Ctx, data: str, recipe, name: str, epochs: int) -> tuple[str, dict]:
@@ -59,11 +56,11 @@ def train_tiny_teacher(ctx: Ctx, data: str, recipe, name: str, epochs: int) -> t
     import timm
 
     from logitcache.data.source import open_source
-    from logitcache.trainer.train import save_student
+    from logitcache.trainer.checkpoint import save_student
 
     train_src, val_src = open_source(data, "train"), open_source(data, "val")
-    x, y = _eval_tensors(train_src, recipe, np.arange(len(train_src)))
-    xv, yv = _eval_tensors(val_src, recipe, np.arange(len(val_src)))
+    x, y = _eval_tensors(train_src, recipe)
+    xv, yv = _eval_tensors(val_src, recipe)
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=train_src.num_classes).to(ctx.device)
     bs = 128
@@ -117,15 +114,14 @@ def teacher_logits(ctx: Ctx, data: str, weights: str, recipe, n_views: int) -> t
 
 
 def fidelity_table(z: torch.Tensor, ks, temperatures, value_dtype: str) -> list[dict]:
-    from logitcache.codec import create_codec, decode, encode
+    from logitcache.codec import decode, encode
 
     c = z.shape[1]
     top1 = z.argmax(1)
     top5 = z.topk(min(5, c), 1).indices
     rows = []
     for k in ks:
-        codec = create_codec("full", c, value_dtype=value_dtype) if k == "full" else \
-            create_codec("topk", c, k, value_dtype=value_dtype)
+        codec = codec_for_k(k, c, value_dtype)
         enc = encode(codec, z)
         rebuilt = decode(torch.from_numpy(enc["topk_ids"]), torch.from_numpy(enc["topk_logits"]),
                          torch.from_numpy(enc["tail_lse"]), c)
@@ -240,8 +236,4 @@ def plot(data: dict, outdir) -> list[str]:
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("KL(full || rebuilt), nats")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = outdir / "fidelity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return [save_figure(fig, outdir / "fidelity.png").name]

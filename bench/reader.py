@@ -1,15 +1,15 @@
 """Reader throughput: one epoch of synthetic views, written with CacheWriter, read back.
 
-(a) ``CacheReader.load_epoch``: storage -> memory (every unit's arrays read, checked to cover
-    every sample once, reordered by sample index), in views/s; also with ``verify=True``
-    (sha256 of every array).
+(a) ``CacheReader.load_epoch``: storage -> memory (every unit's arrays read and checked
+    against its commit record, checked to cover every sample once, reordered by sample
+    index), in views/s; and what the checksums cost within it (the same CRC-32 of every
+    array, timed alone, as a fraction of ``load_epoch``).
 (b) per-batch row gathering once the epoch is in memory, done as the trainer does it:
-    ``logitcache.loader.collate_groups`` concatenating the freshly made group items of a
-    batch, then ``logitcache.trainer.data.CachedRows`` once per collated batch (inside the DataLoader
-    worker in training); groups visited in index order (sequential) and in a random order
-    (shuffled, as training does). One process, one thread: the cost per DataLoader worker.
-    Also ``CachedRows`` alone, and for reference the same rows gathered with one
-    vectorised numpy take per batch.
+    ``logitcache.trainer.data.CachedRows`` once per rendered batch (inside the DataLoader
+    worker in training: the view-seed check, then one gather per array); groups visited in
+    index order (sequential) and in a random order (shuffled, as training does). One
+    process, one thread: the cost per DataLoader worker. For reference the same rows
+    gathered with one vectorised numpy take per batch.
 
 Target: >= 1,000,000 views/s per process once an epoch is loaded.
 """
@@ -17,11 +17,12 @@ Target: >= 1,000,000 views/s per process once an epoch is loaded.
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 import numpy as np
 import torch
 
-from logitcache.inspect import storage_bytes
+from logitcache.cache_stats import storage_bytes
 
 from .common import Ctx, mixed_view_metadata, synthetic_manifest
 
@@ -44,12 +45,11 @@ def settings(ctx: Ctx) -> dict:
 def write_epoch(url: str, n: int, units: int, k: int) -> tuple[float, list[int]]:
     """One epoch of ``n`` views in ``units`` equal units; returns (seconds to write, unit sizes)."""
     from logitcache.codec import create_codec
-    from logitcache.store import CacheWriter
+    from logitcache.writer import CacheWriter
 
     codec = create_codec("topk", NUM_CLASSES, k)
     sizes = [n // units + (1 if i < n % units else 0) for i in range(units)]
     writer = CacheWriter(url, synthetic_manifest(n, sizes, codec))
-    writer.root.require_group("epochs")
     writer.prepare_epochs([0])
     t = 0.0
     start = 0
@@ -67,43 +67,45 @@ def write_epoch(url: str, n: int, units: int, k: int) -> tuple[float, list[int]]
 
 
 def gather_rate(rows, groups, order: np.ndarray, batch_groups: int, max_views: int) -> float:
-    """views/s of the trainer's path: collate_groups over a batch of group items, which calls
-    CachedRows once per batch (one vectorised gather), over groups in ``order``.
+    """views/s of the trainer's path: ``CachedRows`` once per batch (view-seed check, then one
+    vectorised gather per array) over the groups in ``order``.
 
-    As in a DataLoader worker, each batch's items are made just before they are collated
-    (their index fields as ``GroupDataset`` makes them); making them is not timed, it is the
+    As in a DataLoader worker, each batch's index fields are made just before (as
+    ``render_batch`` makes them, with the cached seeds); making them is not timed, it is the
     dataset's work (rendering), not reading. "Shuffled" is then what it is in training:
     rows gathered from random places of the loaded epoch."""
-    from logitcache.loader import collate_groups
-
+    seeds = rows.arrays.view_seed.view(np.int64)
     views, seconds = 0, 0.0
     for b in range(0, len(order), batch_groups):
-        items = [{"index": torch.tensor(groups[i].indices), "partner": torch.tensor(groups[i].indices[::-1])}
-                 for i in order[b:b + batch_groups]]
+        batch_groups_ = groups.take(order[b:b + batch_groups])
+        idx = batch_groups_.views()
+        partner = np.stack([batch_groups_.second, batch_groups_.first], axis=1).reshape(-1)
+        batch = {"index": torch.from_numpy(idx), "partner": torch.from_numpy(partner),
+                 "seed": torch.from_numpy(seeds[idx])}
         t0 = time.perf_counter()
-        batch = collate_groups(items, batch_extra=rows)
+        out = rows(batch)
         seconds += time.perf_counter() - t0
-        views += len(batch["label"])
+        views += len(out["label"])
         if views >= max_views:
             break
     return views / seconds
 
 
-def rows_rate(rows, groups, order: np.ndarray, batch_groups: int, max_views: int) -> float:
-    """views/s of ``CachedRows`` alone on already-collated index tensors: what reading the
-    cache adds to a batch the data pipeline collates anyway."""
-    batches, made = [], 0
-    for b in range(0, len(order), batch_groups):
-        idx = torch.tensor([i for g in order[b:b + batch_groups] for i in groups[g].indices])
-        batches.append({"index": idx, "partner": idx.flip(0)})
-        made += len(idx)
-        if made >= max_views:
-            break
-    views = 0
-    t0 = time.perf_counter()
-    for batch in batches:
-        views += len(rows(batch)["label"])
-    return views / (time.perf_counter() - t0)
+def checksum_seconds(url: str, repeats: int) -> float:
+    """Median seconds of the checksums ``load_epoch`` computes (every array of every unit
+    against its commit record), timed alone on arrays already in memory."""
+    from logitcache.store import CacheReader, damaged_arrays
+
+    reader = CacheReader(url)
+    units = reader.read_units(0)
+    commits = [reader.commit(0, s) for s in range(reader.num_shards)]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for commit, unit in zip(commits, units):
+            assert not damaged_arrays(commit, unit)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def vectorised_rate(arrays, order_views: np.ndarray, batch_views: int, max_views: int) -> float:
@@ -120,9 +122,34 @@ def vectorised_rate(arrays, order_views: np.ndarray, batch_views: int, max_views
     return views / (time.perf_counter() - t0)
 
 
+def loaded_epoch_memory(url: str) -> tuple[int, int]:
+    """(bytes a loaded epoch holds, peak numpy allocations while loading it)."""
+    from logitcache.store import CacheReader
+
+    tracemalloc.start()
+    held = CacheReader(url).load_epoch(0)
+    _, load_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return sum(v.nbytes for v in vars(held).values() if isinstance(v, np.ndarray)), load_peak
+
+
+def read_units_seconds(url: str, repeats: int) -> float:
+    """Median seconds of ``read_units``: the zarr part of ``load_epoch`` (the rest is assembling
+    the epoch in numpy)."""
+    from logitcache.store import CacheReader
+
+    read_units = []
+    for _ in range(repeats):
+        reader = CacheReader(url)
+        t0 = time.perf_counter()
+        reader.read_units(0)
+        read_units.append(time.perf_counter() - t0)
+    return float(np.median(read_units))
+
+
 def run(ctx: Ctx) -> dict:
+    from logitcache.plan import Groups
     from logitcache.store import IO_THREADS, CacheReader
-    from logitcache.views import Group
     from logitcache.trainer.data import CachedRows
 
     s = settings(ctx)
@@ -133,43 +160,25 @@ def run(ctx: Ctx) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:
-        loads, loads_verify = [], []
+        loads = []
         for _ in range(s["load_repeats"]):
             reader = CacheReader(url)
             t0 = time.perf_counter()
             arrays = reader.load_epoch(0)
             loads.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            CacheReader(url).load_epoch(0, verify=True)
-            loads_verify.append(time.perf_counter() - t0)
-        # memory: what a loaded epoch holds, and the peak numpy allocations while loading it
-        import tracemalloc
-
-        tracemalloc.start()
-        held = CacheReader(url).load_epoch(0)
-        _, load_peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        epoch_bytes = sum(v.nbytes for v in vars(held).values() if isinstance(v, np.ndarray))
-        del held
-        # where load_epoch's time goes: reading the units (zarr) vs assembling the epoch (numpy)
-        read_units = []
-        for _ in range(s["load_repeats"]):
-            reader = CacheReader(url)
-            t0 = time.perf_counter()
-            reader.read_units(0)
-            read_units.append(time.perf_counter() - t0)
-        read_units_s = float(np.median(read_units))
+        check_s = checksum_seconds(url, s["load_repeats"])
+        epoch_bytes, load_peak = loaded_epoch_memory(url)
+        read_units_s = read_units_seconds(url, s["load_repeats"])
 
         n = arrays.num_views
         labels = arrays.label.astype(np.int64)
         rows = CachedRows(arrays, labels)
         # groups as a mixing recipe makes them: pairs of sample indices
-        groups = [Group((2 * i, 2 * i + 1), (0, 0), 0) for i in range(n // 2)]
+        groups = Groups(np.arange(0, n - 1, 2, dtype=np.int64), np.arange(1, n, 2, dtype=np.int64))
         bg = s["batch_views"] // 2
         rng = np.random.default_rng(0)
         seq = gather_rate(rows, groups, np.arange(len(groups)), bg, s["gather_views"])
         shuf = gather_rate(rows, groups, rng.permutation(len(groups)), bg, s["gather_views"])
-        rows_shuf = rows_rate(rows, groups, rng.permutation(len(groups)), bg, s["gather_views"])
         vec_seq = vectorised_rate(arrays, np.arange(n), s["batch_views"], s["gather_views"])
         vec_shuf = vectorised_rate(arrays, rng.permutation(n), s["batch_views"], s["gather_views"])
     finally:
@@ -185,22 +194,21 @@ def run(ctx: Ctx) -> dict:
             "bytes_per_view": disk / s["views"],
             "load_epoch_seconds": loads,
             "load_epoch_views_per_s": s["views"] / load_s,
-            "load_epoch_verify_views_per_s": s["views"] / float(np.median(loads_verify)),
+            "checksum_seconds": check_s,
+            "checksum_fraction_of_load_epoch": check_s / load_s,
             "load_epoch_split_s": {"read_units": read_units_s, "assemble": load_s - read_units_s},
             "read_threads": IO_THREADS,
             "epoch_bytes_in_memory": epoch_bytes,
             "epoch_bytes_per_view_in_memory": epoch_bytes / s["views"],
             "load_epoch_peak_alloc_bytes": load_peak,
             "gather_views_per_s": {"sequential": seq, "shuffled": shuf},
-            "rows_only_shuffled_views_per_s": rows_shuf,
             "vectorised_views_per_s": {"sequential": vec_seq, "shuffled": vec_shuf},
         },
         "summary": {
             "load_epoch_views_per_s": s["views"] / load_s,
-            "load_epoch_verify_views_per_s": s["views"] / float(np.median(loads_verify)),
+            "checksum_fraction_of_load_epoch": check_s / load_s,
             "gather_sequential_views_per_s": seq,
             "gather_shuffled_views_per_s": shuf,
-            "rows_only_shuffled_views_per_s": rows_shuf,
             "vectorised_shuffled_views_per_s": vec_shuf,
             "epoch_mb_in_memory": epoch_bytes / 2**20,
             "load_epoch_peak_alloc_mb": load_peak / 2**20,
@@ -220,10 +228,8 @@ def markdown(data: dict) -> str:
         "| what | views/s |",
         "|---|---:|",
         f"| `load_epoch` (storage -> memory) | {mark(r['load_epoch_views_per_s'])} |",
-        f"| `load_epoch(verify=True)` | {r['load_epoch_verify_views_per_s']:,.0f} |",
-        f"| trainer path: collate + CachedRows once per batch, sequential | {mark(g['sequential'])} |",
-        f"| trainer path: collate + CachedRows once per batch, shuffled | {mark(g['shuffled'])} |",
-        f"| `CachedRows` alone on collated indices, shuffled | {r['rows_only_shuffled_views_per_s']:,.0f} |",
+        f"| trainer path: CachedRows once per batch, sequential | {mark(g['sequential'])} |",
+        f"| trainer path: CachedRows once per batch, shuffled | {mark(g['shuffled'])} |",
         f"| reference: one numpy take per batch, sequential | {v['sequential']:,.0f} |",
         f"| reference: one numpy take per batch, shuffled | {v['shuffled']:,.0f} |",
         "",
@@ -231,7 +237,9 @@ def markdown(data: dict) -> str:
         f"{len(r['load_epoch_seconds'])}): reading the {s['units']} units through zarr (`read_units`, up to "
         f"{r.get('read_threads', '?')} threads) "
         f"{r['load_epoch_split_s']['read_units']:.3f} s, assembling the epoch (concatenate, coverage "
-        f"check with one bincount, scatter by sample index) the rest. Batches of {s['batch_views']} views.",
+        f"check with one bincount, scatter by sample index) the rest; the CRC-32 checks of every array take "
+        f"{r['checksum_seconds']:.3f} s of it ({100 * r['checksum_fraction_of_load_epoch']:.1f}%). "
+        f"Batches of {s['batch_views']} views.",
         "",
         f"Memory: a loaded epoch holds {r['epoch_bytes_in_memory'] / 2**20:,.1f} MB "
         f"({r['epoch_bytes_per_view_in_memory']:.0f} B/view); loading it peaks at "

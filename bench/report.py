@@ -131,7 +131,8 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
     for name, d in data.items():
         summary.update({f"{name}.{k}": v for k, v in d["summary"].items() if isinstance(v, (int, float))})
         summary[f"{name}.wall_seconds"] = d["meta"]["wall_seconds"]
-    # The headline figures under the flat names issue 5 asks for (numbers only), plus device and date.
+    # The headline figures under flat names (numbers only; README's block and the tests read them), plus
+    # device and date.
     for flat, (bench, key) in HEADLINE.items():
         if bench in data and isinstance(data[bench]["summary"].get(key), (int, float)):
             summary[flat] = data[bench]["summary"][key]
@@ -140,7 +141,7 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
         summary["device"] = f"{meta['device']}: {meta['device_name']}"
         summary["date"] = max(d["meta"]["date"] for d in data.values())
     accuracy = json.loads((results / "accuracy.json").read_text()) if (results / "accuracy.json").is_file() else None
-    if accuracy is not None:  # python -m bench.accuracy: flat headline keys as the issue names them
+    if accuracy is not None:  # python -m bench.accuracy: its flat acc_* headline keys, as accuracy.json names them
         summary.update({k: v for k, v in accuracy.items() if k.startswith(("acc_", "digits_acc_"))})
     (results / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     if results.resolve() == RESULTS_DIR.resolve():  # the committed results: README quotes them

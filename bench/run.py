@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -20,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import RESULTS_DIR, Ctx, environment
+from logitcache.build import resolve_device
+
+from .common import RESULTS_DIR, Clock, Ctx, environment
 
 BENCHMARKS = ("build", "train_step", "reader", "storage", "fidelity")
 
@@ -35,29 +36,14 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def resolve(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
-    return torch.device(device)
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (workers, subprocesses)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def run_one(name: str, ctx: Ctx) -> dict:
     mod = importlib.import_module(f"bench.{name}")
     torch.manual_seed(0)
-    cpu0 = _cpu_seconds()
-    t0 = time.perf_counter()
+    clock = Clock()
     data = mod.run(ctx)
-    wall = time.perf_counter() - t0
-    meta = {**environment(ctx.device), "quick": ctx.quick, "tiny": ctx.tiny, "wall_seconds": wall,
-            "cpu_seconds": _cpu_seconds() - cpu0}
+    spent = clock.read()
+    meta = {**environment(ctx.device), "quick": ctx.quick, "tiny": ctx.tiny, "wall_seconds": spent["wall_s"],
+            "cpu_seconds": spent["cpu_main_s"] + spent["cpu_workers_s"]}
     return {"name": name, "meta": meta, **data}
 
 
@@ -76,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
-    device = resolve(args.device)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
     if args.results_dir:
         results = Path(args.results_dir)
     elif args.tiny:

@@ -25,9 +25,9 @@ import os
 import numpy as np
 import torch
 
-from logitcache.inspect import storage_bytes
+from logitcache.cache_stats import storage_bytes
 
-from .common import Ctx, mixed_view_metadata, synthetic_manifest, teacher_like_logits
+from .common import Ctx, codec_for_k, mixed_view_metadata, save_figure, synthetic_manifest, teacher_like_logits
 
 NUM_CLASSES = 1000
 IMAGENET_VIEWS = 1_281_167
@@ -53,12 +53,12 @@ def _array_bytes(unit_dir: str) -> dict[str, int]:
 
 def write_config(url: str, codec, logits: np.ndarray, unit_views: int, mixing: bool) -> dict:
     from logitcache.codec import encode
-    from logitcache.store import CacheWriter, unit_path
+    from logitcache.store import unit_path
+    from logitcache.writer import CacheWriter
 
     n = len(logits)
     units = n // unit_views
     writer = CacheWriter(url, synthetic_manifest(n, [unit_views] * units, codec))
-    writer.root.require_group("epochs")
     writer.prepare_epochs([0])
     raw = 0
     for u in range(units):
@@ -82,8 +82,6 @@ def write_config(url: str, codec, logits: np.ndarray, unit_views: int, mixing: b
 
 
 def run(ctx: Ctx) -> dict:
-    from logitcache.codec import create_codec
-
     s = settings(ctx)
     n = s["unit_views"] * s["units"]
     logits, _ = teacher_like_logits(n, NUM_CLASSES, seed=0)
@@ -96,8 +94,7 @@ def run(ctx: Ctx) -> dict:
     rows = []
     configs = [(k, s["value_dtype"], True) for k in s["ks"]] + [(10, "float32", True), (10, s["value_dtype"], False)]
     for k, dtype, mixing in configs:
-        codec = create_codec("full", NUM_CLASSES, value_dtype=dtype) if k == "full" else \
-            create_codec("topk", NUM_CLASSES, k, value_dtype=dtype)
+        codec = codec_for_k(k, NUM_CLASSES, dtype)
         url = str(ctx.workdir / f"storage_{k}_{dtype}_{int(mixing)}.zarr")
         r = write_config(url, codec, logits, s["unit_views"], mixing)
         rows.append({"codec": codec.name, "k": codec.k, "value_dtype": dtype, "mixing": mixing, **r})
@@ -155,8 +152,4 @@ def plot(data: dict, outdir) -> list[str]:
     ax.set_title("storage per view, 1000 classes")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path = outdir / "storage.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return [save_figure(fig, outdir / "storage.png").name]

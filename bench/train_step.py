@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from .common import Ctx, PeakRSS, interleaved, stats, sync
+from .common import Ctx, PeakRSS, interleaved, save_figure, stats, sync
 
 NUM_CLASSES = 1000
 K = 10
@@ -106,7 +106,7 @@ class Bench:
         self.tasks: dict[str, object] = {}
 
     def _inputs(self):
-        from logitcache.trainer.train import smoothed_targets
+        from logitcache.trainer.step import smoothed_targets
 
         h, dev = self.host, self.device
         x = h["images"].to(dev, non_blocking=True)
@@ -327,11 +327,7 @@ def plot(data: dict, outdir) -> list[str]:
         ax.set_ylabel("step time (s)")
         ax.set_title(f"{student}, batch {data['settings']['batch_size']} ({data['meta']['device']})", fontsize=9)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    fig.tight_layout()
-    path = outdir / "train_step.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return [save_figure(fig, outdir / "train_step.png").name]
 
 
 def _main() -> None:

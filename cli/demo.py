@@ -27,8 +27,9 @@ def run_demo(out: Path, *, epochs: int = 12, teacher_epochs: int = 30, workers: 
     from logitcache.data.synth import generate_synth
     from logitcache.teacher import Teacher
     from logitcache.views import create_recipe
+    from logitcache.trainer.config import TrainConfig
     from logitcache.trainer.losses import LossConfig
-    from logitcache.trainer.train import TrainConfig, train
+    from logitcache.trainer.train import train
 
     console = Console()
     out.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ def data_digits(out: Path = typer.Option(Path("data/digits")), image_size: int =
 
 
 def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
-                value_dtype, batch_size, workers, device, compile, progress) -> None:
+                value_dtype, batch_size, workers, device, compile, progress, recheck) -> None:
     """The body of ``build`` for one process: the whole build, or one rank of it when the
     environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
     from logitcache import distributed
@@ -79,7 +79,7 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
     try:
         report = run_build(source, dataset_name=name, teacher=t, recipe=rec, codec=spec, url=url, epochs=epoch_list,
                            batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
-                           barrier=ctx.barrier, progress=progress and ctx.rank == 0)
+                           barrier=ctx.barrier, progress=progress and ctx.rank == 0, recheck=recheck)
     finally:
         ctx.close()
     who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else ""
@@ -108,6 +108,8 @@ def build(
     compile: bool = typer.Option(False, help="torch.compile the teacher."),
     progress: bool = typer.Option(True),
     procs: int = typer.Option(1, help="Build processes on this machine (ranks; each writes its own units)."),
+    recheck: bool = typer.Option(False, help="Read every committed unit back, check it against its commit "
+                                             "record, and rebuild the damaged ones."),
 ):
     """Run the teacher once over every augmented view and store compressed logits.
 
@@ -220,7 +222,8 @@ def train(
     Under torchrun, every rank trains on its slice of the same global batches (DDP)."""
     flags = dict(locals())  # first: only the parameters
     from logitcache.errors import LogitcacheError
-    from logitcache.trainer.train import load_config, make_config, train as run_train
+    from logitcache.trainer.config import load_config, make_config
+    from logitcache.trainer.train import train as run_train
 
     settings = load_config(config) if config else {}
     loss = dict(settings.get("loss") or {})
@@ -274,7 +277,7 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     from logitcache.errors import LogitcacheError
 
-    from logitcache.trainer.train import TrainingStopped
+    from logitcache.trainer.checkpoint import TrainingStopped
 
     try:
         app()

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from .codec import CodecSpec, ValueRangeError, encode
-from .errors import BadLogitsError, BadSampleError, LogitcacheError
+from .errors import BadLogitsError, BadSampleError, CorruptCacheError, LogitcacheError
 from .loader import BatchDataset, create_batch_loader
 from .manifest import DatasetInfo, Manifest
 from .plan import Groups, plan_unit
-from .store import CacheWriter, empty_unit, unit_path
+from .store import CacheReader, empty_unit, unit_path
+from .writer import CacheWriter
 from .teacher import Teacher, check_logits
 from .views import Recipe
 
@@ -129,6 +130,7 @@ def build(
     barrier=None,
     progress: bool = True,
     storage_options: dict | None = None,
+    recheck: bool = False,
 ) -> BuildReport:
     """Build (or finish, or extend) the cache at ``url``. See the module docstring.
 
@@ -136,6 +138,7 @@ def build(
     for all ranks (logitcache.distributed); rank 0 creates the root and epoch groups before
     it, each rank then writes only its own units. ``storage_options`` go to fsspec.
     ``num_workers`` None picks :func:`default_workers` for the teacher's device.
+    ``recheck`` reads every committed unit back and rebuilds those that fail their checksums.
     """
     if codec.num_classes != source.num_classes:
         raise LogitcacheError(f"codec has {codec.num_classes} classes, dataset has {source.num_classes}")
@@ -158,7 +161,7 @@ def build(
         writer = CacheWriter(url, manifest, storage_options)
 
     report = BuildReport(url=url)
-    units = _units_to_build(writer, recipe, source, epochs, rank, world_size, batch_size, report)
+    units = _units_to_build(writer, recipe, source, epochs, rank, world_size, batch_size, report, recheck)
     t0 = time.perf_counter()
     for u in np.flatnonzero(units.unit_views == 0):  # an empty data shard has no batches: commit it now
         writer.write_unit(int(units.epochs[u]), int(units.shards[u]), empty_unit(codec))
@@ -174,18 +177,34 @@ def build(
 
 
 def _units_to_build(writer: CacheWriter, recipe: Recipe, source, epochs: list[int], rank: int, world_size: int,
-                    batch_size: int, report: BuildReport) -> UnitBatches:
+                    batch_size: int, report: BuildReport, recheck: bool) -> UnitBatches:
     """This rank's uncommitted units (rank r of W takes units r, r + W, ... of the (epoch,
-    shard) order); counts the committed ones it skips."""
+    shard) order); counts the committed ones it skips. ``recheck``: committed units are
+    read back and checked, and damaged ones are built again."""
     bounds = np.array([(s.start, s.stop) for s in source.shards], dtype=np.int64).reshape(-1, 2)
     num_shards = len(bounds)
     all_units = np.arange(len(epochs) * num_shards)
     mine = all_units[all_units % world_size == rank]
     ep = np.asarray(epochs, dtype=np.int64)[mine // num_shards]
     sh = mine % num_shards
-    done = np.array([writer.is_committed(int(e), int(s)) for e, s in zip(ep, sh)], dtype=bool)
+    done = np.zeros(len(mine), dtype=bool)
+    for e in epochs:  # one listing per epoch
+        at = ep == e
+        done[at] = np.isin(sh[at], writer.committed_units(e))
+    if recheck:
+        done[done] = [not _damaged(writer, int(e), int(s)) for e, s in zip(ep[done], sh[done])]
     report.units_skipped += int(done.sum())
     return UnitBatches(recipe, bounds, ep[~done], sh[~done], batch_size)
+
+
+def _damaged(writer: CacheWriter, epoch: int, shard: int) -> bool:
+    """Whether a committed unit fails to read back whole (``--recheck``); it is then rebuilt."""
+    try:
+        CacheReader(writer.url, writer.storage_options).read_unit(epoch, shard)
+        return False
+    except CorruptCacheError as e:
+        print(f"--recheck: rebuilding damaged unit: {e}", flush=True)
+        return True
 
 
 @dataclass
@@ -268,22 +287,3 @@ class _progress:
         if self.enabled:
             self.p.__exit__(*exc)
         return False
-
-
-# Per-view planning of format version 1, kept until every caller plans with logitcache.plan.
-def plan_units(source, recipe: Recipe, epochs: list[int]):
-    """Every unit of ``epochs``, in (epoch, shard) order (UnitPlan objects)."""
-    from .views import plan_unit as plan_unit_v1
-
-    keys = [source.key(i) for i in range(len(source))]
-    return [
-        plan_unit_v1(recipe, e, s, info.start, keys[info.start:info.stop])
-        for e in epochs for s, info in enumerate(source.shards)
-    ]
-
-
-def unit_batches(plan, first_item: int, batch_size: int, group_size: int) -> list[list[int]]:
-    """Item ids of the unit's batches: ``batch_size`` views (batch_size // group_size groups) each."""
-    per_batch = max(1, batch_size // group_size)
-    ids = list(range(first_item, first_item + len(plan.groups)))
-    return [ids[i:i + per_batch] for i in range(0, len(ids), per_batch)]

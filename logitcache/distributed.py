@@ -1,10 +1,13 @@
-"""Several build processes: ranks launched by torchrun, or N local processes (``--procs N``).
+"""Ranks of a build or a training run: torchrun's environment, or N local processes (``--procs N``).
 
-A build needs only one collective: a barrier after rank 0 has created the cache's root
-and epoch groups (see :func:`logitcache.build.build`); after it every rank writes its own
-units (round-robin) and nothing else is shared. ``torch.distributed`` is used for that
-barrier alone: gloo on CPU, nccl on CUDA.
+:class:`DistContext` is where this process stands (rank, world size, device) and the few
+collectives the callers need; alone (WORLD_SIZE 1) every collective is a no-op.
+``torch.distributed`` is used with gloo on CPU, nccl on CUDA.
 
+* A build needs one collective: a barrier after rank 0 has created the cache's root and
+  epoch groups (see :func:`logitcache.build.build`); after it every rank writes its own
+  units (round-robin) and nothing else is shared.
+* The trainer (DDP) also averages its logged step values over the ranks (:meth:`DistContext.means`).
 * torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``;
   :func:`init_from_env` joins the group with ``env://``.
 * :func:`run_procs` starts N processes on this machine (start method "spawn": nothing
@@ -48,16 +51,22 @@ def rank_device(device: torch.device) -> torch.device:
 
 @dataclass
 class DistContext:
-    """Where this process stands: rank r of world_size; ``barrier()`` waits for all ranks."""
+    """Where this process stands: rank r of world_size, on ``device``."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device | None = None
-    initialised: bool = False
+    initialised: bool = False  # this context created the process group (close() destroys it)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes shared files (logs, checkpoints, summaries)."""
+        return self.rank == 0
 
     def barrier(self) -> None:
-        if not self.initialised:
+        """Wait for every rank."""
+        if self.world_size <= 1:
             return
         import torch.distributed as dist
 
@@ -65,6 +74,17 @@ class DistContext:
             dist.barrier(device_ids=[self.device.index])
         else:
             dist.barrier()
+
+    def means(self, values: torch.Tensor) -> list[float]:
+        """The means over ranks of a vector of scalars (float32): one collective, one device sync."""
+        values = values.detach().float()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world_size
+        return values.tolist()
 
     def close(self) -> None:
         if self.initialised:
@@ -75,7 +95,8 @@ class DistContext:
 
 
 def init_from_env(device: torch.device) -> DistContext:
-    """Join the process group described by the environment, if WORLD_SIZE > 1.
+    """Join the process group described by the environment, if WORLD_SIZE > 1 (``device``:
+    this rank's, see :func:`rank_device`).
 
     Backend: nccl when ``device`` is CUDA, else gloo. Rendezvous: $LOGITCACHE_INIT_METHOD,
     else ``env://`` (MASTER_ADDR/MASTER_PORT, as torchrun sets them).
@@ -90,6 +111,9 @@ def init_from_env(device: torch.device) -> DistContext:
     rank, local_rank = int(os.environ["RANK"]), env_local_rank()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if dist.is_initialized():  # the caller's group: used, and left to the caller to destroy
+        return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    if device.type == "cuda":
         dist.init_process_group("nccl", init_method=os.environ.get(ENV_INIT_METHOD, "env://"), rank=rank,
                                 world_size=world, device_id=device)
     else:

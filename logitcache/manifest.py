@@ -11,7 +11,11 @@ from .codec import CodecSpec
 from .errors import CacheMismatchError
 from .views import Recipe
 
-FORMAT_VERSION = 1
+#: The layout new caches are written in; every version in READABLE_VERSIONS still reads.
+#: 2: per-unit commit records under epochs/<EEEE>/commits/ (found by listing) with CRC-32
+#: checksums of every array, checked on every read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ATTR_KEY = "logitcache"  # the root group attribute holding the manifest
 
 _VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy", "zarr", "logitcache")
@@ -93,9 +97,10 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise CacheMismatchError(
-                f"cache format version {d.get('format_version')} is not supported (this logitcache reads {FORMAT_VERSION})"
+                f"cache format version {d.get('format_version')} is not supported (this logitcache reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
         return cls(
             teacher=d["teacher"],

@@ -2,19 +2,27 @@
 
 A *unit* is one epoch x one data shard. One process computes and writes a unit whole,
 into arrays that no other process touches (zarr loses data when processes share a
-shard), and marks it committed last (group attribute ``commit`` with the sha256 of
-every array). Readers and resuming builds trust committed units only.
+shard), and commits it last with a record of every array's checksum. Readers and
+resuming builds trust committed units only, and every read checks every array against
+that record, so damage on storage (a flipped byte, a missing or truncated chunk,
+unreadable metadata) stops the read with one line naming the cache, epoch, unit and
+array.
 
 Layout (docs/FORMAT.md has the reader's view)::
 
-    <cache>/zarr.json                      attrs {"logitcache": manifest}
-    <cache>/epochs/<EEEE>/units/<SSSSS>/   arrays of one unit, attrs {"commit": {...}}
+    <cache>/zarr.json                         attrs {"logitcache": manifest}
+    <cache>/epochs/<EEEE>/units/<SSSSS>/      arrays of one unit
+    <cache>/epochs/<EEEE>/commits/<SSSSS>/    (format 2) a group whose attrs {"commit": {...}}
+                                              mark the unit committed; one listing of
+                                              commits/ finds an epoch's committed units
+    format 1: no commits/ group; the commit record is the unit group's "commit" attribute.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,15 +31,19 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from .codec import CodecSpec
-from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError
+from .errors import CacheNotFoundError, CorruptCacheError
 from .manifest import ATTR_KEY, Manifest
 
 #: Arrays of a unit, in the order they are written: name -> (rows are views).
 UNIT_ARRAYS = ("sample_index", "view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits", "tail_lse")
 #: Threads for concurrent zarr requests: units read at once by ``CacheReader.read_units``, arrays
-#: written at once by ``CacheWriter.write_unit``.
+#: written at once by ``logitcache.writer.CacheWriter.write_unit``.
 IO_THREADS = 8
-COMPRESSOR = ZstdCodec(level=3)  # integer ids and seeds compress well; fp16 logits a little
+#: Integer ids and seeds compress well, fp16 logits a little; zstd's frame checksum makes a
+#: damaged chunk fail to decode instead of decoding to other numbers.
+COMPRESSOR = ZstdCodec(level=3, checksum=True)
+#: How to repair a damaged committed unit (said by every error about one).
+REPAIR_HINT = "re-run the same `logitcache build` command with --recheck to rebuild damaged units"
 
 
 def empty_unit(codec: CodecSpec) -> dict[str, np.ndarray]:
@@ -51,6 +63,33 @@ def epoch_path(epoch: int) -> str:
 
 def unit_path(epoch: int, shard: int) -> str:
     return f"epochs/{epoch:04d}/units/{shard:05d}"
+
+
+def commit_path(epoch: int, shard: int) -> str:
+    """Where format 2 keeps a unit's commit record (a group of its own, written last)."""
+    return f"epochs/{epoch:04d}/commits/{shard:05d}"
+
+
+def list_names(url: str, path: str, storage_options: dict | None = None) -> list[str]:
+    """Names of the entries directly under ``path`` of the cache at ``url``: one directory
+    listing (one LIST request on object storage, a page per 1,000 names); [] if absent."""
+    if is_local(url):
+        try:
+            return os.listdir(os.path.join(url.removeprefix("file://"), path))
+        except FileNotFoundError:
+            return []
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **{"use_listings_cache": False, **(storage_options or {})})
+    try:
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root.rstrip('/')}/{path}", detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _numbered(names: list[str]) -> list[int]:
+    """The entries named by a number (epoch or shard groups), sorted; metadata files skipped."""
+    return sorted(int(n) for n in names if n.isdigit())
 
 
 def is_local(url: str) -> bool:
@@ -82,7 +121,29 @@ def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -
 
 
 def array_digest(arr: np.ndarray) -> str:
+    """sha256 (hex) of the array's C-order bytes: format 1's checksum."""
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def array_crc32(arr: np.ndarray) -> int:
+    """CRC-32 (``zlib.crc32``, as in zip and PNG) of the array's C-order bytes: format 2's
+    checksum (GB/s, read straight from the array's memory)."""
+    arr = np.ascontiguousarray(arr)
+    return zlib.crc32(memoryview(arr).cast("B")) if arr.size else 0
+
+
+def commit_record(arrays: dict[str, np.ndarray], format_version: int) -> dict:
+    """What a commit stores: the view count and every array's checksum."""
+    if format_version == 1:
+        return {"n": len(arrays["sample_index"]), "sha256": {k: array_digest(arrays[k]) for k in UNIT_ARRAYS}}
+    return {"n": len(arrays["sample_index"]), "crc32": {k: array_crc32(arrays[k]) for k in UNIT_ARRAYS}}
+
+
+def damaged_arrays(commit: dict, arrays: dict[str, np.ndarray]) -> list[str]:
+    """The arrays whose bytes differ from the commit record's checksums (any format)."""
+    if "crc32" in commit:
+        return [k for k in UNIT_ARRAYS if array_crc32(arrays[k]) != commit["crc32"].get(k)]
+    return [k for k in UNIT_ARRAYS if array_digest(arrays[k]) != commit.get("sha256", {}).get(k)]
 
 
 def _read_manifest(group: zarr.Group, url: str) -> Manifest:
@@ -92,76 +153,41 @@ def _read_manifest(group: zarr.Group, url: str) -> Manifest:
     return Manifest.from_dict(attrs[ATTR_KEY])
 
 
-class CacheWriter:
-    """Writes whole units into a cache; creates the cache or checks it matches this build."""
+def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 1, url: str = "") -> dict | None:
+    """The commit record of a unit, or None when the unit is not committed.
 
-    def __init__(self, url: str, manifest: Manifest, storage_options: dict | None = None):
-        self.url = url
-        self.manifest = manifest
-        self.root = open_group(url, mode="a", storage_options=storage_options)
-        existing = self.root.attrs.asdict().get(ATTR_KEY)
-        if existing is None:
-            if list(self.root.keys()):
-                raise CacheMismatchError(f"{url} holds other data and no logitcache manifest; refusing to write there")
-            self.root.attrs[ATTR_KEY] = manifest.to_dict()
-        else:
-            manifest.check_same_build(Manifest.from_dict(existing), url)
-
-    def prepare_epochs(self, epochs: list[int]) -> None:
-        """Create the epoch groups up front (one process), so unit writers never race on them.
-
-        Top-down, one level at a time: zarr writes a new group's metadata and its missing
-        parents' concurrently, so a kill in between can leave ``epochs/<EEEE>/units``
-        without ``epochs/<EEEE>``; readers list epochs through the parents and would never
-        see that epoch. Going top-down also repairs a cache left that way.
-        """
-        self.root.require_group("epochs")
-        for e in epochs:
-            self.root.require_group(epoch_path(e))
-            self.root.require_group(f"{epoch_path(e)}/units")
-
-    def is_committed(self, epoch: int, shard: int) -> bool:
-        return unit_commit(self.root, epoch, shard) is not None
-
-    def write_unit(self, epoch: int, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write one unit's arrays (rows = views), then its commit record, last.
-
-        A unit left half-written by a killed process is replaced whole.
-        """
-        missing = set(UNIT_ARRAYS) - set(arrays)
-        if missing:
-            raise ValueError(f"unit arrays missing: {sorted(missing)}")
-        n = len(arrays["sample_index"])
-        for key in UNIT_ARRAYS:
-            if arrays[key].shape[0] != n:
-                raise ValueError(f"unit array {key} has {arrays[key].shape[0]} rows, expected {n}")
-        units = self.root.require_group(f"{epoch_path(epoch)}/units")
-        name = f"{shard:05d}"
-        group = units.create_group(name, overwrite=True)
-
-        def write(key: str) -> None:
-            arr = np.ascontiguousarray(arrays[key])
-            chunks = tuple(max(1, d) for d in arr.shape)  # one chunk; zarr needs positive sizes
-            z = group.create_array(key, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                                   compressors=COMPRESSOR, fill_value=0)
-            if n:
-                z[...] = arr
-
-        # The arrays are independent objects: write them at once (object storage is
-        # latency-bound, two requests per array), then the commit record, strictly after.
-        with ThreadPoolExecutor(max_workers=min(IO_THREADS, len(UNIT_ARRAYS))) as pool:
-            list(pool.map(write, UNIT_ARRAYS))  # list(): re-raises the first error here
-        group.attrs["commit"] = {"n": n, "sha256": {k: array_digest(arrays[k]) for k in UNIT_ARRAYS}}
-
-
-def unit_commit(root: zarr.Group, epoch: int, shard: int) -> dict | None:
-    """The commit record of a unit, or None when the unit is absent or incomplete."""
+    Format 2: a record that exists but cannot be read is damage, and raises
+    :class:`CorruptCacheError`. Format 1 keeps the record in the unit's own metadata, which
+    a killed writer could leave cut short: unreadable there means not committed.
+    """
+    if format_version >= 2:
+        try:
+            group = root[commit_path(epoch, shard)]
+        except (KeyError, FileNotFoundError):
+            return None
+        except Exception as e:  # noqa: BLE001 - garbled metadata: any parser error
+            raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
+                                    f"{commit_path(epoch, shard)} is unreadable ({type(e).__name__}); "
+                                    f"{REPAIR_HINT}") from None
+        record = group.attrs.asdict().get("commit")
+        if not isinstance(record, dict) or "crc32" not in record:
+            raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
+                                    f"{commit_path(epoch, shard)} holds no checksums; {REPAIR_HINT}")
+        return record
     try:
         group = root[unit_path(epoch, shard)]
         return group.attrs.asdict().get("commit")
     except (KeyError, FileNotFoundError, ValueError):
-        # absent, or metadata cut short by a killed writer: not committed
         return None
+
+
+def committed_units_of(root: zarr.Group, url: str, storage_options: dict | None, format_version: int, epoch: int,
+                     num_shards: int) -> list[int]:
+    """Format 2: the names under ``commits/`` (one listing); format 1: each unit's metadata."""
+    if format_version >= 2:
+        return [s for s in _numbered(list_names(url, f"{epoch_path(epoch)}/commits", storage_options))
+                if s < num_shards]
+    return [s for s in range(num_shards) if unit_commit(root, epoch, s, 1) is not None]
 
 
 @dataclass
@@ -187,10 +213,12 @@ class EpochArrays:
 
 class CacheReader:
     """Reads committed units, whole epochs at a time (never per item: zarr serves random
-    single-row reads about four orders of magnitude slower than whole chunks)."""
+    single-row reads about four orders of magnitude slower than whole chunks). Every unit
+    read is checked against its commit record."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
+        self.storage_options = storage_options
         self.root = open_group(url, mode="r", storage_options=storage_options)
         self.manifest = _read_manifest(self.root, url)
 
@@ -198,48 +226,74 @@ class CacheReader:
     def num_shards(self) -> int:
         return len(self.manifest.dataset.shards)
 
+    @property
+    def format_version(self) -> int:
+        return self.manifest.format_version
+
+    def epochs_present(self) -> list[int]:
+        """Epochs that have a group in the cache, complete or not, sorted (one listing)."""
+        return _numbered(list_names(self.url, "epochs", self.storage_options))
+
     def committed_units(self, epoch: int) -> list[int]:
-        return [s for s in range(self.num_shards) if unit_commit(self.root, epoch, s) is not None]
+        """Shards of ``epoch`` whose unit is committed, sorted (format 2: one listing)."""
+        return committed_units_of(self.root, self.url, self.storage_options, self.format_version, epoch,
+                                self.num_shards)
 
     def epochs(self) -> list[int]:
-        """Epochs whose every unit is committed (only these are readable)."""
-        try:
-            names = sorted(self.root["epochs"].group_keys())
-        except KeyError:
-            return []
-        return [int(n) for n in names if len(self.committed_units(int(n))) == self.num_shards]
+        """Epochs whose every unit is committed (only these are readable): about one
+        listing per epoch on format 2 caches."""
+        return [e for e in self.epochs_present() if len(self.committed_units(e)) == self.num_shards]
 
-    def read_unit(self, epoch: int, shard: int, verify: bool = False) -> dict[str, np.ndarray]:
-        commit = unit_commit(self.root, epoch, shard)
-        where = f"{self.url} {unit_path(epoch, shard)}"
+    def commit(self, epoch: int, shard: int) -> dict | None:
+        """The unit's commit record (``n`` and every array's checksum), or None if uncommitted."""
+        return unit_commit(self.root, epoch, shard, self.format_version, self.url)
+
+    def _where(self, epoch: int, shard: int, key: str | None = None) -> str:
+        array = f", array {key}" if key else ""
+        return f"cache {self.url}: epoch {epoch}, unit {shard} ({unit_path(epoch, shard)}){array}"
+
+    def read_unit(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
+        """Every array of one committed unit, checked against its commit record (rows = views).
+
+        Raises :class:`CorruptCacheError` naming cache, epoch, unit and array when a
+        chunk is missing, truncated or altered, or metadata is unreadable."""
+        commit = self.commit(epoch, shard)
         if commit is None:
-            raise CorruptCacheError(f"unit {where} is not committed (build incomplete; re-run the build to finish it)")
-        group = self.root[unit_path(epoch, shard)]
+            raise CorruptCacheError(f"{self._where(epoch, shard)} is not committed (build incomplete; re-run "
+                                    f"the build to finish it)")
+        try:
+            group = self.root[unit_path(epoch, shard)]
+        except Exception as e:  # noqa: BLE001 - absent or garbled metadata of a committed unit
+            raise CorruptCacheError(f"{self._where(epoch, shard)}: unit metadata is missing or unreadable "
+                                    f"({type(e).__name__}); {REPAIR_HINT}") from None
         out = {}
         for key in UNIT_ARRAYS:
             try:
                 arr = group[key][...] if commit["n"] else np.zeros((0,) + group[key].shape[1:], group[key].dtype)
             except Exception as e:  # noqa: BLE001 - any storage/codec failure becomes one clear error
-                raise CorruptCacheError(f"cannot read array {key} of unit {where}: {e}") from None
-            if verify and array_digest(arr) != commit["sha256"][key]:
-                raise CorruptCacheError(f"array {key} of unit {where} fails its sha256 checksum")
+                raise CorruptCacheError(f"{self._where(epoch, shard, key)}: cannot read it ({type(e).__name__}: "
+                                        f"{e}); {REPAIR_HINT}") from None
             out[key] = arr
+        bad = damaged_arrays(commit, out)
+        if bad:
+            raise CorruptCacheError(f"{self._where(epoch, shard, bad[0])}: fails its checksum (damaged or "
+                                    f"missing chunk); {REPAIR_HINT}")
         return out
 
-    def read_units(self, epoch: int, verify: bool = False) -> list[dict[str, np.ndarray]]:
+    def read_units(self, epoch: int) -> list[dict[str, np.ndarray]]:
         """Every unit of ``epoch``, in shard order, read by up to ``IO_THREADS`` threads.
 
         A unit read mostly waits on zarr's event loop and the storage (a metadata and a
         chunk request per array), so overlapping them cuts the time on a local disk and
         divides it by the thread count on object storage."""
         with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, self.num_shards))) as pool:
-            return list(pool.map(lambda s: self.read_unit(epoch, s, verify=verify), range(self.num_shards)))
+            return list(pool.map(lambda s: self.read_unit(epoch, s), range(self.num_shards)))
 
-    def load_epoch(self, epoch: int, verify: bool = False) -> EpochArrays:
+    def load_epoch(self, epoch: int) -> EpochArrays:
         """All views of ``epoch`` as arrays indexed by global sample index (rows = samples)."""
         n_total = self.manifest.dataset.num_samples
         k = self.manifest.codec.k
-        units = self.read_units(epoch, verify=verify)
+        units = self.read_units(epoch)
         idx = np.concatenate([u["sample_index"] for u in units])
         # n_total indices, all in range, every sample hit: a permutation (one bincount, no sort).
         covered = len(idx) == n_total and (

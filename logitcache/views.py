@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -232,88 +232,3 @@ def mix_pair(a: torch.Tensor, b: torch.Tensor, params: MixParams) -> tuple[torch
         vb[:, y0:y1, x0:x1] = a[:, y0:y1, x0:x1]
         return va, vb
     return a, b
-
-
-@dataclass(frozen=True)
-class Group:
-    """Samples whose views are rendered together: a mixing pair, or a single sample.
-
-    ``indices`` are global sample indices; a pair is always (a, b) with a != b, or a
-    single (a,) when the recipe does not mix or when a unit has an odd sample left over.
-    """
-
-    indices: tuple[int, ...]
-    seeds: tuple[int, ...]  # view seed of each index
-    pair_seed: int = 0
-
-
-@dataclass
-class UnitPlan:
-    """The groups of one unit (epoch x data shard), in build order."""
-
-    epoch: int
-    shard: int
-    groups: list[Group] = field(default_factory=list)
-
-    @property
-    def num_views(self) -> int:
-        return sum(len(g.indices) for g in self.groups)
-
-
-def plan_unit(recipe: Recipe, epoch: int, shard: int, start: int, keys: list[str]) -> UnitPlan:
-    """Groups of one unit. ``keys[i]`` is the key of global sample ``start + i``.
-
-    Pairing is shard-local and drawn from ``(cache_seed, epoch, shard)``, so it does not
-    depend on batch size, order, or how units are spread over processes.
-    """
-    seeds = [view_seed(recipe.cache_seed, epoch, k) for k in keys]
-    n = len(keys)
-    if not recipe.mixes:
-        groups = [Group((start + i,), (seeds[i],)) for i in range(n)]
-        return UnitPlan(epoch, shard, groups)
-    rng = np.random.default_rng(derive_seed(recipe.cache_seed, epoch, "pairing", shard))
-    order = rng.permutation(n).tolist()
-    groups = []
-    for j in range(0, n - 1, 2):
-        a, b = order[j], order[j + 1]
-        pair_seed = derive_seed(recipe.cache_seed, epoch, "pair", keys[a], keys[b])
-        groups.append(Group((start + a, start + b), (seeds[a], seeds[b]), pair_seed))
-    if n % 2:
-        a = order[-1]
-        groups.append(Group((start + a,), (seeds[a],)))
-    return UnitPlan(epoch, shard, groups)
-
-
-@dataclass
-class RenderedGroup:
-    """The views of one group. Shapes: images (g, 3, H, W) float32; the rest (g,)."""
-
-    images: torch.Tensor
-    index: torch.Tensor  # int64 global sample index of each view
-    partner: torch.Tensor  # int64 index of the partner image (itself when not mixed)
-    lam: torch.Tensor  # float32 weight of the view's own image/label
-    seed: torch.Tensor  # int64 view seed reinterpreted (bit pattern of the uint64)
-
-
-def _as_int64(seed: int) -> int:
-    """Reinterpret a uint64 seed as int64 (torch has no uint64 tensors)."""
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
-
-
-def render_group(recipe: Recipe, transform, load_image, group: Group) -> RenderedGroup:
-    """Render the views of ``group``; ``load_image(index) -> PIL.Image`` supplies pixels."""
-    base = [render_view(transform, load_image(i), s) for i, s in zip(group.indices, group.seeds)]
-    if len(base) == 2:
-        params = mix_params(recipe, group.pair_seed)
-        images = list(mix_pair(base[0], base[1], params))
-        partner = [group.indices[1], group.indices[0]]
-        lam = [params.lam, params.lam]
-    else:
-        images, partner, lam = base, list(group.indices), [1.0]
-    return RenderedGroup(
-        images=torch.stack(images),
-        index=torch.tensor(group.indices, dtype=torch.int64),
-        partner=torch.tensor(partner, dtype=torch.int64),
-        lam=torch.tensor(lam, dtype=torch.float32),
-        seed=torch.tensor([_as_int64(s) for s in group.seeds], dtype=torch.int64),
-    )

@@ -47,7 +47,7 @@ def tiny_teacher(tmp_path_factory, synth_data) -> str:
     import timm
 
     from logitcache.views import create_recipe
-    from logitcache.trainer.train import save_student
+    from logitcache.trainer.checkpoint import save_student
 
     path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors"
     with torch.random.fork_rng(devices=[]):  # leave the global RNG of the test session alone

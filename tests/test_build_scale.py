@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.build import build, plan_units, unit_batches
+from logitcache.build import UnitBatches, build
 from logitcache.codec import create_codec
 from logitcache.data.source import open_source
-from logitcache.loader import GroupDataset, create_loader
-from logitcache.store import UNIT_ARRAYS, CacheReader, unit_commit, open_group
+from logitcache.loader import BatchDataset, create_batch_loader
+from logitcache.store import UNIT_ARRAYS, CacheReader, open_group
 from logitcache.teacher import Teacher
 from logitcache.views import create_recipe
 
@@ -58,7 +58,7 @@ def tiny(tmp_path_factory):
     import timm
 
     from logitcache.data.synth import generate_synth
-    from logitcache.trainer.train import save_student
+    from logitcache.trainer.checkpoint import save_student
 
     root = tmp_path_factory.mktemp("scale")
     data = generate_synth(root / "data", num_classes=16, train_per_class=6, val_per_class=2, image_size=32, seed=0,
@@ -105,11 +105,11 @@ def assert_same_units(url_a, url_b, epochs, shards=NUM_SHARDS):
     a, b = CacheReader(str(url_a)), CacheReader(str(url_b))
     for e in epochs:
         for s in range(shards):
-            ua, ub = a.read_unit(e, s, verify=True), b.read_unit(e, s, verify=True)
+            ua, ub = a.read_unit(e, s), b.read_unit(e, s)
             for key in UNIT_ARRAYS:
                 assert ua[key].dtype == ub[key].dtype, (e, s, key)
                 assert np.array_equal(ua[key], ub[key]), (e, s, key)
-            assert unit_commit(a.root, e, s) == unit_commit(b.root, e, s)
+            assert a.commit(e, s) == b.commit(e, s)
 
 
 def tree_bytes(path: Path) -> dict[str, bytes]:
@@ -152,14 +152,17 @@ def ref(tiny):
 # -- resume after SIGKILL --------------------------------------------------------------
 
 
+def _is_committed(unit: Path) -> bool:
+    """Whether a unit folder ``epochs/<EEEE>/units/<SSSSS>`` has its commit record (format 2)."""
+    meta = unit.parent.parent / "commits" / unit.name / "zarr.json"
+    try:
+        return "commit" in json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+
+
 def _committed(cache: Path) -> int:
-    n = 0
-    for p in cache.glob("epochs/*/units/*/zarr.json"):
-        try:
-            n += "commit" in json.loads(p.read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            pass
-    return n
+    return sum(_is_committed(u) for u in cache.glob("epochs/*/units/*"))
 
 
 def _state(cache: Path) -> str:
@@ -167,8 +170,7 @@ def _state(cache: Path) -> str:
     if not (cache / "zarr.json").exists():
         return "no cache yet"
     units = list(cache.glob("epochs/*/units/*"))
-    partial = [u.relative_to(cache).as_posix() for u in units if u.is_dir() and not unit_commit(
-        open_group(str(cache), "r"), int(u.parts[-3]), int(u.parts[-1]))]
+    partial = [u.relative_to(cache).as_posix() for u in units if u.is_dir() and not _is_committed(u)]
     return f"{_committed(cache)} units committed, half-written: {partial or 'none'}"
 
 
@@ -217,16 +219,7 @@ def _wait_for(cond, pid, deadline):
 
 def _writing(cache: Path) -> bool:
     """Whether some unit is being written (its folder exists, its commit does not)."""
-    for d in cache.glob("epochs/*/units/*"):
-        if not d.is_dir():
-            continue
-        meta = d / "zarr.json"
-        try:
-            if not meta.exists() or "commit" not in json.loads(meta.read_text()).get("attributes", {}):
-                return True
-        except (OSError, ValueError):
-            return True
-    return False
+    return any(d.is_dir() and not _is_committed(d) for d in cache.glob("epochs/*/units/*"))
 
 
 @pytest.mark.slow
@@ -338,10 +331,10 @@ def test_mixed_views_do_not_depend_on_batch_size(tiny, mix_one):
     float rounding of differently sized teacher batches."""
     readers = {bs: CacheReader(str(url)) for bs, url in mix_one.items()}
     for e in (0, 1):
-        base = readers[8].load_epoch(e, verify=True)
+        base = readers[8].load_epoch(e)
         assert (base.mix_lam < 1).any() and (base.partner_index != np.arange(base.num_views)).any()
         for bs in (2, 32):
-            other = readers[bs].load_epoch(e, verify=True)
+            other = readers[bs].load_epoch(e)
             for key in ("view_seed", "label", "partner_index", "mix_lam"):
                 a, b = getattr(base, key), getattr(other, key)
                 assert a.dtype == b.dtype and np.array_equal(a, b), (e, bs, key)
@@ -361,17 +354,12 @@ def test_rendered_views_byte_equal_across_batch_sizes_and_workers(tiny):
     with batch sizes 2, 8, 32 and 0 or 2 workers, every view is byte-identical."""
     recipe = create_recipe("demo32_mix")
     source = open_source(tiny["data"], "train")
-    plans = plan_units(source, recipe, [0])
-    groups = [g for p in plans for g in p.groups]
-    dataset = GroupDataset(source, recipe, groups)
+    bounds = np.array([(s.start, s.stop) for s in source.shards])
     rendered = {}
     for bs, workers in ((2, 0), (8, 0), (32, 0), (8, 2)):
-        batches, first = [], 0
-        for p in plans:
-            batches += unit_batches(p, first, bs, recipe.group_size)
-            first += len(p.groups)
+        units = UnitBatches(recipe, bounds, np.zeros(len(bounds), np.int64), np.arange(len(bounds)), bs)
         views = {}
-        for batch in create_loader(dataset, batches, num_workers=workers):
+        for batch in create_batch_loader(BatchDataset(source, recipe, units), num_workers=workers):
             assert not batch["errors"]
             for idx, img in zip(batch["index"].tolist(), batch["images"]):
                 views[idx] = img.numpy().tobytes()
@@ -424,7 +412,7 @@ def test_s3_build_and_read(tiny, s3, launcher):
     local = CacheReader(str(s3["ref"]))
     assert reader.manifest.dataset.fingerprint == local.manifest.dataset.fingerprint
     for e in (0, 1):
-        a, b = local.load_epoch(e, verify=True), reader.load_epoch(e, verify=True)
+        a, b = local.load_epoch(e), reader.load_epoch(e)
         for key in ("view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits", "tail_lse"):
             x, y = getattr(a, key), getattr(b, key)
             assert x.dtype == y.dtype and np.array_equal(x, y), (e, key)
@@ -442,7 +430,7 @@ def test_extend_while_reading(tiny, ref, launcher):
     build_here(tiny, cache, epochs=[0, 1])
     reader = CacheReader(str(cache))
     assert reader.epochs() == [0, 1]
-    before = {e: reader.load_epoch(e, verify=True) for e in (0, 1)}
+    before = {e: reader.load_epoch(e) for e in (0, 1)}
     # `logitcache build` in another process, its file writes slowed to widen the race window
     pid = launcher.start(cli_args(tiny, cache, epochs="2:4"), write_delay=0.005)
     seen, polls, status = set(), 0, None
@@ -454,7 +442,7 @@ def test_extend_while_reading(tiny, ref, launcher):
                 eps = reader.epochs()
                 assert set(eps) >= {0, 1} and eps == sorted(eps)
                 for e in eps:
-                    arrays = reader.load_epoch(e, verify=True)  # raises if any unit is incomplete
+                    arrays = reader.load_epoch(e)  # raises if any unit is incomplete
                     assert arrays.num_views == 96
                     if e in before:
                         for key in ("view_seed", "topk_ids", "topk_logits", "tail_lse", "mix_lam"):

@@ -14,6 +14,7 @@ import math
 import re
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,15 @@ FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 DOC_ARRAYS = ("sample_index", "view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits", "tail_lse")
 
 
-def doc_sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(a.astype(a.dtype.newbyteorder("<")).tobytes(order="C")).hexdigest()
+def doc_crc32(a: np.ndarray) -> int:
+    return zlib.crc32(a.astype(a.dtype.newbyteorder("<")).tobytes(order="C"))
 
 
 class DocReader:
     def __init__(self, url: str):
         self.root = zarr.open_group(url, mode="r")
         self.manifest = self.root.attrs["logitcache"]
-        assert self.manifest["format_version"] == 1
+        assert self.manifest["format_version"] == 2
         self.C = self.manifest["num_classes"]
         self.k = self.manifest["codec"]["k"]
         self.N = self.manifest["dataset"]["num_samples"]
@@ -48,17 +49,20 @@ class DocReader:
     def unit(self, epoch: int, shard: int):
         return self.root[f"epochs/{epoch:04d}/units/{shard:05d}"]
 
+    def committed_units(self, epoch: int) -> list[int]:
+        path = f"epochs/{epoch:04d}/commits"
+        return sorted(int(s) for s in self.root[path].group_keys()) if path in self.root else []
+
     def commit(self, epoch: int, shard: int) -> dict | None:
-        try:
-            return self.unit(epoch, shard).attrs.asdict().get("commit")
-        except (KeyError, FileNotFoundError, ValueError):
+        if shard not in self.committed_units(epoch):
             return None
+        return self.root[f"epochs/{epoch:04d}/commits/{shard:05d}"].attrs["commit"]
 
     def readable_epochs(self) -> list[int]:
         if "epochs" not in self.root:
             return []
         names = sorted(self.root["epochs"].group_keys())
-        return [int(e) for e in names if all(self.commit(int(e), s) is not None for s in range(self.num_shards))]
+        return [int(e) for e in names if self.committed_units(int(e)) == list(range(self.num_shards))]
 
     def read_unit(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
         commit = self.commit(epoch, shard)
@@ -68,6 +72,7 @@ class DocReader:
         for name in DOC_ARRAYS:
             arr = group[name]
             out[name] = arr[...] if commit["n"] else np.zeros((0,) + arr.shape[1:], arr.dtype)
+            assert doc_crc32(out[name]) == commit["crc32"][name], (epoch, shard, name)
         return out
 
     def load_epoch(self, epoch: int) -> dict[str, np.ndarray]:
@@ -124,7 +129,7 @@ def test_doc_reader_agrees_exactly_with_logitcache(cache_url):
     assert doc.manifest == reader.manifest.to_dict()
     assert doc.readable_epochs() == reader.epochs() == [0, 1]
     mine = doc.load_epoch(0)
-    theirs = reader.load_epoch(0, verify=True)
+    theirs = reader.load_epoch(0)
     assert np.array_equal(mine["sample_index"], np.arange(doc.N))
     for name in DOC_ARRAYS[1:]:
         a, b = mine[name], getattr(theirs, name)
@@ -161,19 +166,19 @@ def test_arrays_have_the_documented_dtypes_shapes_and_order(cache_url):
     assert start == doc.N
 
 
-def test_commit_sha256_recompute(cache_url):
+def test_commit_crc32_recompute(cache_url):
     doc = DocReader(cache_url)
     for epoch in doc.readable_epochs():
         for s in range(doc.num_shards):
             commit = doc.commit(epoch, s)
             u = doc.read_unit(epoch, s)
-            assert set(commit) == {"n", "sha256"} and set(commit["sha256"]) == set(DOC_ARRAYS)
+            assert set(commit) == {"n", "crc32"} and set(commit["crc32"]) == set(DOC_ARRAYS)
             assert commit["n"] == doc.shard_sizes[s]
             for name in DOC_ARRAYS:
                 assert len(u[name]) == commit["n"]
-                assert doc_sha256(u[name]) == commit["sha256"][name], (epoch, s, name)
+                assert doc_crc32(u[name]) == commit["crc32"][name], (epoch, s, name)
                 # the simpler form given for little-endian machines
-                assert hashlib.sha256(np.ascontiguousarray(u[name]).tobytes()).hexdigest() == commit["sha256"][name]
+                assert zlib.crc32(u[name].tobytes()) == commit["crc32"][name]
 
 
 def test_view_seeds_follow_the_documented_formula(cache_url, synth_data):
@@ -199,8 +204,7 @@ def test_only_committed_units_count(tmp_path, built_cache):
 
     url = str(tmp_path / "copy.zarr")
     shutil.copytree(built_cache, url)
-    group = zarr.open_group(url, mode="a")["epochs/0001/units/00001"]
-    del group.attrs["commit"]  # as if the writer had been killed before committing
+    del zarr.open_group(url, mode="a")["epochs/0001/commits"]["00001"]  # as if killed before committing
     assert DocReader(url).readable_epochs() == CacheReader(url).epochs() == [0]
     assert CacheReader(url).committed_units(1) == [0, 2]
 
@@ -234,7 +238,7 @@ def test_example_snippet_uses_only_zarr_and_numpy():
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
-    assert imported <= {"zarr", "numpy", "hashlib", "math", "json"}, imported
+    assert imported <= {"zarr", "numpy", "zlib", "hashlib", "math", "json"}, imported
 
 
 def test_example_snippet_runs(cache_url):
@@ -266,7 +270,8 @@ def _empty_unit_arrays(k: int) -> dict[str, np.ndarray]:
 def test_empty_unit_can_be_written_and_read(tmp_path):
     from logitcache.codec import create_codec
     from logitcache.manifest import DatasetInfo, Manifest
-    from logitcache.store import CacheReader, CacheWriter
+    from logitcache.store import CacheReader
+    from logitcache.writer import CacheWriter
     from logitcache.views import create_recipe
 
     manifest = Manifest(teacher="t", teacher_weights="w", teacher_weights_sha256=None,
@@ -275,7 +280,7 @@ def test_empty_unit_can_be_written_and_read(tmp_path):
     url = str(tmp_path / "empty.zarr")
     writer = CacheWriter(url, manifest)
     writer.write_unit(0, 0, _empty_unit_arrays(2))
-    unit = CacheReader(url).read_unit(0, 0, verify=True)
+    unit = CacheReader(url).read_unit(0, 0)
     assert unit["topk_ids"].shape == (0, 2)
     assert CacheReader(url).load_epoch(0).topk_ids.shape == (0, 2)  # an empty epoch loads as empty arrays
     assert DocReader(url).readable_epochs() == [0]
@@ -324,7 +329,8 @@ def test_load_epoch_checks_every_sample_is_covered_exactly_once(tmp_path, units,
     from logitcache.codec import create_codec
     from logitcache.errors import CorruptCacheError
     from logitcache.manifest import DatasetInfo, Manifest
-    from logitcache.store import CacheReader, CacheWriter
+    from logitcache.store import CacheReader
+    from logitcache.writer import CacheWriter
     from logitcache.views import create_recipe
 
     manifest = Manifest(teacher="t", teacher_weights="w", teacher_weights_sha256=None,

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from logitcache.trainer.losses import LossConfig, distill_loss
-from logitcache.trainer.mkd import MetaTemperatureLearner, MKDConfig, Temperatures, logit_features, mkd_loss
+from logitcache.trainer.mkd import MetaTemperatureLearner, MKDConfig, mkd_loss
+from logitcache.trainer.temperatures import Temperatures, logit_features
 
 C = 5
 D = 8

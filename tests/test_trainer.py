@@ -42,7 +42,10 @@ from logitcache.store import CacheReader
 from logitcache.teacher import Teacher
 from logitcache.trainer.data import CachedRows, create_train_loader, epoch_groups
 from logitcache.trainer.losses import LossConfig, distill_loss
-from logitcache.trainer.train import TrainConfig, TrainingStopped, smoothed_targets, train
+from logitcache.trainer.checkpoint import TrainingStopped
+from logitcache.trainer.config import TrainConfig
+from logitcache.trainer.step import smoothed_targets
+from logitcache.trainer.train import train
 
 torch.set_num_threads(1)  # in-process runs: the same arithmetic as the 1-thread subprocesses
 
@@ -127,9 +130,9 @@ def test_cached_full_logits_give_the_online_teachers_loss_and_gradients(synth_da
     recipe = reader.manifest.recipe
     source = open_source(synth_data, "train")
     arrays = reader.load_epoch(0)
-    groups = epoch_groups(source, recipe, 0, arrays)
-    loader = create_train_loader(source, recipe, groups, CachedRows(arrays, source.labels()), batch_size=32, seed=0,
-                                 epoch=0, num_workers=0, limit=1)
+    groups = epoch_groups(source, recipe, 0)
+    loader = create_train_loader(source, recipe, 0, groups, CachedRows(arrays, source.labels()), batch_size=32,
+                                 seed=0, epoch=0, num_workers=0, limit=1)
     batch = next(iter(loader))
     x = batch["images"]
     assert (batch["lam"] < 1).any(), "the batch should hold mixed views"
@@ -411,7 +414,7 @@ def test_toml_config_with_flag_overrides(tmp_path, synth_data, built_cache):
 
 
 def test_config_with_unknown_setting_is_rejected(tmp_path, synth_data):
-    from logitcache.trainer.train import load_config
+    from logitcache.trainer.config import load_config
 
     path = tmp_path / "bad.yaml"
     path.write_text(f"data: {synth_data}\nepoch: 3\n")
@@ -511,19 +514,20 @@ def test_ranks_split_the_same_global_batches(synth_data, built_cache_mix):
     """Rank slices of every global batch add up to the 1-process batch, view for view, also
     when a group holds one view (a mixing recipe's odd leftover), whose size the trainer
     needs to weight each rank's loss (``global_batch_views``)."""
-    from logitcache.views import Group
+    from logitcache.plan import Groups
 
     reader = CacheReader(built_cache_mix)
     recipe = reader.manifest.recipe
     source = open_source(synth_data, "train")
     arrays = reader.load_epoch(0)
-    groups = epoch_groups(source, recipe, 0, arrays)
-    groups = [Group(g.indices[:1], g.seeds[:1]) if j % 5 == 0 else g for j, g in enumerate(groups)]
+    groups = epoch_groups(source, recipe, 0)
+    single = np.arange(len(groups)) % 5 == 0
+    groups = Groups(groups.first, np.where(single, -1, groups.second))  # every 5th group: its first view only
     rows = CachedRows(arrays, source.labels())
 
     def batches(rank, world):
-        loader = create_train_loader(source, recipe, groups, rows, batch_size=8, seed=3, epoch=1, num_workers=0,
-                                     rank=rank, world_size=world, limit=4, skip=1)
+        loader = create_train_loader(source, recipe, 0, groups, rows, batch_size=8, seed=3, epoch=1,
+                                     num_workers=0, rank=rank, world_size=world, limit=4, skip=1)
         return loader.global_batch_views, list(loader)
 
     sizes, one = batches(0, 1)

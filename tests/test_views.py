@@ -23,6 +23,8 @@ from logitcache.codec import CodecSpec
 from logitcache.data.source import open_source
 from logitcache.store import CacheReader
 from logitcache.teacher import Teacher
+from logitcache.loader import render_batch
+from logitcache.plan import pair_seeds, plan_unit, view_seeds
 from logitcache.views import (
     MIX_CUTMIX,
     MIX_MIXUP,
@@ -33,8 +35,6 @@ from logitcache.views import (
     derive_seed,
     mix_pair,
     mix_params,
-    plan_unit,
-    render_group,
     seeded,
     view_seed,
 )
@@ -131,33 +131,31 @@ def test_mix_pairing_covers_every_sample_once(n, epoch):
     recipe = create_recipe("demo32_mix")
     start, shard = 1000, 4
     keys = [f"k{i:05d}" for i in range(n)]
-    plan = plan_unit(recipe, epoch, shard, start, keys)
-    assert (plan.epoch, plan.shard) == (epoch, shard)
-    flat = [i for g in plan.groups for i in g.indices]
-    assert sorted(flat) == list(range(start, start + n))  # every sample exactly once
-    assert plan.num_views == n
-    singles = [g for g in plan.groups if len(g.indices) == 1]
-    assert len(singles) == n % 2
-    for g in plan.groups:
-        assert len(g.indices) in (1, 2)
-        assert len(set(g.indices)) == len(g.indices)  # a pair has two distinct samples
-        assert g.seeds == tuple(view_seed(recipe.cache_seed, epoch, keys[i - start]) for i in g.indices)
-        if len(g.indices) == 2:
-            a, b = (keys[i - start] for i in g.indices)
-            assert g.pair_seed == derive_seed(recipe.cache_seed, epoch, "pair", a, b)
+    groups = plan_unit(recipe, epoch, shard, start, start + n)
+    assert sorted(groups.views().tolist()) == list(range(start, start + n))  # every sample exactly once
+    assert groups.num_views == n
+    assert int((groups.second < 0).sum()) == n % 2  # singles: the odd leftover only
+    paired = groups.second >= 0
+    assert np.all(groups.first[paired] != groups.second[paired])  # a pair has two distinct samples
+    seeds = view_seeds(recipe.cache_seed, epoch, [keys[i - start] for i in groups.first])
+    assert seeds.tolist() == [view_seed(recipe.cache_seed, epoch, keys[i - start]) for i in groups.first]
+    a = [keys[i - start] for i in groups.first[paired]]
+    b = [keys[i - start] for i in groups.second[paired]]
+    assert pair_seeds(recipe.cache_seed, epoch, a, b).tolist() == [
+        derive_seed(recipe.cache_seed, epoch, "pair", x, y) for x, y in zip(a, b)]
     # pairing is fixed by (cache_seed, epoch, shard) and changes with each
-    assert plan_unit(recipe, epoch, shard, start, keys).groups == plan.groups
+    same = plan_unit(recipe, epoch, shard, start, start + n)
+    assert np.array_equal(same.first, groups.first) and np.array_equal(same.second, groups.second)
     if n >= 7:
-        assert plan_unit(recipe, epoch + 1, shard, start, keys).groups != plan.groups
-        assert plan_unit(recipe, epoch, shard + 1, start, keys).groups != plan.groups
+        assert not np.array_equal(plan_unit(recipe, epoch + 1, shard, start, start + n).first, groups.first)
+        assert not np.array_equal(plan_unit(recipe, epoch, shard + 1, start, start + n).first, groups.first)
 
 
 def test_no_mix_recipe_plans_single_groups_in_order():
     recipe = create_recipe("demo32")
-    keys = [f"k{i}" for i in range(5)]
-    plan = plan_unit(recipe, 2, 0, 10, keys)
-    assert [g.indices for g in plan.groups] == [(10 + i,) for i in range(5)]
-    assert [g.seeds for g in plan.groups] == [(view_seed(0, 2, k),) for k in keys]
+    groups = plan_unit(recipe, 2, 0, 10, 15)
+    assert groups.first.tolist() == list(range(10, 15)) and np.all(groups.second == -1)
+    assert groups.views().tolist() == list(range(10, 15))
 
 
 def test_mix_params_are_valid_and_cover_both_modes():
@@ -249,17 +247,17 @@ def test_replay_is_independent_of_order(synth_data, recipe_name):
     source = open_source(synth_data, "train")
     shard = len(source.shards) - 1
     info = source.shards[shard]
-    plan = plan_unit(recipe, 1, shard, info.start, source.keys()[info.start:info.stop])
+    groups = plan_unit(recipe, 1, shard, info.start, info.stop)
 
     def render(order, disturb, transform):
         out = {}
         for j in order:
             if disturb:  # whatever the global RNGs hold must not matter
                 random.seed(j), np.random.seed(j), torch.manual_seed(j)
-            out[j] = render_group(recipe, transform, source.load_image, plan.groups[j])
+            out[j] = render_batch(recipe, transform, source, 1, groups.take([j]))
         return out
 
-    n = len(plan.groups)
+    n = len(groups)
     forward = render(range(n), False, create_train_transform(recipe))
     shuffled_order = list(range(n))
     random.Random(7).shuffle(shuffled_order)
@@ -267,11 +265,11 @@ def test_replay_is_independent_of_order(synth_data, recipe_name):
     for other in (render(reversed(range(n)), True, transform), render(shuffled_order, True, transform)):
         for j in range(n):
             x, y = forward[j], other[j]
-            assert torch.equal(x.images, y.images), f"group {j} rendered differently"
+            assert torch.equal(x["images"], y["images"]), f"group {j} rendered differently"
             for name in ("index", "partner", "lam", "seed"):
-                assert torch.equal(getattr(x, name), getattr(y, name))
+                assert torch.equal(x[name], y[name])
     if recipe.mixes:  # the pairs really are mixed (the test is not vacuous)
-        assert any(float(r.lam[0]) < 1.0 for r in forward.values() if len(r.lam) == 2)
+        assert any(float(r["lam"][0]) < 1.0 for r in forward.values() if len(r["lam"]) == 2)
 
 
 # -- THE KEY TEST: regenerated views == what the build fed the teacher --------------------
@@ -286,31 +284,28 @@ _REGEN_SCRIPT = r"""
 import json, sys
 import torch
 from logitcache.data.source import open_source
-from logitcache.loader import GroupDataset, create_loader
-from logitcache.views import create_recipe, plan_unit, view_seed
+from logitcache.loader import BatchDataset, create_batch_loader
+from logitcache.plan import plan_epoch
+from logitcache.views import create_recipe, view_seed
 
 args = json.loads(sys.argv[1])
 seeds = {"0/3/s0000001": view_seed(0, 3, "s0000001"), "7/0/a/b": view_seed(7, 0, "a/b"),
          "0/1/s0000000": view_seed(0, 1, "s0000000")}
 source = open_source(args["data"], "train")
-keys = source.keys()
+bounds = [(s.start, s.stop) for s in source.shards]
 for name, out_path in args["outputs"].items():
     recipe = create_recipe(name)
-    groups, group_epoch = [], []
+    per, batches = args["groups_per_batch"], []
     for epoch in args["epochs"]:
-        for shard, info in enumerate(source.shards):
-            plan = plan_unit(recipe, epoch, shard, info.start, keys[info.start:info.stop])
-            groups += plan.groups
-            group_epoch += [epoch] * len(plan.groups)
-    per = args["groups_per_batch"]
-    batches = [list(range(i, min(i + per, len(groups)))) for i in range(0, len(groups), per)][::-1]
-    loader = create_loader(GroupDataset(source, recipe, groups), batches, num_workers=args["workers"])
+        groups = plan_epoch(recipe, epoch, bounds)
+        batches += [(epoch, groups.take(slice(i, i + per)), {"epoch": epoch}) for i in range(0, len(groups), per)]
+    loader = create_batch_loader(BatchDataset(source, recipe, batches[::-1]), num_workers=args["workers"])
     parts = {k: [] for k in ("images", "index", "partner", "lam", "seed", "epoch")}
     for batch in loader:
         assert not batch["errors"], batch["errors"]
         for k in ("images", "index", "partner", "lam", "seed"):
             parts[k].append(batch[k])
-        parts["epoch"].append(torch.tensor([group_epoch[int(i)] for i in batch["item"]], dtype=torch.int64))
+        parts["epoch"].append(torch.full((len(batch["index"]),), batch["epoch"], dtype=torch.int64))
     torch.save({k: torch.cat(v) for k, v in parts.items()}, out_path)
 print(json.dumps({"view_seeds": seeds}))
 """
@@ -350,15 +345,14 @@ def _build_feed(source, recipe, epochs, batch_size):
     sizes of its teacher calls: units in (epoch, shard) order, groups in plan order,
     ``batch_size // group_size`` groups per call, never across units."""
     order, batch_sizes = [], []
-    keys = source.keys()
     per_batch = max(1, batch_size // recipe.group_size)
     for epoch in epochs:
         for shard, info in enumerate(source.shards):
-            plan = plan_unit(recipe, epoch, shard, info.start, keys[info.start:info.stop])
-            for b in range(0, len(plan.groups), per_batch):
-                chunk = plan.groups[b:b + per_batch]
-                batch_sizes.append(sum(len(g.indices) for g in chunk))
-                order += [(epoch, i) for g in chunk for i in g.indices]
+            groups = plan_unit(recipe, epoch, shard, info.start, info.stop)
+            for b in range(0, len(groups), per_batch):
+                chunk = groups.take(slice(b, b + per_batch)).views().tolist()
+                batch_sizes.append(len(chunk))
+                order += [(epoch, i) for i in chunk]
     return order, batch_sizes
 
 
@@ -424,7 +418,7 @@ def test_regenerated_views_are_what_the_teacher_saw(request, which, synth_data, 
     for epoch in record.epochs:
         rows = [j for j, (e, _) in enumerate(order) if e == epoch]
         index = np.array([order[j][1] for j in rows])
-        ep = reader.load_epoch(epoch, verify=True)
+        ep = reader.load_epoch(epoch)
         _assert_matches_teacher(spec, ep.topk_ids[index], ep.topk_logits[index], ep.tail_lse[index],
                                 true[rows], f"{record.recipe} epoch {epoch}")
         keys = [(epoch, int(i)) for i in index]

@@ -11,85 +11,100 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from logitcache.build import plan_units
 from logitcache.errors import CacheMismatchError
-from logitcache.loader import GroupDataset, create_loader
+from logitcache.loader import BatchDataset, create_batch_loader
+from logitcache.plan import Groups, plan_epoch
 from logitcache.store import EpochArrays
-from logitcache.views import Group, Recipe, create_eval_transform
+from logitcache.views import Recipe, create_eval_transform
 
 
 class CachedRows:
-    """Adds label targets and one epoch's cached rows to a collated batch, by sample index.
+    """Adds label targets and one epoch's cached rows to a rendered batch, by sample index,
+    after checking that the batch's view seeds are the cached ones.
 
     Runs in the DataLoader workers, once per batch: one vectorised numpy gather per array
     (no per-sample Python), so rows arrive with the images as small tensors."""
 
-    def __init__(self, arrays: EpochArrays | None, labels: np.ndarray):
+    def __init__(self, arrays: EpochArrays | None, labels: np.ndarray, source=None):
         self.arrays = arrays
         self.labels = labels
+        self.source = source  # names the first mismatching sample (its key and shard)
 
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict, tag: dict | None = None) -> dict[str, torch.Tensor]:
         idx, partner = batch["index"].numpy(), batch["partner"].numpy()
         # np.take along axis 0: the same rows as fancy indexing, about 1.7x faster for small batches
         out = {"label": torch.from_numpy(self.labels.take(idx)), "partner_label": torch.from_numpy(self.labels.take(partner))}
         if self.arrays is not None:
             a = self.arrays
+            self._check_seeds(idx, batch["seed"].numpy().view(np.uint64))
             out["topk_ids"] = torch.from_numpy(a.topk_ids.take(idx, axis=0))  # stored dtype; decode widens on the device
             out["topk_logits"] = torch.from_numpy(a.topk_logits.take(idx, axis=0))
             out["tail_lse"] = torch.from_numpy(a.tail_lse.take(idx))
         return out
 
-
-def epoch_groups(source, recipe: Recipe, view_epoch: int, arrays: EpochArrays | None) -> list[Group]:
-    """The groups of ``view_epoch`` as the build made them; checked against the cache's seeds."""
-    groups = [g for p in plan_units(source, recipe, [view_epoch]) for g in p.groups]
-    if arrays is not None:
-        idx = np.fromiter((i for g in groups for i in g.indices), dtype=np.int64)
-        seeds = np.fromiter((s for g in groups for s in g.seeds), dtype=np.uint64)
-        if not np.array_equal(arrays.view_seed[idx], seeds):
-            bad = int(idx[np.argmax(arrays.view_seed[idx] != seeds)])
+    def _check_seeds(self, idx: np.ndarray, seeds: np.ndarray) -> None:
+        cached = self.arrays.view_seed.take(idx)
+        if not np.array_equal(cached, seeds):
+            bad = int(idx[np.argmax(cached != seeds)])
+            where = (f"key {self.source.key(bad)!r}, shard {self.source.shards[self.source.shard_of(bad)].name}"
+                     if self.source is not None else f"sample {bad}")
             raise CacheMismatchError(
-                f"cached view seeds of epoch {view_epoch} do not match the views regenerated here (first at key "
-                f"{source.key(bad)!r}, shard {source.shards[source.shard_of(bad)].name}): cache built with another recipe or data"
+                f"cached view seeds of epoch {self.arrays.epoch} do not match the views regenerated here (first at "
+                f"{where}): cache built with another recipe or data"
             )
-    return groups
 
 
-def train_batches(num_groups: int, groups_per_batch: int, *, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> list[list[int]]:
-    """Shuffled global batches of group ids (the last partial one dropped); rank ``r`` of ``W``
-    takes the r-th of W equal slices of every global batch, so the global batch is the same
-    whatever the world size."""
+def epoch_groups(source, recipe: Recipe, view_epoch: int) -> Groups:
+    """The groups of ``view_epoch``, as the build made them (every unit, shard after shard)."""
+    return plan_epoch(recipe, view_epoch, [(s.start, s.stop) for s in source.shards])
+
+
+def train_batches(num_groups: int, groups_per_batch: int, *, seed: int, epoch: int) -> np.ndarray:
+    """(B, groups_per_batch) int64: shuffled global batches of group ids (the last partial one
+    dropped), a function of ``(seed, epoch)`` alone: the same whatever the world size."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_groups, generator=g).tolist()
-    per_rank = groups_per_batch // world_size
-    batches = []
-    for b in range(num_groups // groups_per_batch):
-        glob = order[b * groups_per_batch:(b + 1) * groups_per_batch]
-        batches.append(glob[rank * per_rank:(rank + 1) * per_rank])
-    return batches
+    order = torch.randperm(num_groups, generator=g).numpy()
+    nb = num_groups // groups_per_batch
+    return order[:nb * groups_per_batch].reshape(nb, groups_per_batch)
 
 
-def create_train_loader(source, recipe: Recipe, groups: list[Group], rows: CachedRows, *, batch_size: int,
-                        seed: int, epoch: int, num_workers: int, rank: int = 0, world_size: int = 1,
-                        pin_memory: bool = False, limit: int | None = None, skip: int = 0) -> DataLoader:
-    """``batch_size`` is the global batch in views; it must split evenly into groups and ranks.
+class EpochBatches:
+    """This rank's batches of one epoch for :class:`logitcache.loader.BatchDataset`: item ``b``
+    is ``(view_epoch, the groups of batch b, {})``. Holds the epoch's group arrays and one
+    row of group ids per batch: no Python object per view."""
+
+    def __init__(self, view_epoch: int, groups: Groups, batch_ids: np.ndarray):
+        self.view_epoch, self.groups, self.batch_ids = view_epoch, groups, batch_ids
+
+    def __len__(self) -> int:
+        return len(self.batch_ids)
+
+    def __getitem__(self, b: int) -> tuple[int, Groups, dict]:
+        return self.view_epoch, self.groups.take(self.batch_ids[b]), {}
+
+
+def create_train_loader(source, recipe: Recipe, view_epoch: int, groups: Groups, rows: CachedRows, *,
+                        batch_size: int, seed: int, epoch: int, num_workers: int, rank: int = 0,
+                        world_size: int = 1, pin_memory: bool = False, limit: int | None = None,
+                        skip: int = 0) -> DataLoader:
+    """Student epoch ``epoch`` over ``groups`` of cached epoch ``view_epoch``. ``batch_size``
+    is the global batch in views; it must split evenly into groups and ranks. Rank ``r`` of
+    ``W`` takes the r-th of W equal slices of every global batch.
 
     ``limit`` keeps the first batches only; ``skip`` drops the first ones (a resumed epoch)."""
     gs = recipe.group_size
     if batch_size % (gs * world_size):
         raise ValueError(f"batch size {batch_size} must be a multiple of {gs * world_size} (group size x world size)")
-    batches = train_batches(len(groups), batch_size // gs, seed=seed, epoch=epoch, rank=0, world_size=1)
+    batches = train_batches(len(groups), batch_size // gs, seed=seed, epoch=epoch)
     batches = batches[:limit] if limit else batches
     # Views per global batch (a mixing recipe's odd leftover sample is a group of one view, so
     # ranks may hold different numbers of views): the trainer weights each rank's mean loss
     # by its share, which makes the DDP-averaged gradient the gradient of the global mean.
-    sizes = np.fromiter((len(g.indices) for g in groups), dtype=np.int64, count=len(groups))
-    global_views = [int(sizes[b].sum()) for b in batches]
+    global_views = groups.sizes[batches].sum(axis=1).tolist()
     per_rank = batch_size // gs // world_size
-    batches = [b[rank * per_rank:(rank + 1) * per_rank] for b in batches]
-    loader = create_loader(GroupDataset(source, recipe, groups), batches[skip:], num_workers=num_workers,
-                           pin_memory=pin_memory, batch_extra=rows)
+    mine = EpochBatches(view_epoch, groups, batches[skip:, rank * per_rank:(rank + 1) * per_rank])
+    loader = create_batch_loader(BatchDataset(source, recipe, mine, extra=rows), num_workers=num_workers,
+                                 pin_memory=pin_memory)
     loader.global_batch_views = global_views[skip:]
     return loader
 

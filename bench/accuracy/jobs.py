@@ -1,0 +1,171 @@
+"""The accuracy study's units of work: the dataset, a teacher, a cache and a student run.
+
+Each runs in a pool process, writes its result next to its files and, called again, finds
+that result on disk instead of redoing the work (a student run only with ``resume``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..common import Clock, codec_for_k
+from .plan import RECIPE, STUDENT, TEACHER
+
+
+def log(msg: str) -> None:
+    print(f"[accuracy {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def prepare_dataset(name: str, work: Path) -> Path:
+    """The dataset's folder under ``work``, generated on first use."""
+    root = work / name / "data"
+    if (root / "dataset.json").exists():
+        return root
+    tmp = work / name / "data.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if name == "synth":
+        from logitcache.data.synth import generate_synth
+
+        generate_synth(tmp)  # the defaults: 128 classes, 40 train + 10 val per class, 32 px
+    elif name == "digits":
+        from logitcache.data.digits import generate_digits
+
+        generate_digits(tmp)  # the defaults: 80/20 split, 32 px
+    else:
+        raise ValueError(f"unknown dataset {name!r}; use synth or digits")
+    tmp.rename(root)
+    return root
+
+
+def _demo_teacher(data: Path, epochs: int) -> Path | None:
+    """demo_out/teacher/model.safetensors when it was trained on this very synth dataset."""
+    demo = Path("demo_out")
+    weights, summary, demo_data = demo / "teacher" / "model.safetensors", demo / "teacher" / "summary.json", demo / "data"
+    if not (weights.exists() and summary.exists() and (demo_data / "dataset.json").exists()):
+        return None
+    from logitcache.data.source import open_source
+
+    try:
+        same = open_source(str(demo_data), "train").fingerprint() == open_source(str(data), "train").fingerprint()
+        cfg = json.loads(summary.read_text()).get("config", {})
+    except Exception:  # noqa: BLE001 - an unreadable demo folder is simply not reused
+        return None
+    if same and cfg.get("student") == TEACHER and cfg.get("recipe") == RECIPE and cfg.get("epochs", 0) >= epochs:
+        return weights
+    return None
+
+
+def _find_or_train_teacher(name: str, data: Path, work: Path, epochs: int, workers: int,
+                           only_existing: bool = False) -> dict | None:
+    """Train (once) the dataset's teacher; later calls find it on disk. ``only_existing``:
+    None instead of training."""
+    from logitcache.data.source import open_source
+    from logitcache.trainer.config import TrainConfig
+    from logitcache.trainer.losses import LossConfig
+    from logitcache.trainer.train import train
+
+    fingerprint = open_source(str(data), "train").fingerprint()
+    spec = {"model": TEACHER, "recipe": RECIPE, "epochs": epochs, "loss": "none", "batch_size": 128, "seed": 0,
+            "data": fingerprint}
+    tdir = work / name / f"teacher-{_digest(spec)}"
+    weights = tdir / "model.safetensors"
+    info = {"model": TEACHER, "epochs": epochs, "recipe": RECIPE, "dir": str(tdir), "weights": str(weights)}
+    if (tdir / "done.json").exists():
+        return {**json.loads((tdir / "done.json").read_text()), "reused": True}
+    if name == "synth":
+        demo = _demo_teacher(data, epochs)
+        if demo is not None:
+            tdir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(demo, weights)
+            summary = json.loads((demo.parent / "summary.json").read_text())
+            done = {**info, "val_top1": summary["final_top1"], "val_top5": summary["final_top5"],
+                    "epochs": summary["config"]["epochs"], "source": str(demo), "seconds": 0.0}
+            (tdir / "done.json").write_text(json.dumps(done, indent=2))
+            return {**done, "reused": True}
+    if only_existing:
+        return None
+    log(f"{name}: training teacher {TEACHER} for {epochs} epochs -> {tdir}")
+    clock = Clock()
+    summary = train(TrainConfig(data=str(data), student=TEACHER, out=str(tdir), recipe=RECIPE, epochs=epochs,
+                                batch_size=128, loss=LossConfig(kind="none"), num_workers=workers, seed=0,
+                                tensorboard=False))
+    done = {**info, "val_top1": summary["final_top1"], "val_top5": summary["final_top5"], **clock.read()}
+    (tdir / "done.json").write_text(json.dumps(done, indent=2))
+    return {**done, "reused": False}
+
+
+def obtain_teacher(name: str, data: Path, work: Path, epochs: int, workers: int, prefer_epochs: int | None) -> dict:
+    """The dataset's teacher: one of ``prefer_epochs`` when one is on disk, else one of ``epochs``."""
+    if prefer_epochs:
+        found = _find_or_train_teacher(name, data, work, prefer_epochs, workers, only_existing=True)
+        if found is not None:
+            return found
+    return _find_or_train_teacher(name, data, work, epochs, workers)
+
+
+def build_cache(name: str, data: Path, work: Path, teacher: dict, k, epochs: int, workers: int) -> dict:
+    """Build (or extend to ``epochs``, or just find) the top-k cache of this teacher."""
+    from logitcache.build import build
+    from logitcache.data.source import open_source
+    from logitcache.store import CacheReader
+    from logitcache.teacher import Teacher
+    from logitcache.views import create_recipe
+
+    source = open_source(str(data), "train")
+    codec = codec_for_k(k, source.num_classes)
+    tag = "full" if codec.name == "full" else f"top{codec.k}"
+    url = str(work / name / "caches" / f"{Path(teacher['dir']).name}-{tag}.zarr")
+    stats = Path(url + ".accuracy.json")  # how the build went, for reruns that reuse the cache
+    have = CacheReader(url).epochs() if Path(url, "zarr.json").exists() else []
+    if set(range(epochs)) <= set(have):
+        built = json.loads(stats.read_text()) if stats.exists() else {"wall_s": 0.0}
+        return {**built, "url": url, "codec": tag, "epochs": len(have), "reused": True}
+    log(f"{name}: building cache {tag} ({epochs} epochs) -> {url}")
+    clock = Clock()
+    report = build(source, dataset_name=name, teacher=Teacher(TEACHER, weights=teacher["weights"]),
+                   recipe=create_recipe(RECIPE), codec=codec, url=url, epochs=list(range(epochs)), batch_size=128,
+                   num_workers=workers, progress=False)
+    result = {"url": url, "codec": tag, "epochs": epochs, "views": report.views, "views_per_s": report.views_per_s,
+              **clock.read()}
+    stats.write_text(json.dumps(result, indent=2))
+    return {**result, "reused": False}
+
+
+def train_student(name: str, data: Path, work: Path, variant: str, seed: int, epochs: int, extra: dict,
+                  workers: int, resume: bool, limit_batches: int | None) -> dict:
+    """One student run; with ``resume``, a finished run with the same settings is reused."""
+    from logitcache.trainer.config import TrainConfig
+    from logitcache.trainer.train import train
+
+    out = work / name / "students" / f"e{epochs}" / variant / f"seed{seed}"
+    cfg = TrainConfig(data=str(data), student=STUDENT, out=str(out), epochs=epochs, batch_size=128, lr=2e-3,
+                      num_workers=workers, seed=seed, tensorboard=False, progress=False,
+                      limit_batches=limit_batches, **extra)
+    spec = json.loads(json.dumps(asdict(cfg), default=str))
+    spec.pop("num_workers")  # the views, and so the results, do not depend on it
+    marker = out / "accuracy_run.json"
+    if resume and marker.exists():
+        saved = json.loads(marker.read_text())
+        if saved.get("spec") == spec:
+            return {**saved["result"], "reused": True}
+    shutil.rmtree(out, ignore_errors=True)
+    clock = Clock()
+    summary = train(cfg)
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    result = {"top1": summary["final_top1"], "top5": summary["final_top5"], "best_top1": summary["best_top1"],
+              "curve_top1": [r["val_top1"] for r in curve], **clock.read(),
+              "train_images_per_s": summary["images_per_s"], "dir": str(out)}
+    for key in ("t_teacher", "t_student"):
+        if key in summary:
+            result[key] = summary[key]
+    marker.write_text(json.dumps({"spec": spec, "result": result}, indent=2))
+    return {**result, "reused": False}

@@ -1,0 +1,351 @@
+"""Check a cache against its teacher (:func:`verify_cache`): re-render a seeded sample of
+committed views, re-run the teacher and compare with the cached logits, seeds, labels and
+checksums. Returns a :class:`VerifyReport`; the CLI (``cli/format.py``) turns it into text.
+
+Verification tolerance
+----------------------
+A kept logit is stored as ``c = round(b)`` where ``b`` is the float32 logit the teacher
+gave at build time; verification recomputes ``r = b + d``, where ``d`` is float32
+reduction-order noise (other batch composition, other kernel choice). For float16
+values rounding to nearest gives ``|c - b| <= 2**-11 |b|`` for normal numbers
+(``|b| >= 2**-14``) and ``<= 2**-25`` for subnormals; overflow (``|b| > 65504``) gives
+``inf`` and always fails. ``d`` scales with the size of the row's logits, not with the
+entry itself, so a relative bound alone fails spuriously on kept logits near zero. An
+entry therefore passes when::
+
+    |c - r| <= tol * |r| + atol + NOISE_REL * max_j |r_j|      (per view row)
+
+with ``tol = 4 * codec.relative_tolerance()`` by default (2**-9 ~ 1.95e-3 for float16:
+one half-ulp of rounding plus room for noise; 2**-22 for float32), ``atol = 1e-6``
+(covers float16 subnormal rounding, 2**-25, and float32 noise of tiny logits) and
+``NOISE_REL = 2**-20`` (about 8 float32 ulps of the row's largest logit). The reported
+``max_rel_err`` is ``max((|c - r| - atol - NOISE_REL * scale)+ / |r|)``, so the cache
+passes iff ``max_rel_err <= tol``. ``tail_lse`` (stored as float32) is held to the same
+bound. The default assumes the teacher runs in the same precision as at build time: on
+CUDA the teacher runs under bf16 autocast (logits differ by ~1e-2 relative from a
+float32 CPU run), so verify a GPU-built cache on a GPU, or pass a larger tolerance.
+
+Top-k ids must equal the recomputed top-k ids, except ties: a view whose ids differ still
+passes when its cached ids are distinct and ``r[cached_id_j] >= r_(j) - bound`` at every
+position ``j`` (``r_(j)`` the j-th largest recomputed logit), i.e. the cached ids are a
+valid top-k of the recomputed logits up to the tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .cache_stats import committed_views
+from .codec import decode
+from .errors import CacheMismatchError, LogitcacheError, WeightsUnavailableError
+from .manifest import Manifest
+from .store import CacheReader, unit_path
+
+if TYPE_CHECKING:
+    from .data.source import SampleSource
+
+#: Absolute slack of a kept logit, on top of the relative tolerance (see module docstring).
+DEFAULT_ATOL = 1e-6
+#: Recomputation noise allowed per entry, relative to the largest |logit| of its row.
+NOISE_REL = 2.0**-20
+#: Multiple of the codec's rounding bound used as default relative tolerance.
+TOLERANCE_FACTOR = 4.0
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify_cache`. ``passed`` iff ``reasons`` is empty."""
+
+    url: str
+    device: str
+    seed: int
+    requested: int  # views asked for
+    views_checked: int
+    units_checked: int
+    epochs: list[int]  # epochs the checked views come from
+    tolerance: float  # relative tolerance on kept logits (and tail_lse)
+    atol: float  # absolute slack (plus NOISE_REL x the row's largest |logit|)
+    max_abs_err: float  # max |cached - recomputed| over kept logits
+    max_rel_err: float  # max relative error beyond the absolute slack (pass iff <= tolerance)
+    tail_max_abs_err: float  # max |cached tail_lse - recomputed| (0 for the full codec)
+    kl_mean: float  # KL(teacher softmax || rebuilt softmax), nats, at T=1
+    kl_max: float
+    top1_agreement: float  # % of views whose cached top-1 id is the recomputed argmax
+    ids_exact: int  # views whose top-k ids equal the recomputed ones
+    ids_tied: int  # views whose ids differ only by ties (within tolerance)
+    ids_wrong: int
+    metadata_failures: list[str] = field(default_factory=list)  # seeds / labels / partners / lambdas
+    worst: dict | None = None  # the kept logit nearest to (or furthest past) its bound
+    reasons: list[str] = field(default_factory=list)  # why it failed; empty when passed
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+
+def default_tolerance(manifest: Manifest) -> float:
+    """``TOLERANCE_FACTOR`` x the codec's rounding bound (2**-9 for float16, 2**-22 for float32)."""
+    return TOLERANCE_FACTOR * manifest.codec.relative_tolerance()
+
+
+def check_teacher_weights(manifest: Manifest, teacher_weights: str | None, url: str) -> None:
+    """Raise unless ``teacher_weights`` are the weights the cache was built with."""
+    from .teacher import file_sha256
+
+    want = manifest.teacher_weights_sha256
+    if want is None:
+        if teacher_weights is not None:
+            raise CacheMismatchError(
+                f"cache {url} was built with timm's pretrained weights ({manifest.teacher_weights}), not a weights "
+                f"file; verify it without --teacher-weights ({teacher_weights} cannot be checked against it)"
+            )
+        return
+    if teacher_weights is None:
+        raise WeightsUnavailableError(
+            f"cache {url} was built with the weights file {manifest.teacher_weights!r} (sha256 {want[:16]}); "
+            f"pass it with --teacher-weights FILE"
+        )
+    if not os.path.isfile(teacher_weights):
+        raise WeightsUnavailableError(f"--teacher-weights {teacher_weights}: no such file")
+    got = file_sha256(teacher_weights)
+    if got != want:
+        raise CacheMismatchError(
+            f"--teacher-weights {teacher_weights} (sha256 {got[:16]}) are not the weights cache {url} was built "
+            f"with ({manifest.teacher_weights!r}, sha256 {want[:16]})"
+        )
+
+
+def _open_checked_source(manifest: Manifest, data: str | None, url: str) -> SampleSource:
+    """The dataset the cache was built on (``data``, else the URL in the manifest), checked by fingerprint."""
+    from .data.source import open_source
+
+    where = data or manifest.dataset.url
+    if not where:
+        raise LogitcacheError(f"cache {url} does not record where its dataset is; pass --data")
+    source = open_source(where, manifest.dataset.split)
+    if source.fingerprint() != manifest.dataset.fingerprint:
+        raise CacheMismatchError(
+            f"dataset {source.url} split {manifest.dataset.split!r} (fingerprint {source.fingerprint()[:12]}) is not "
+            f"the data cache {url} was built on ({manifest.dataset.name!r}, fingerprint "
+            f"{manifest.dataset.fingerprint[:12]})"
+        )
+    return source
+
+
+@dataclass
+class _Picks:
+    """The committed views to check: uniform over all committed views, seeded."""
+
+    units: list[tuple[int, int, int]]  # (epoch, shard, views) of every non-empty committed unit
+    picks: np.ndarray  # (count,) sorted view numbers, counting through ``units`` in order
+    starts: np.ndarray  # (len(units) + 1,) view number of each unit's first row
+    unit_of: np.ndarray  # (count,) index into ``units`` of each pick
+
+
+def _pick_views(reader: CacheReader, sample: int, seed: int, url: str) -> _Picks:
+    """``min(sample, committed views)`` distinct views drawn by ``numpy`` from ``seed``."""
+    committed = committed_views(reader)
+    units = [(e, s, n) for e, us in committed.items() for s, n in sorted(us.items()) if n > 0]
+    total = sum(n for _, _, n in units)
+    if total == 0:
+        raise LogitcacheError(f"cache {url} has no committed views to verify")
+    count = min(sample, total)
+    picks = np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+    starts = np.cumsum([0] + [n for _, _, n in units])
+    unit_of = np.searchsorted(starts, picks, side="right") - 1
+    return _Picks(units, picks, starts, unit_of)
+
+
+@dataclass
+class _Regenerated:
+    """The picked views rendered again, their cached rows, and what did not match."""
+
+    where: list[tuple[int, str]] = field(default_factory=list)  # (epoch, key) per checked view
+    images: list[torch.Tensor] = field(default_factory=list)  # rendered view (3, H, W) per checked view
+    rows: dict[str, list] = field(default_factory=lambda: {f: [] for f in ("topk_ids", "topk_logits", "tail_lse")})
+    metadata_failures: list[str] = field(default_factory=list)
+
+
+def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, transform) -> _Regenerated:
+    """Read each unit holding a picked view (checked against its commit record), re-render the picked views
+    and compare their seeds, labels, partners and mix weights with the cached ones."""
+    from .loader import render_batch
+    from .plan import plan_unit
+
+    m = reader.manifest
+    keys_all = source.keys()
+    labels_all = source.labels()
+    out = _Regenerated()
+    for j in np.unique(picked.unit_of):
+        e, s, _n = picked.units[j]
+        name = unit_path(e, s)
+        u = reader.read_unit(e, s)  # checked against its commit record: damage stops here, named
+        info = source.shards[s]
+        groups = plan_unit(m.recipe, e, s, info.start, info.stop)
+        group_of = {int(i): g for g, i in enumerate(groups.first)}
+        group_of.update({int(i): g for g, i in enumerate(groups.second) if i >= 0})
+        rendered: dict[int, dict] = {}
+        for r in (picked.picks[picked.unit_of == j] - picked.starts[j]).tolist():
+            idx = int(u["sample_index"][r])
+            g = group_of.get(idx)
+            if g is None:
+                out.metadata_failures.append(f"{name} row {r}: sample index {idx} is not in shard {s}")
+                continue
+            if g not in rendered:  # a mix pair renders together: once for both views
+                rendered[g] = render_batch(m.recipe, transform, source, e, groups.take([g]))
+            rg = rendered[g]
+            p = int(groups.first[g] != idx)  # the view's position in its group
+            key = keys_all[idx]
+            expect = {"view_seed": np.uint64(rg["seed"].numpy().view(np.uint64)[p]), "label": labels_all[idx],
+                      "partner_index": int(rg["partner"][p]), "mix_lam": np.float32(float(rg["lam"][p]))}
+            diffs = [f for f, v in expect.items() if u[f][r] != v]
+            if diffs:
+                out.metadata_failures.append(f"{name} key {key}: {', '.join(diffs)} differ from the regenerated view")
+            out.images.append(rg["images"][p])
+            out.where.append((e, key))
+            for f in out.rows:
+                out.rows[f].append(u[f][r])
+    return out
+
+
+def verify_cache(
+    url: str,
+    *,
+    data: str | None = None,
+    teacher_weights: str | None = None,
+    sample: int = 64,
+    seed: int = 0,
+    tolerance: float | None = None,
+    atol: float = DEFAULT_ATOL,
+    device: str = "auto",
+    batch_size: int = 64,
+    storage_options: dict | None = None,
+) -> VerifyReport:
+    """Re-render ``sample`` random committed views (seeded by ``seed``), re-run the teacher,
+    and compare with the cache. See the module docstring for the pass criterion.
+
+    Raises :class:`CacheMismatchError` (other weights file, other dataset) or
+    :class:`WeightsUnavailableError` before any teacher work; a cache that is merely wrong
+    gives a report with ``passed`` False.
+    """
+    from .build import resolve_device
+    from .teacher import Teacher
+    from .views import create_train_transform
+
+    t0 = time.perf_counter()
+    if sample < 1:
+        raise LogitcacheError(f"--sample must be >= 1, not {sample}")
+    reader = CacheReader(url, storage_options=storage_options)
+    m = reader.manifest
+    check_teacher_weights(m, teacher_weights, url)
+    source = _open_checked_source(m, data, url)
+    C, k = m.num_classes, m.codec.k
+    tol = default_tolerance(m) if tolerance is None else float(tolerance)
+    picked = _pick_views(reader, sample, seed, url)
+
+    dev = resolve_device(device)
+    teacher = Teacher(m.teacher, weights=teacher_weights, num_classes=C, device=dev)
+    if teacher.num_classes != C:
+        raise CacheMismatchError(f"teacher {teacher.name} predicts {teacher.num_classes} classes, cache {url} has {C}")
+    got = _regenerate(reader, source, picked, create_train_transform(m.recipe))
+
+    n = len(got.images)
+    report = VerifyReport(
+        url=url, device=str(dev), seed=seed, requested=sample, views_checked=n,
+        units_checked=len(np.unique(picked.unit_of)), epochs=sorted({e for e, _ in got.where}), tolerance=tol,
+        atol=atol, max_abs_err=0.0, max_rel_err=0.0, tail_max_abs_err=0.0, kl_mean=0.0, kl_max=0.0,
+        top1_agreement=100.0, ids_exact=0, ids_tied=0, ids_wrong=0,
+        metadata_failures=got.metadata_failures,
+    )
+    if n:
+        views = torch.stack(got.images)
+        r = torch.cat([teacher(views[i:i + batch_size], m.recipe.mean, m.recipe.std).cpu()
+                       for i in range(0, n, batch_size)]).double()
+        ids = torch.from_numpy(np.stack(got.rows["topk_ids"]).astype(np.int64))
+        c = torch.from_numpy(np.stack(got.rows["topk_logits"]).astype(np.float64))
+        tail = torch.from_numpy(np.stack(got.rows["tail_lse"]).astype(np.float64))
+        _compare(report, r, ids, c, tail, C, k, tol, atol, got.where)
+
+    if report.metadata_failures:
+        report.reasons.append(f"{len(report.metadata_failures)} views do not match their regenerated seeds/labels "
+                              f"(first: {report.metadata_failures[0]})")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+def _compare(report: VerifyReport, r: torch.Tensor, ids: torch.Tensor, c: torch.Tensor, tail: torch.Tensor,
+             C: int, k: int, tol: float, atol: float, where: list[tuple[int, str]]) -> None:
+    """Fill the error fields and reasons of ``report``. r (n, C) recomputed, ids/c (n, k), tail (n,); float64."""
+    n = len(r)
+    in_range = ((ids >= 0) & (ids < C)).all(dim=1)
+    safe_ids = ids.clamp(0, C - 1)
+    slack = atol + NOISE_REL * r.abs().amax(dim=1, keepdim=True)  # (n, 1)
+
+    # kept logits, compared at the cached ids
+    r_at = r.gather(1, safe_ids)
+    err = torch.nan_to_num((c - r_at).abs(), nan=math.inf)
+    err[~in_range] = math.inf
+    excess = (err - slack).clamp(min=0)
+    rel = torch.where(excess > 0, excess / r_at.abs(), torch.zeros_like(excess))
+    report.max_abs_err = float(err.max())
+    report.max_rel_err = float(rel.max())
+    ratio = err / (tol * r_at.abs() + slack)
+    worst = int(ratio.argmax())
+    wi, wj = divmod(worst, k)
+    report.worst = {"epoch": where[wi][0], "key": where[wi][1], "class": int(ids[wi, wj]), "position": wj,
+                    "cached": float(c[wi, wj]), "recomputed": float(r_at[wi, wj]), "ratio_to_bound": float(ratio[wi, wj])}
+    if report.max_rel_err > tol:
+        w = report.worst
+        report.reasons.append(
+            f"max relative error {report.max_rel_err:.3g} of kept logits exceeds the tolerance {tol:.3g} (epoch "
+            f"{w['epoch']}, key {w['key']}, class {w['class']}: cached {w['cached']:.6g}, recomputed {w['recomputed']:.6g})"
+        )
+
+    # ids: equal, or a valid top-k of the recomputed logits up to ties
+    top_v, top_i = torch.topk(r, k, dim=1)
+    exact = (ids == top_i).all(dim=1) & in_range
+    sorted_ids = ids.sort(dim=1).values
+    distinct = (sorted_ids[:, 1:] != sorted_ids[:, :-1]).all(dim=1) if k > 1 else torch.ones(n, dtype=torch.bool)
+    tie_ok = (r_at >= top_v - (tol * top_v.abs() + slack)).all(dim=1)
+    tied = ~exact & in_range & distinct & tie_ok
+    report.ids_exact, report.ids_tied = int(exact.sum()), int(tied.sum())
+    report.ids_wrong = n - report.ids_exact - report.ids_tied
+    if report.ids_wrong:
+        bad = int((~exact & ~tied).nonzero()[0, 0])
+        report.reasons.append(
+            f"{report.ids_wrong} views have top-{k} ids that are not the teacher's top-{k} (first: epoch "
+            f"{where[bad][0]}, key {where[bad][1]}: cached {ids[bad].tolist()}, recomputed {top_i[bad].tolist()})"
+        )
+    report.top1_agreement = 100.0 * float((ids[:, 0] == r.argmax(dim=1)).double().mean())
+
+    # tail_lse, at the cached ids (so ties at the boundary do not matter)
+    if k < C:
+        tail_r = torch.logsumexp(r.scatter(1, safe_ids, -math.inf), dim=1)
+        terr = torch.nan_to_num((tail - tail_r).abs(), nan=math.inf)
+        report.tail_max_abs_err = float(terr.max())
+        tbad = terr > tol * tail_r.abs() + slack[:, 0]
+        if tbad.any():
+            b = int(tbad.nonzero()[0, 0])
+            report.reasons.append(
+                f"{int(tbad.sum())} views have a tail_lse off by more than the tolerance (first: epoch {where[b][0]}, "
+                f"key {where[b][1]}: cached {float(tail[b]):.6g}, recomputed {float(tail_r[b]):.6g})"
+            )
+    else:
+        report.tail_max_abs_err = float(torch.where(torch.isneginf(tail), 0.0, math.inf).max())
+
+    # KL(teacher || rebuilt) at T = 1
+    logp = torch.log_softmax(r, dim=1)
+    logq = torch.log_softmax(decode(safe_ids, c, tail, C).double(), dim=1)
+    kl = torch.nan_to_num((logp.exp() * (logp - logq)).sum(dim=1), nan=math.inf)
+    report.kl_mean, report.kl_max = float(kl.mean()), float(kl.max())

@@ -1,0 +1,150 @@
+"""What a run trains on: the data splits, the cache (given, or the one found for the data;
+checked against it), the recipe, which cached epoch each student epoch reads, MKD's
+held-out meta split, the batches per epoch, and each epoch's train loader."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from logitcache.build import cache_root
+from logitcache.data.source import SampleSource, open_source
+from logitcache.errors import CacheNotFoundError, LogitcacheError
+from logitcache.manifest import check_serves
+from logitcache.store import CacheReader, list_caches
+from logitcache.plan import Groups
+from logitcache.views import Recipe, create_recipe
+
+from .config import TrainConfig
+from .data import CachedRows, create_meta_loader, create_train_loader, epoch_groups, meta_split
+
+
+def find_cache(root: str, fingerprint: str, teacher: str | None = None) -> str:
+    """The one cache under ``root`` built on the data with ``fingerprint``; errors on none or several."""
+    matches = [c for c in list_caches(root) if c.manifest.dataset.fingerprint == fingerprint
+               and (teacher is None or teacher in c.manifest.teacher)]
+    if not matches:
+        raise CacheNotFoundError(
+            f"no cache for this dataset under {root} (fingerprint {fingerprint[:12]}); build one with "
+            f"`logitcache build`, or pass --cache URL"
+        )
+    if len(matches) > 1:
+        names = ", ".join(c.url for c in matches)
+        raise CacheNotFoundError(f"several caches for this dataset under {root}: {names}; choose one with --cache")
+    return matches[0].url
+
+
+@dataclass
+class RunInputs:
+    """The data side of one run (see :func:`open_inputs`)."""
+
+    train_src: SampleSource
+    val_src: SampleSource
+    reader: CacheReader | None  # None: no cache is read (no teacher term, or online teacher without --cache)
+    recipe: Recipe
+    view_epochs: list[int]  # the cached (or regenerated) epochs, cycled by student epoch
+    held_out: np.ndarray | None  # (N,) bool over train samples: MKD's meta split, never trained on
+    steps_per_epoch: int  # batches per epoch (scheduler, DKD warm-up)
+    labels: np.ndarray  # (N,) int64 train labels
+
+    @property
+    def num_classes(self) -> int:
+        return self.train_src.num_classes
+
+    def view_epoch(self, epoch: int) -> int:
+        """The cached epoch student epoch ``epoch`` trains on."""
+        return self.view_epochs[epoch % len(self.view_epochs)]
+
+    def train_groups(self, view_epoch: int) -> Groups:
+        """The groups the student trains on: the epoch's, without any sample of MKD's meta split."""
+        return _without(epoch_groups(self.train_src, self.recipe, view_epoch), self.held_out)
+
+    def train_loader(self, cfg: TrainConfig, epoch: int, *, first_batch: int, rank: int, world_size: int,
+                     pin_memory: bool) -> DataLoader:
+        """Student epoch ``epoch`` from batch ``first_batch`` on: this rank's slice of every global
+        batch, each with its cached rows (none with an online teacher)."""
+        view_epoch = self.view_epoch(epoch)
+        arrays = self.reader.load_epoch(view_epoch) if self.reader is not None else None
+        rows = CachedRows(arrays if not cfg.online_teacher else None, self.labels, self.train_src)
+        return create_train_loader(
+            self.train_src, self.recipe, view_epoch, self.train_groups(view_epoch), rows,
+            batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, num_workers=cfg.num_workers,
+            rank=rank, world_size=world_size, pin_memory=pin_memory, limit=cfg.limit_batches, skip=first_batch,
+        )
+
+    def meta_batches(self, cfg: TrainConfig, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """An endless stream of (images, labels) from the meta split, through the eval transform,
+        from meta batch number ``start`` on (a resumed run continues the stream)."""
+        loader = create_meta_loader(self.train_src, self.recipe, np.flatnonzero(self.held_out),
+                                    batch_size=min(cfg.batch_size, 64), seed=cfg.seed, start=start)
+        return iter(loader)
+
+
+def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
+    """Open the splits and the cache, and check that ``cfg``'s batch fits the data and the ranks."""
+    train_src = open_source(cfg.data, "train")
+    val_src = open_source(cfg.data, "val")
+    reader = None
+    if cfg.loss.kind != "none" and not cfg.online_teacher or cfg.cache:
+        url = cfg.cache or find_cache(cache_root(cfg.cache_root), train_src.fingerprint())
+        reader = CacheReader(url)
+        check_serves(reader.manifest, fingerprint=train_src.fingerprint(), num_classes=train_src.num_classes, where=url)
+        recipe = reader.manifest.recipe
+        view_epochs = _cached_epochs(cfg, reader, url)
+    else:
+        recipe = create_recipe(cfg.recipe)
+        view_epochs = list(range(cfg.epochs))
+    gs = recipe.group_size
+    if cfg.batch_size % (gs * world_size):
+        raise LogitcacheError(f"--batch-size {cfg.batch_size} must be a multiple of {gs * world_size} "
+                              f"(views per group x world size)")
+    held_out = meta_split(train_src, cfg.meta_fraction, cfg.seed) if cfg.mkd is not None else None
+    # Every epoch has as many groups as the first unless MKD's meta split removes a slightly
+    # different number of pairs.
+    n_groups = len(_without(epoch_groups(train_src, recipe, view_epochs[0]), held_out))
+    return RunInputs(train_src, val_src, reader, recipe, view_epochs, held_out,
+                     steps_per_epoch=_steps_per_epoch(cfg, n_groups, gs), labels=train_src.labels())
+
+
+def _without(groups: Groups, held_out: np.ndarray | None) -> Groups:
+    """The groups without any sample of MKD's meta split."""
+    if held_out is None:
+        return groups
+    paired = groups.second >= 0
+    out = held_out[groups.first] | (paired & held_out[np.where(paired, groups.second, 0)])
+    return groups.take(~out)
+
+
+def _cached_epochs(cfg: TrainConfig, reader: CacheReader, url: str) -> list[int]:
+    """The cache's complete epochs; enough of them for ``cfg.epochs`` unless reusing is allowed."""
+    view_epochs = reader.epochs()
+    if not view_epochs:
+        raise LogitcacheError(f"cache {url} has no complete epoch yet")
+    if cfg.epochs > len(view_epochs) and not cfg.reuse_epochs:
+        raise LogitcacheError(
+            f"{cfg.epochs} student epochs but cache {url} holds {len(view_epochs)} complete epochs; build more "
+            f"(logitcache build --epochs A:B) or pass --reuse-epochs to cycle them"
+        )
+    if cfg.epochs > len(view_epochs):
+        warnings.warn(
+            f"{cfg.epochs} student epochs but cache {url} holds {len(view_epochs)} complete epochs: reusing "
+            f"cached epochs (student epoch e trains on cached epoch e mod {len(view_epochs)}; --reuse-epochs)",
+            UserWarning, stacklevel=4,  # attributed to train()
+        )
+    return view_epochs
+
+
+def _steps_per_epoch(cfg: TrainConfig, n_groups: int, gs: int) -> int:
+    """Batches per epoch of ``n_groups`` groups of ``gs`` views (at most ``limit_batches``)."""
+    steps = n_groups // (cfg.batch_size // gs)
+    if cfg.limit_batches:
+        steps = min(steps, cfg.limit_batches)
+    if steps < 1:
+        raise LogitcacheError(f"--batch-size {cfg.batch_size} is larger than an epoch of training views "
+                              f"({n_groups} groups of {gs}); use a smaller batch")
+    return steps
