@@ -149,7 +149,7 @@ def render_profile(source, recipe, n_views: int) -> dict:
     and each stage of the transform separately."""
     from logitcache.build import UnitBatches
     from logitcache.loader import BatchDataset
-    from logitcache.views import create_train_transform, mix_pair, mix_params, seeded
+    from logitcache.views import create_train_transform, derive_seed, mix_pair, mix_params, seeded
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -186,11 +186,11 @@ def render_profile(source, recipe, n_views: int) -> dict:
             with seeded(2000 + i):
                 pass
         stages["seeded_context"] = time.perf_counter() - t
-        pairs = [g for g in groups if len(g.indices) == 2][: max(1, n // 2)]
+        pairs = [derive_seed(recipe.cache_seed, 0, "pair", j) for j in range(max(1, n // 2))] if recipe.mixes else []
         a = b = x
         t = time.perf_counter()
-        for g in pairs:
-            mix_pair(a, b, mix_params(recipe, g.pair_seed))
+        for pair_seed in pairs:
+            mix_pair(a, b, mix_params(recipe, pair_seed))
         stages["mix_params+mix_pair"] = (time.perf_counter() - t) * n / (2 * len(pairs)) if pairs else 0.0
     finally:
         torch.set_num_threads(threads)

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from .common import RESULTS_DIR
 
-ORDER = ("build", "train_step", "reader", "storage", "fidelity")
+ORDER = ("build", "train_step", "reader", "storage", "fidelity", "scale")
 TITLES = {
     "build": "1. Build throughput (build vs raw teacher)",
     "train_step": "2. Student step time (CE vs cached KD vs online KD)",
     "reader": "3. Reader throughput",
     "storage": "4. Storage per view",
     "fidelity": "5. Codec fidelity",
+    "scale": "6. ImageNet-1k x 300 epochs: planning, resume scan, first unit",
 }
 
 # (benchmark, summary key, target, direction, what)
@@ -29,6 +30,12 @@ TARGETS = [
     ("train_step", "speedup_over_ideal_beitv2_l", 0.9, ">=", "speedup over online / ideal, teacher BEiTv2-L"),
     ("reader", "gather_shuffled_views_per_s", 1e6, ">=", "reader views/s per process, epoch loaded (shuffled rows)"),
     ("reader", "load_epoch_views_per_s", 1e6, ">=", "load_epoch views/s (storage -> memory)"),
+    ("reader", "checksum_fraction_of_load_epoch", 0.10, "<=", "checksums' share of load_epoch"),
+    ("scale", "startup_to_first_batch_s", 5.0, "<=", "build start-up to the first batch planned, 1.28 M x 300"),
+    ("scale", "startup_peak_rss_growth_mb", 500, "<=", "its peak memory growth, MB"),
+    ("scale", "trainer_epoch_plan_s", 2.0, "<=", "trainer: one epoch of 1.28 M views planned, s"),
+    ("scale", "cli_first_unit_s", 20.0, "<=", "CLI build --epochs 300 over tiny images: first unit, s"),
+    ("scale", "cli_build_peak_rss_mb", 1536, "<=", "its build process peak memory, MB"),
 ]
 
 

@@ -57,7 +57,7 @@ def data_digits(out: Path = typer.Option(Path("data/digits")), image_size: int =
 
 
 def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
-                value_dtype, batch_size, workers, device, compile, progress, recheck) -> None:
+                value_dtype, batch_size, workers, device, compile, progress, recheck, allow_view_drift) -> None:
     """The body of ``build`` for one process: the whole build, or one rank of it when the
     environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
     from logitcache import distributed
@@ -70,8 +70,8 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
     rec = create_recipe(recipe, cache_seed=cache_seed)
     epoch_list = parse_epochs(epochs)
     dev = distributed.rank_device(resolve_device(device))
-    t = Teacher(teacher, weights=teacher_weights, device=dev, compile=compile)  # fail fast on weights
     source = open_source(data, split)
+    t = Teacher(teacher, weights=teacher_weights, num_classes=source.num_classes, device=dev, compile=compile)
     spec = create_codec(codec, source.num_classes, topk, value_dtype)
     name = _dataset_name(data)
     url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec)}"
@@ -79,7 +79,8 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
     try:
         report = run_build(source, dataset_name=name, teacher=t, recipe=rec, codec=spec, url=url, epochs=epoch_list,
                            batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
-                           barrier=ctx.barrier, progress=progress and ctx.rank == 0, recheck=recheck)
+                           barrier=ctx.barrier, progress=progress and ctx.rank == 0, recheck=recheck,
+                           allow_view_drift=allow_view_drift)
     finally:
         ctx.close()
     who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else ""
@@ -110,6 +111,8 @@ def build(
     procs: int = typer.Option(1, help="Build processes on this machine (ranks; each writes its own units)."),
     recheck: bool = typer.Option(False, help="Read every committed unit back, check it against its commit "
                                              "record, and rebuild the damaged ones."),
+    allow_view_drift: bool = typer.Option(False, help="Add to a cache even when views rendered here differ from "
+                                                      "those its teacher saw (library versions)."),
 ):
     """Run the teacher once over every augmented view and store compressed logits.
 
@@ -195,6 +198,9 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="[10]"),
     reuse_epochs: Optional[bool] = typer.Option(None, "--reuse-epochs/--no-reuse-epochs",
                                                 help="Cycle cached epochs when training longer than the cache."),
+    allow_view_drift: Optional[bool] = typer.Option(
+        None, "--allow-view-drift/--no-allow-view-drift",
+        help="Train even when views rendered here differ from those the teacher saw (library versions)."),
     batch_size: Optional[int] = typer.Option(None, help="Global batch, in views [128]."),
     opt: Optional[str] = typer.Option(None, help="timm optimiser name: adamw, lamb, sgd, ... [adamw]."),
     lr: Optional[float] = typer.Option(None, help="[2e-3]"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .canary import canary_of, check_canary
 from .codec import CodecSpec, ValueRangeError, encode
 from .errors import BadLogitsError, BadSampleError, CorruptCacheError, LogitcacheError
 from .loader import BatchDataset, create_batch_loader
@@ -131,6 +132,7 @@ def build(
     progress: bool = True,
     storage_options: dict | None = None,
     recheck: bool = False,
+    allow_view_drift: bool = False,
 ) -> BuildReport:
     """Build (or finish, or extend) the cache at ``url``. See the module docstring.
 
@@ -139,6 +141,8 @@ def build(
     it, each rank then writes only its own units. ``storage_options`` go to fsspec.
     ``num_workers`` None picks :func:`default_workers` for the teacher's device.
     ``recheck`` reads every committed unit back and rebuilds those that fail their checksums.
+    Adding to a cache first renders one committed unit's canary views again and refuses when
+    they differ from what the teacher saw (logitcache/canary.py), unless ``allow_view_drift``.
     """
     if codec.num_classes != source.num_classes:
         raise LogitcacheError(f"codec has {codec.num_classes} classes, dataset has {source.num_classes}")
@@ -154,6 +158,7 @@ def build(
     )
     if rank == 0:
         writer = CacheWriter(url, manifest, storage_options)
+        check_views_of(CacheReader(url, storage_options), source, allow_drift=allow_view_drift)
         writer.prepare_epochs(epochs)
     if barrier is not None:
         barrier()
@@ -174,6 +179,21 @@ def build(
         _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report), progress)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_views_of(reader: CacheReader, source, epochs: list[int] | None = None, allow_drift: bool = False) -> None:
+    """Render the canary of the first committed unit that has one, in the first of ``epochs``
+    (default: the cache's epochs) with committed units, and compare (logitcache/canary.py);
+    a new or format 1 cache has nothing to check."""
+    if reader.format_version < 2:
+        return
+    for epoch in reader.epochs_present() if epochs is None else epochs:
+        for shard in reader.committed_units(epoch):
+            if check_canary(reader.commit(epoch, shard), reader.manifest, source, epoch, shard, reader.url,
+                            allow_drift):
+                return
+        if reader.committed_units(epoch):
+            return
 
 
 def _units_to_build(writer: CacheWriter, recipe: Recipe, source, epochs: list[int], rank: int, world_size: int,
@@ -221,6 +241,7 @@ class _Sink:
 
 def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) -> None:
     pending: dict[int, list[dict]] = {}
+    canaries: dict[int, dict] = {}  # per unit: its first views, hashed as the teacher sees them
     remaining = {u: int(n) for u, n in enumerate(units.unit_views) if n}
     labels = sink.source.labels()
     with _progress(progress, sum(remaining.values()), len(units.unit_views)) as bar:
@@ -230,6 +251,8 @@ def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) ->
             u = batch["unit"]
             epoch, shard = int(units.epochs[u]), int(units.shards[u])
             where = f"{sink.writer.url} {unit_path(epoch, shard)}, shard {sink.source.shards[shard].name}"
+            if u not in canaries:
+                canaries[u] = canary_of(batch["images"], batch["index"])
             logits = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std)
             index = batch["index"].numpy()
             check_logits(logits, sink.codec.num_classes, [sink.source.key(int(i)) for i in index], where)
@@ -248,7 +271,8 @@ def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) ->
             bar.advance(len(index))
             if remaining[u] == 0:
                 parts = pending.pop(u)
-                sink.writer.write_unit(epoch, shard, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+                sink.writer.write_unit(epoch, shard, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]},
+                                       canary=canaries.pop(u))
                 sink.report.units_written += 1
                 bar.unit_done()
 

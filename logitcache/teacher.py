@@ -142,7 +142,11 @@ def create_model_from_weights(name: str | None, weights: str | Path, num_classes
     if num_classes is None and meta.get("num_classes"):
         num_classes = int(meta["num_classes"])
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    model = timm.create_model(resolve_name(name), pretrained=False, **kwargs)
+    try:
+        model = timm.create_model(resolve_name(name), pretrained=False, **kwargs)
+    except RuntimeError as e:
+        raise WeightsUnavailableError(f"unknown teacher {name!r} (not a timm model name or alias): {e}") from None
+    _check_head(model, state, weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise WeightsUnavailableError(
@@ -151,6 +155,19 @@ def create_model_from_weights(name: str | None, weights: str | Path, num_classes
         )
     io = ModelInput.from_json(meta[META_INPUT]) if META_INPUT in meta else None
     return model, io
+
+
+def _check_head(model: torch.nn.Module, state: dict[str, torch.Tensor], weights) -> None:
+    """One clear line when the weights' classifier predicts another class count than the
+    model is built for (the dataset's), instead of torch's size-mismatch traceback."""
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    heads = [head] if isinstance(head, str) else list(head or [])
+    for h in heads:
+        w = state.get(f"{h}.weight")
+        if w is not None and w.shape[0] != model.num_classes:
+            raise WeightsUnavailableError(
+                f"--teacher-weights {weights}: its classifier ({h}) predicts {w.shape[0]} classes but the dataset "
+                f"has {model.num_classes}")
 
 
 class Teacher:

@@ -57,8 +57,9 @@ class CacheWriter:
         return committed_units_of(self.root, self.url, self.storage_options, self.format_version, epoch,
                                 len(self.manifest.dataset.shards))
 
-    def write_unit(self, epoch: int, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write one unit's arrays (rows = views), then its commit record, last.
+    def write_unit(self, epoch: int, shard: int, arrays: dict[str, np.ndarray], canary: dict | None = None) -> None:
+        """Write one unit's arrays (rows = views), then its commit record, last (format 2:
+        with the unit's ``canary``, see logitcache/canary.py).
 
         A unit left half-written by a killed process, or rebuilt because it was damaged,
         is replaced whole; its old commit record is removed first, so no moment exists at
@@ -92,6 +93,8 @@ class CacheWriter:
             list(pool.map(write, UNIT_ARRAYS))  # list(): re-raises the first error here
         record = commit_record(arrays, self.format_version)
         if self.format_version >= 2:
+            if canary is not None:
+                record["canary"] = canary
             commits.create_group(f"{shard:05d}", attributes={"commit": record})  # one write: its zarr.json
         else:
             group.attrs["commit"] = record

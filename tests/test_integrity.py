@@ -171,3 +171,54 @@ def test_new_caches_are_version_2_with_commit_groups(built_cache):
     assert root.attrs["logitcache"]["format_version"] == 2
     assert sorted(root["epochs/0000/commits"].group_keys()) == ["00000", "00001", "00002"]
     assert "commit" not in root[unit_path(0, 0)].attrs
+
+
+# -- view canaries ------------------------------------------------------------------------
+
+
+def _tamper_canary(url: str, epoch: int, shard: int) -> None:
+    """What a cache looks like to a machine whose libraries render other pixels: its recorded
+    canary no longer matches, and its manifest names other library versions."""
+    root = zarr.open_group(url, mode="a")
+    record = root[commit_path(epoch, shard)]
+    commit = record.attrs["commit"]
+    commit["canary"]["sha256"][1] = "0" * 64
+    record.attrs["commit"] = commit
+    manifest = root.attrs["logitcache"]
+    manifest["library_versions"]["timm"] = "0.9.0"
+    root.attrs["logitcache"] = manifest
+
+
+def test_every_unit_records_a_canary_that_renders_again(built_cache_mix, synth_data):
+    from logitcache.canary import CANARY_VIEWS, check_canary
+    from logitcache.data.source import open_source
+
+    reader = CacheReader(built_cache_mix)
+    source = open_source(synth_data, "train")
+    for s in range(reader.num_shards):
+        canary = reader.commit(0, s)["canary"]
+        assert len(canary["index"]) == CANARY_VIEWS and len(set(canary["sha256"])) == CANARY_VIEWS
+        first = reader.read_unit(0, s)["sample_index"][:CANARY_VIEWS].tolist()
+        assert canary["index"] == first  # the unit's first views, in build order
+        assert check_canary(reader.commit(0, s), reader.manifest, source, 0, s, built_cache_mix)
+
+
+def test_view_drift_is_refused_by_train_and_by_an_extending_build(tmp_path, built_cache, synth_data, tiny_teacher,
+                                                                   capsys):
+    url = str(tmp_path / "drift.zarr")
+    shutil.copytree(built_cache, url)
+    _tamper_canary(url, 0, 0)
+    train_args = ["train", "--data", synth_data, "--student", "test_resnet", "--cache", url, "--epochs", "1",
+                  "--batch-size", "16", "--workers", "0", "--limit-batches", "1", "--no-progress",
+                  "--no-tensorboard", "--out", str(tmp_path / "student")]
+    line = one_error_line(*run_main(train_args, capsys))
+    assert "differ from the views the teacher saw" in line and "timm 0.9.0 -> " in line, line
+    assert "epoch 0, unit 0" in line and "--allow-view-drift" in line
+    build_args = ["build", "--data", synth_data, "--teacher", "test_resnet", "--teacher-weights", tiny_teacher,
+                  "--recipe", "demo32", "--epochs", "2:3", "--topk", "5", "--batch-size", "16", "--workers", "0",
+                  "--no-progress", "--out", url]
+    line = one_error_line(*run_main(build_args, capsys))
+    assert "differ from the views the teacher saw" in line
+    assert CacheReader(url).epochs() == [0, 1]  # nothing was added
+    code, err = run_main([*train_args, "--allow-view-drift"], capsys)
+    assert code == 0, err

@@ -3,6 +3,9 @@ metadata), a plain state dict, and training checkpoints (EMA entry, DDP/compile 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -66,3 +69,46 @@ def test_unreadable_or_missing_weights_are_one_clear_error(tmp_path):
         read_state_dict(bad)
     with pytest.raises(WeightsUnavailableError, match="no such file"):
         read_state_dict(tmp_path / "missing.safetensors")
+
+
+def _build(data: str, weights: Path, out: Path, capsys) -> tuple[int, str]:
+    from logitcache.cli.main import main
+
+    argv = sys.argv
+    sys.argv = ["logitcache", "build", "--data", data, "--teacher", "test_resnet", "--teacher-weights", str(weights),
+                "--recipe", "demo32", "--epochs", "1", "--topk", "5", "--batch-size", "32", "--workers", "0",
+                "--no-progress", "--out", str(out)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
+def test_users_own_teachers_build_caches_with_the_datasets_class_count(synth_data, tmp_path, capsys):
+    """A teacher fine-tuned elsewhere on the 16-class data, saved without logitcache's metadata:
+    a plain state dict, and a DDP training checkpoint; both build a cache."""
+    from logitcache.store import CacheReader
+
+    torch.manual_seed(1)
+    mine = timm.create_model("test_resnet", num_classes=16)
+    plain = tmp_path / "plain.pth"
+    torch.save(mine.state_dict(), plain)
+    ddp = tmp_path / "ddp.pth.tar"
+    torch.save({"epoch": 9, "state_dict": {f"module.{k}": v for k, v in mine.state_dict().items()}}, ddp)
+    for weights in (plain, ddp):
+        code, err = _build(synth_data, weights, tmp_path / f"{weights.stem}.zarr", capsys)
+        assert code == 0, err
+        reader = CacheReader(str(tmp_path / f"{weights.stem}.zarr"))
+        assert reader.epochs() == [0] and reader.manifest.num_classes == 16
+
+
+def test_a_teacher_of_another_class_count_is_one_line_naming_both(synth_data, tmp_path, capsys):
+    torch.save(timm.create_model("test_resnet", num_classes=128).state_dict(), tmp_path / "t128.pth")
+    code, err = _build(synth_data, tmp_path / "t128.pth", tmp_path / "c.zarr", capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "predicts 128 classes but the dataset has 16" in lines[0] and "t128.pth" in lines[0]

@@ -29,6 +29,7 @@ class TrainConfig:
     recipe: str = "demo32"  # only without a cache (a cache carries its own recipe)
     epochs: int = 10
     reuse_epochs: bool = False  # cycle cached epochs when training longer than the cache
+    allow_view_drift: bool = False  # train even if views rendered here differ from the cache's canary
     batch_size: int = 128  # global, in views
     opt: str = "adamw"
     lr: float = 2e-3

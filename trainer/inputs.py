@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from logitcache.build import cache_root
+from logitcache.build import cache_root, check_views_of
 from logitcache.data.source import SampleSource, open_source
 from logitcache.errors import CacheNotFoundError, LogitcacheError
 from logitcache.manifest import check_serves
@@ -51,10 +51,23 @@ class RunInputs:
     held_out: np.ndarray | None  # (N,) bool over train samples: MKD's meta split, never trained on
     steps_per_epoch: int  # batches per epoch (scheduler, DKD warm-up)
     labels: np.ndarray  # (N,) int64 train labels
+    epochs_needed: int = 0  # student epochs of the run
 
     @property
     def num_classes(self) -> int:
         return self.train_src.num_classes
+
+    def epochs_note(self) -> str:
+        """Which cached epochs the run trains on, and which present epochs it leaves out (incomplete)."""
+        if self.reader is None:
+            return "no cache: views regenerated from the recipe"
+        used = self.view_epochs
+        skipped = [e for e in self.reader.epochs_present() if e not in used]
+        note = (f"cache {self.reader.url}: training on cached epochs {_ranges(used)} "
+                f"({len(used)} complete, used in this order{', cycled' if len(used) < self.epochs_needed else ''})")
+        if skipped:
+            note += f"; incomplete epochs {_ranges(skipped)} are not used (finish them with the same build command)"
+        return note
 
     def view_epoch(self, epoch: int) -> int:
         """The cached epoch student epoch ``epoch`` trains on."""
@@ -96,6 +109,7 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
         check_serves(reader.manifest, fingerprint=train_src.fingerprint(), num_classes=train_src.num_classes, where=url)
         recipe = reader.manifest.recipe
         view_epochs = _cached_epochs(cfg, reader, url)
+        check_views_of(reader, train_src, view_epochs[:1], allow_drift=cfg.allow_view_drift)
     else:
         recipe = create_recipe(cfg.recipe)
         view_epochs = list(range(cfg.epochs))
@@ -108,7 +122,19 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
     # different number of pairs.
     n_groups = len(_without(epoch_groups(train_src, recipe, view_epochs[0]), held_out))
     return RunInputs(train_src, val_src, reader, recipe, view_epochs, held_out,
-                     steps_per_epoch=_steps_per_epoch(cfg, n_groups, gs), labels=train_src.labels())
+                     steps_per_epoch=_steps_per_epoch(cfg, n_groups, gs), labels=train_src.labels(),
+                     epochs_needed=cfg.epochs)
+
+
+def _ranges(values: list[int]) -> str:
+    """'0-3, 7' for [0, 1, 2, 3, 7]."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs) or "-"
 
 
 def _without(groups: Groups, held_out: np.ndarray | None) -> Groups:

@@ -73,6 +73,8 @@ def _train(cfg: TrainConfig, env: DistContext, on_step: StepCallback | None) -> 
         raise LogitcacheError(f"MKD learns the temperatures of vanilla KD; it cannot be combined with "
                               f"--kd {cfg.loss.kind}")
     inputs = open_inputs(cfg, env.world_size)
+    if env.main and cfg.progress:
+        print(inputs.epochs_note(), flush=True)
     parts = _create_parts(cfg, inputs, env)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

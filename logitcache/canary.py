@@ -1,0 +1,70 @@
+"""View canaries: a few of each unit's views, hashed when the teacher saw them, rendered
+again before a cache is used, so views never drift silently from what the teacher saw.
+
+A replayed view's pixels depend on the library versions (timm's transforms, torchvision,
+Pillow's resize, numpy's and torch's generators). A build stores, in each unit's commit
+record, the sample indices and sha256 of the first :data:`CANARY_VIEWS` views it fed the
+teacher (their float32 bytes). ``train`` and a ``build`` that adds to an existing cache
+render one unit's canary again before anything else and refuse on a mismatch, naming the
+library versions that differ from the build's; ``--allow-view-drift`` overrides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .errors import CacheMismatchError
+from .manifest import Manifest, library_versions
+from .plan import plan_unit
+
+#: Views hashed per unit (the first ones of the unit, in build order).
+CANARY_VIEWS = 4
+
+
+def view_digest(view: torch.Tensor) -> str:
+    """sha256 (hex) of one rendered view's float32 bytes, shape (3, H, W)."""
+    return hashlib.sha256(view.contiguous().numpy().tobytes()).hexdigest()
+
+
+def canary_of(images: torch.Tensor, index: torch.Tensor) -> dict:
+    """The canary of a unit from its first batch: images (B, 3, H, W), index (B,) int64."""
+    n = min(CANARY_VIEWS, len(index))
+    return {"index": index[:n].tolist(), "sha256": [view_digest(images[i]) for i in range(n)]}
+
+
+def _version_changes(built: dict[str, str]) -> str:
+    now = library_versions()
+    changes = [f"{name} {built.get(name, '?')} -> {now[name]}" for name in now
+               if name != "logitcache" and built.get(name) != now[name]]
+    return ", ".join(changes) if changes else "no library version differs (the data or the code changed)"
+
+
+def check_canary(commit: dict | None, manifest: Manifest, source, epoch: int, shard: int, where: str,
+                 allow_drift: bool = False) -> bool:
+    """Render unit (``epoch``, ``shard``)'s canary views again and compare them with the
+    commit record's. Returns False when there is nothing to compare (format 1, an empty unit);
+    raises :class:`CacheMismatchError` on a mismatch unless ``allow_drift``."""
+    canary = (commit or {}).get("canary")
+    if not canary:
+        return False
+    from .loader import render_batch
+    from .views import create_train_transform
+
+    info = source.shards[shard]
+    recipe = manifest.recipe
+    groups = plan_unit(recipe, epoch, shard, info.start, info.stop).take(slice(0, CANARY_VIEWS))
+    batch = render_batch(recipe, create_train_transform(recipe), source, epoch, groups)
+    n = len(canary["index"])
+    index = batch["index"][:n].tolist()
+    bad = [j for j in range(n) if index[j] != canary["index"][j] or view_digest(batch["images"][j]) != canary["sha256"][j]]
+    if bad and not allow_drift:
+        key = source.key(int(canary["index"][bad[0]]))
+        raise CacheMismatchError(
+            f"views rendered here differ from the views the teacher saw ({where}: epoch {epoch}, unit {shard}, "
+            f"key {key!r}; {len(bad)} of {n} canary views differ); library versions since the build: "
+            f"{_version_changes(manifest.library_versions)}. Train under the build's versions, or pass "
+            f"--allow-view-drift to use the cache anyway"
+        )
+    return True
