@@ -85,6 +85,17 @@ def readme_block(summary: dict) -> str:
         "{:,.0f}".format, ">= 1,000,000")
     row("bytes per view on disk at k = 10, 1000 classes (`bytes_per_view_k10`)", ("bytes_per_view_k10",),
         "{:.1f} B".format, "TinyViT: 44 B")
+    row("checksums' share of `load_epoch` (every array checked on every read)",
+        ("reader.checksum_fraction_of_load_epoch",), "{:.1%}".format, "<= 10%")
+    row("ImageNet-1k x 300 epochs: build start-up to the first batch planned (virtual source); its memory",
+        ("scale.startup_to_first_batch_s", "scale.startup_peak_rss_growth_mb"), "{:.2f} s; +{:.0f} MB".format,
+        "<= 5 s; < 500 MB")
+    row("trainer: one epoch of 1.28 M views planned and batched", ("scale.trainer_epoch_plan_s",), "{:.2f} s".format,
+        "<= 2 s")
+    row("resume scan of committed units, requests per epoch on loopback S3",
+        ("scale.resume_scan_s3_requests_per_epoch",), "{:.1f}".format, "about 1")
+    row("`logitcache build --epochs 300` over tiny images: first unit committed; build process peak memory",
+        ("scale.cli_first_unit_s", "scale.cli_build_peak_rss_mb"), "{:.1f} s; {:.0f} MB".format, "<= 20 s; < 1.5 GB")
     row("accuracy, KD from cache minus CE only, synth, 3 seeds (`acc_kd_minus_ce_pp`; CE std `acc_ce_std_pp`)",
         ("acc_kd_minus_ce_pp", "acc_ce_std_pp"), lambda d, sd: f"{_pp(d)} (CE std {sd:.2f} pp)", "> 1 std")
     row("accuracy, KD from cache minus KD online, same views (`acc_cache_minus_online_pp`)",

@@ -17,7 +17,6 @@ that shape; one part runs the real CLI on real tiny images.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -142,17 +141,6 @@ def _scan(reader, epochs: int) -> tuple[float, int]:
     return seconds, calls
 
 
-class _RequestCounter(logging.Handler):
-    """Counts the HTTP requests moto's server logs (one line per request)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-
-
 def resume_scan(workdir: Path, epochs: int, shards: int, s3_epochs: int) -> dict:
     """(c): local and loopback-S3 scans of a fully committed cache."""
     local = workdir / "scan.zarr"
@@ -172,7 +160,7 @@ def _s3_scan(local: Path, epochs: int, shards: int) -> dict:
     """Upload the metadata of the first ``epochs`` epochs of the commit tree to moto's server
     and scan it over HTTP."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from s3_server import s3_server
+    from s3_server import count_requests, s3_server
 
     import fsspec
 
@@ -186,16 +174,8 @@ def _s3_scan(local: Path, epochs: int, shards: int) -> dict:
             from logitcache.store import CacheReader
 
             reader = CacheReader("s3://scan/cache.zarr")  # opening it is not part of the scan
-            counter = _RequestCounter()
-            werkzeug = logging.getLogger("werkzeug")
-            saved = werkzeug.level, werkzeug.handlers[:]
-            werkzeug.handlers[:] = [counter]  # count the request lines instead of printing them
-            werkzeug.setLevel(logging.INFO)
-            try:
+            with count_requests() as counter:
                 seconds, listings = _scan(reader, epochs)
-            finally:
-                werkzeug.setLevel(saved[0])
-                werkzeug.handlers[:] = saved[1]
         finally:
             for k in env:
                 os.environ.pop(k, None)

@@ -76,7 +76,7 @@ def format_stats(st: CacheStats) -> str:
         ("built on", ", ".join(f"{k} {v}" for k, v in st.build_env.items()) or "-"),
         ("recipe", f"{recipe}  cache_seed {st.recipe['cache_seed']}  input {st.recipe['input_size']} px  "
                    f"sha256 {st.recipe_sha256[:12]}"),
-        ("dataset", f"{d['name']}  split {d['split']}  {d['num_samples']} samples in {d['num_shards']} shards  "
+        ("dataset", f"{d['name']}  split {d['split']}  {d['num_samples']} samples in {d['num_shards']} shard{'s' if d['num_shards'] != 1 else ''}  "
                     f"fingerprint {d['fingerprint'][:12]}\n{d['url']}"),
         ("codec", f"{c['name']} k={c['k']} of {st.num_classes} classes  {c['value_dtype']} values, {c['id_dtype']} ids"),
         ("epochs", f"{len(st.epochs_complete)} complete: {format_ranges(st.epochs_complete)}"),

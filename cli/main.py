@@ -12,7 +12,7 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline teacher-logit cache and student trainer for knowledge distillation.")
-data_app = typer.Typer(no_args_is_help=True, help="Make the embedded datasets (WebDataset tar shards).")
+data_app = typer.Typer(no_args_is_help=True, help="Make the embedded datasets (WebDataset tar shards); index shards.")
 app.add_typer(data_app, name="data")
 
 
@@ -54,6 +54,20 @@ def data_digits(out: Path = typer.Option(Path("data/digits")), image_size: int =
     from logitcache.data.digits import generate_digits
 
     print(f"wrote {generate_digits(out, image_size=image_size, seed=seed)}")
+
+
+@data_app.command("index")
+def data_index(urls: list[str] = typer.Argument(..., help="Dataset roots (with dataset.json) or tar shard URLs "
+                                                          "(brace patterns allowed); any fsspec URL.")):
+    """Write each tar shard's member index beside it (<shard>.idx.json): opening the data then reads
+    one small file per shard instead of walking every shard's headers. Re-run after rewriting shards."""
+    from logitcache.data.index_file import index_and_write
+    from logitcache.data.source import tar_shard_urls
+
+    for url in urls:
+        shard_urls, num_classes = tar_shard_urls(url)
+        indexes = index_and_write(shard_urls, num_classes)
+        print(f"indexed {len(indexes)} shards, {sum(len(ix.keys) for ix in indexes)} samples: {url}")
 
 
 def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
@@ -130,7 +144,9 @@ def build(
     Object storage: --data and --out take any fsspec URL (s3://, gs://, ...). For an
     S3-compatible server set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the usual
     AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION; any other s3fs option
-    can be given as FSSPEC_S3_<OPTION> (fsspec's environment configuration).
+    can be given as FSSPEC_S3_<OPTION> (fsspec's environment configuration). Data on
+    object storage: `logitcache data index URL...` once, so each process opens the shards
+    from their small index files; LOGITCACHE_SHARD_CACHE=DIR keeps local copies of shards.
     """
     opts = {k: v for k, v in locals().items() if k != "procs"}
     if procs < 1:

@@ -138,7 +138,16 @@ class Manifest:
 
 def check_serves(manifest: Manifest, *, fingerprint: str, num_classes: int, where: str) -> None:
     """Raise unless the cache was built on the dataset a student run trains on."""
+    import re
+
     if manifest.dataset.fingerprint != fingerprint:
+        # Image-folder shards used to be runs of consecutive files, named "<folder>[start:stop]".
+        if any(re.search(r"\[\d+:\d+\]$", name) for name in manifest.dataset.shards):
+            raise CacheMismatchError(
+                f"cache {where} was built on an image folder cut into shards of consecutive files; image folders "
+                f"are now sharded across classes by a hash of each file's key, so the cache must be rebuilt "
+                f"(logitcache build)"
+            )
         raise CacheMismatchError(
             f"cache {where} was built on another dataset (dataset {manifest.dataset.name!r} split "
             f"{manifest.dataset.split!r}, fingerprint {manifest.dataset.fingerprint[:12]}; the training data has "

@@ -48,3 +48,31 @@ def s3_server() -> Iterator[dict[str, str]]:
         yield s3_env(f"http://127.0.0.1:{port}")
     finally:
         server.stop()
+
+
+class RequestCount(logging.Handler):
+    """How many HTTP requests the in-process server handled (it logs one line per request)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.count = 0
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def count_requests() -> Iterator[RequestCount]:
+    """Count the requests an :func:`s3_server` in this process serves inside the block."""
+    counter = RequestCount()
+    werkzeug = logging.getLogger("werkzeug")
+    level, handlers = werkzeug.level, werkzeug.handlers[:]
+    werkzeug.handlers[:] = [counter]  # count the request lines instead of printing them
+    werkzeug.setLevel(logging.INFO)
+    try:
+        yield counter
+    finally:
+        werkzeug.setLevel(level)
+        werkzeug.handlers[:] = handlers

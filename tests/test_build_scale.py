@@ -33,7 +33,7 @@ from logitcache.store import UNIT_ARRAYS, CacheReader, open_group
 from logitcache.teacher import Teacher
 from logitcache.views import create_recipe
 
-from s3_server import free_port, s3_server
+from s3_server import count_requests, free_port, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -408,7 +408,9 @@ def test_s3_build_and_read(tiny, s3, launcher):
     # Data read from S3, written through a separate filesystem instance (as another process would).
     report = build_here(tiny, url, epochs=[1], data="s3://bucket/data", storage_options={"skip_instance_cache": True})
     assert report.units_written == 2
-    assert reader.epochs() == [0, 1]  # no stale listing in a reader that was already open
+    with count_requests() as requests:
+        assert reader.epochs() == [0, 1]  # no stale listing in a reader that was already open
+    assert requests.count == 3, requests.lines  # one listing of epochs/, one of each epoch's commits/
     local = CacheReader(str(s3["ref"]))
     assert reader.manifest.dataset.fingerprint == local.manifest.dataset.fingerprint
     for e in (0, 1):

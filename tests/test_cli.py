@@ -106,6 +106,11 @@ def _rewrite_member(tar_path: Path, suffix: str, payload) -> str:
                 m.size = len(data)
             tf.addfile(m, io.BytesIO(data))
     assert key is not None
+    # The shard's member index (written beside it with the data) follows the rewrite, as
+    # `logitcache data index` would after editing a shard.
+    from logitcache.data.index_file import index_and_write
+
+    index_and_write([str(tar_path)], None)
     return key
 
 

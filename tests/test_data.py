@@ -5,6 +5,7 @@ Real files in tmp_path, no mocks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import pickle
@@ -158,12 +159,18 @@ def test_image_folder(tmp_path):
 
     source = open_source(str(tmp_path / "imgs"), shard_size=2)
     assert source.classes == ["cat", "dog", "emu"] and source.num_classes == 3
-    assert [source.key(i) for i in range(len(source))] == ["cat/sub/q", "cat/z", "dog/a", "dog/b", "dog/x_y"]
-    assert source.labels().tolist() == [0, 0, 1, 1, 1]
-    assert [s.name for s in source.shards] == [f"{tmp_path / 'imgs'}[{a}:{b}]" for a, b in [(0, 2), (2, 4), (4, 5)]]
-    np.testing.assert_array_equal(_pixels(source.load_image(2)), _pixels(images["dog/a.PNG"]))
-    np.testing.assert_array_equal(_pixels(source.load_image(4)), _pixels(images["dog/x.y.png"]))
-    assert source.load_image(1).size == (12, 12)  # the jpg decodes (lossy, so no equality)
+    label_of = {"cat/sub/q": 0, "cat/z": 0, "dog/a": 1, "dog/b": 1, "dog/x_y": 1}
+    # Order: the 8-byte little-endian blake2b of the key, ties by key.
+    order = sorted(label_of, key=lambda k: (int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little"),
+                                            k))
+    assert source.keys() == order
+    assert source.labels().tolist() == [label_of[k] for k in order]
+    assert [s.name for s in source.shards] == [f"{tmp_path / 'imgs'}#h{i:05d}" for i in range(3)]
+    assert [(s.start, s.stop) for s in source.shards] == [(0, 2), (2, 4), (4, 5)]
+    at = {k: i for i, k in enumerate(order)}
+    np.testing.assert_array_equal(_pixels(source.load_image(at["dog/a"])), _pixels(images["dog/a.PNG"]))
+    np.testing.assert_array_equal(_pixels(source.load_image(at["dog/x_y"])), _pixels(images["dog/x.y.png"]))
+    assert source.load_image(at["cat/z"]).size == (12, 12)  # the jpg decodes (lossy, so no equality)
 
     with pytest.raises(LogitcacheError, match="3 class directories, not 2"):
         open_source(str(tmp_path / "imgs"), num_classes=2)
@@ -171,8 +178,63 @@ def test_image_folder(tmp_path):
         open_source(str(tmp_path / "imgs"), "train")
     (tmp_path / "imgs" / "dog" / "a.PNG").write_bytes(b"garbage")
     with pytest.raises(BadSampleError, match="dog/a") as info:
-        source.load_image(2)
-    assert info.value.shard == source.shards[1].name
+        source.load_image(at["dog/a"])
+    assert info.value.shard == source.shards[source.shard_of(at["dog/a"])].name
+
+
+def _class_folder(path: Path, num_classes: int, per_class: int) -> Path:
+    """``<path>/c<NN>/<file>.png``: tiny images, ``per_class`` per class."""
+    rng = np.random.default_rng(0)
+    for c in range(num_classes):
+        (path / f"c{c:02d}").mkdir(parents=True)
+        for i in range(per_class):
+            _random_image(rng, size=4).save(path / f"c{c:02d}" / f"img_{c}_{i}.png")
+    return path
+
+
+def test_image_folder_shards_mix_classes(tmp_path):
+    """Mixup/cutmix pairs samples within a shard: hashed shards make same-class pairs rare."""
+    from logitcache.plan import plan_epoch
+    from logitcache.views import create_recipe
+
+    num_classes = 20
+    folder = _class_folder(tmp_path / "imgs", num_classes, 30)
+    source = open_source(str(folder), shard_size=50)
+    assert len(source) == 600 and [len(s) for s in source.shards] == [50] * 12
+    labels = source.labels()
+    assert all(len(np.unique(labels[s.start : s.stop])) >= 10 for s in source.shards)
+    recipe = create_recipe("demo32_mix")
+    same = pairs = 0
+    for epoch in range(3):
+        groups = plan_epoch(recipe, epoch, [(s.start, s.stop) for s in source.shards])
+        mixed = groups.second >= 0
+        pairs += int(mixed.sum())
+        same += int((labels[groups.first[mixed]] == labels[groups.second[mixed]]).sum())
+    assert pairs == 900 and same / pairs <= 2 / num_classes, (same, pairs)
+
+    # The same shards wherever the folder lives (and whatever order a listing gives).
+    copy = shutil.copytree(folder, tmp_path / "elsewhere" / "imgs")
+    assert open_source(str(copy), shard_size=50).fingerprint() == source.fingerprint()
+    assert open_source(str(folder), shard_size=60).fingerprint() != source.fingerprint()
+
+
+def test_cache_of_an_old_image_folder_layout_is_refused_saying_why():
+    from logitcache.codec import create_codec
+    from logitcache.errors import CacheMismatchError
+    from logitcache.manifest import DatasetInfo, Manifest, check_serves
+    from logitcache.views import create_recipe
+
+    def manifest(shards: list[str]) -> Manifest:
+        info = DatasetInfo("imgs", None, "0" * 64, 2000, shards, [1000] * len(shards), url="/data/imgs")
+        return Manifest(teacher="t", teacher_weights="w", teacher_weights_sha256=None, recipe=create_recipe("demo32"),
+                        dataset=info, codec=create_codec("topk", 10, 5), num_classes=10)
+
+    with pytest.raises(CacheMismatchError, match=r"sharded across classes by a hash of each file's key.*rebuilt"):
+        check_serves(manifest(["imgs[0:1000]", "imgs[1000:2000]"]), fingerprint="1" * 64, num_classes=10, where="c")
+    with pytest.raises(CacheMismatchError, match="another dataset") as info:
+        check_serves(manifest(["imgs#h00000", "imgs#h00001"]), fingerprint="1" * 64, num_classes=10, where="c")
+    assert "hash" not in str(info.value)
+    check_serves(manifest(["imgs[0:1000]"]), fingerprint="0" * 64, num_classes=10, where="c")  # same data: fine
 
 
 def test_tar_urls_with_braces(small_root):

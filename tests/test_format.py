@@ -172,7 +172,7 @@ def test_commit_crc32_recompute(cache_url):
         for s in range(doc.num_shards):
             commit = doc.commit(epoch, s)
             u = doc.read_unit(epoch, s)
-            assert set(commit) == {"n", "crc32"} and set(commit["crc32"]) == set(DOC_ARRAYS)
+            assert set(commit) == {"n", "crc32", "canary"} and set(commit["crc32"]) == set(DOC_ARRAYS)
             assert commit["n"] == doc.shard_sizes[s]
             for name in DOC_ARRAYS:
                 assert len(u[name]) == commit["n"]

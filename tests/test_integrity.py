@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,32 +14,9 @@ import zarr
 
 from logitcache.errors import CorruptCacheError
 from logitcache.store import UNIT_ARRAYS, CacheReader, commit_path, unit_path
+from main_entry import one_error_line, run_main
 
 V1 = Path(__file__).resolve().parent / "data" / "v1"
-
-
-def run_main(args: list[str], capsys) -> tuple[int, str]:
-    """The console script's entry point in this process: (exit code, stderr)."""
-    from logitcache.cli.main import main
-
-    argv = sys.argv
-    sys.argv = ["logitcache", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = argv
-    return code, capsys.readouterr().err
-
-
-def one_error_line(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def _chunk(url: str, epoch: int, shard: int, array: str) -> Path:

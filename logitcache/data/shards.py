@@ -5,6 +5,7 @@ Layout written by :func:`write_dataset`::
     <root>/dataset.json          {"name", "num_classes", "classes",
                                   "splits": {split: {"shards": [file names], "num_samples": n}}}
     <root>/<split>-000000.tar    members "<key>.png" (PNG bytes) and "<key>.cls" (ASCII decimal label)
+    <root>/<split>-000000.tar.idx.json   the shard's member index (index_file.py)
 
 The output is byte-deterministic: the same samples give byte-identical tar files and
 ``dataset.json`` on every run (fixed mtime, owner and mode; PNG encoding is deterministic).
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+
+from logitcache.data.index_file import write_index
+from logitcache.data.tar_index import index_tar
 
 # Fixed tar header fields so that re-runs give byte-identical files.
 _MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
@@ -55,7 +59,7 @@ def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 def _write_shard(path: Path, samples: list[Sample], split: str, num_classes: int, seen: set[str]) -> None:
-    """Write one tar shard; written to a temporary name and renamed so no half file is left."""
+    """Write one tar shard and its index; written to a temporary name and renamed so no half file is left."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as stream:
         # encoder=False: we hand TarWriter bytes only, so nothing is encoded by guessing.
@@ -71,6 +75,8 @@ def _write_shard(path: Path, samples: list[Sample], split: str, num_classes: int
                 data = image if isinstance(image, bytes) else png_bytes(image)
                 writer.write({"__key__": key, "png": data, "cls": str(label).encode("ascii")})
     os.replace(tmp, path)
+    # The index comes from walking the shard just written: exactly what a reader's walk finds.
+    write_index(str(path), index_tar(str(path), num_classes), path.stat().st_size)
 
 
 def write_dataset(

@@ -5,12 +5,15 @@ Three inputs are understood by :func:`open_source` (local paths or any fsspec UR
 * a dataset root holding ``dataset.json`` and WebDataset tar shards (see shards.py);
 * tar shard URLs directly, with brace expansion (``.../train-{000000..000009}.tar``);
   there is no metadata, so ``num_classes`` must be given;
-* an image folder ``<dir>/<class_name>/<file>.{png,jpg,jpeg}``, grouped into virtual
-  shards of ``shard_size`` sorted files (image_folder.py).
+* an image folder ``<dir>/<class_name>/<file>.{png,jpg,jpeg}``, cut into virtual shards
+  of ``shard_size`` files that mix the classes (image_folder.py).
 
-Tar shards are indexed once from their headers (tar_index.py); an image is then read
-with one seek and one read. Only image members and ``.cls`` are ever read: nothing is
-unpickled. Images come back as fully decoded RGB PIL images.
+Tar shards are indexed once per process, from the index file beside each shard when
+there is one (one small read per shard, index_file.py), else from their headers
+(tar_index.py). An image is then one ranged read of its member and the tar headers that
+name it (shard_reader.py; remote stores: one ranged GET, no read-ahead), checked against
+the index (tar_index.check_read). Only image members and ``.cls`` are ever read: nothing
+is unpickled. Images come back as fully decoded RGB PIL images.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ import json
 import operator
 import os
 import posixpath
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import fsspec
@@ -31,17 +32,17 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from logitcache.data.image_folder import FolderListing, list_folder
+from logitcache.data.index_file import index_shards
 from logitcache.data.shard_info import ShardInfo
-from logitcache.data.tar_index import index_tars
+from logitcache.data.shard_reader import ShardReader
+from logitcache.data.tar_index import check_read
 from logitcache.data.urls import join_url, normalise_url
 from logitcache.errors import BadSampleError, BadShardError, LogitcacheError
 
-__all__ = ["SampleSource", "ShardInfo", "open_source"]
+__all__ = ["SampleSource", "ShardInfo", "open_source", "tar_shard_urls"]
 
 # Formats PIL may decode: no other decoder is ever reached, whatever the bytes say.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP")
-# Open shard files kept per process (bounded so thousands of shards don't exhaust fds).
-MAX_OPEN_HANDLES = 16
 
 
 def _decode_image(data: bytes, shard: str, key: str) -> Image.Image:
@@ -58,7 +59,7 @@ class SampleSource:
     """Random access to the samples of one split, in a stable order (shard order, then member order).
 
     Build with :func:`open_source`. Picklable: the index travels with the pickle, open file
-    handles do not (each process opens its own, also after a fork).
+    handles do not (each process opens its own, also after a fork: shard_reader.py).
     """
 
     url: str
@@ -79,12 +80,17 @@ class SampleSource:
         labels: np.ndarray,
         offsets: np.ndarray | None = None,
         sizes: np.ndarray | None = None,
+        starts: np.ndarray | None = None,
+        stops: np.ndarray | None = None,
+        shard_bytes: list[int] | None = None,
         files: list[str] | None = None,
     ) -> None:
-        """Internal: ``offsets``/``sizes`` locate tar members, ``files`` are folder file URLs.
+        """Internal: ``offsets``/``sizes`` locate tar image members and ``[starts, stops)``
+        their read ranges (tar_index.py), ``shard_bytes`` are the tar files' sizes; ``files``
+        are folder file URLs.
 
         ``shard_ids`` name the shards independently of where the data lives (basenames or
-        ``[start:stop]``), for :meth:`fingerprint`.
+        ``#h<n>``), for :meth:`fingerprint`.
         """
         self.url = url
         self.split = split
@@ -97,56 +103,17 @@ class SampleSource:
         self._labels = np.asarray(labels, dtype=np.int64)
         self._offsets = offsets
         self._sizes = sizes
+        self._starts_read = starts
+        self._stops_read = stops
         self._files = files
+        self._reader = None if files is not None else ShardReader([s.name for s in self.shards], shard_bytes or [])
         self._fingerprint: str | None = None
-        self._reset_process_state()
         self._check_unique_keys()
-
-    # -- process-local state (never pickled) -----------------------------------------
-
-    def _reset_process_state(self) -> None:
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._handles: OrderedDict[int, Any] = OrderedDict()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for name in ("_pid", "_lock", "_handles"):
-            del state[name]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._reset_process_state()
 
     def close(self) -> None:
         """Close this process's open shard files (they are re-opened on demand)."""
-        if self._pid != os.getpid():
-            self._reset_process_state()
-            return
-        with self._lock:
-            for handle in self._handles.values():
-                handle.close()
-            self._handles.clear()
-
-    def _handle(self, shard: int) -> Any:
-        """This process's open file for a tar shard (LRU of MAX_OPEN_HANDLES); call under the lock."""
-        handle = self._handles.get(shard)
-        if handle is not None:
-            self._handles.move_to_end(shard)
-            return handle
-        name = self.shards[shard].name
-        try:
-            handle = fsspec.open(name, "rb").open()
-        except FileNotFoundError:
-            raise BadShardError(f"shard file not found: {name}") from None
-        except OSError as e:
-            raise BadShardError(f"cannot open shard {name}: {e}") from None
-        self._handles[shard] = handle
-        if len(self._handles) > MAX_OPEN_HANDLES:
-            _, oldest = self._handles.popitem(last=False)
-            oldest.close()
-        return handle
+        if self._reader is not None:
+            self._reader.close()
 
     # -- index ------------------------------------------------------------------------
 
@@ -210,33 +177,32 @@ class SampleSource:
         if self._files is not None:
             path = self._files[index]
             try:
-                with fsspec.open(path, "rb") as f:
-                    data = f.read()
+                fs, fs_path = fsspec.core.url_to_fs(path)
+                data = fs.cat_file(fs_path)  # one GET on a remote store
             except OSError as e:
                 raise BadSampleError(f"cannot read {path}: {e}", shard=shard, key=key) from None
             return _decode_image(data, shard, key)
+        return _decode_image(self._read_member(index, shard_pos), shard, key)
 
-        assert self._offsets is not None and self._sizes is not None
-        offset, size = int(self._offsets[index]), int(self._sizes[index])
-        if self._pid != os.getpid():
-            # After a fork the inherited handles share their file position with the
-            # parent's: drop them and re-open in this process.
-            self._reset_process_state()
-        with self._lock:
-            handle = self._handle(shard_pos)
-            try:
-                handle.seek(offset)
-                data = handle.read(size)
-            except OSError as e:
-                raise BadSampleError(f"cannot read image member: {e}", shard=shard, key=key) from None
-        if len(data) != size:
-            raise BadSampleError(f"image member cut short ({len(data)} of {size} bytes)", shard=shard, key=key)
-        return _decode_image(data, shard, key)
+    def _read_member(self, index: int, shard_pos: int) -> bytes:
+        """The image bytes of tar sample ``index``: one read of its range, checked against the index."""
+        assert self._reader is not None and self._offsets is not None and self._sizes is not None
+        assert self._starts_read is not None and self._stops_read is not None
+        shard, key = self.shards[shard_pos].name, self._keys[index]
+        start, stop = int(self._starts_read[index]), int(self._stops_read[index])
+        try:
+            data = self._reader.read(shard_pos, start, stop)
+        except OSError as e:
+            raise BadSampleError(f"cannot read image member: {e}", shard=shard, key=key) from None
+        if len(data) != stop - start:
+            raise BadSampleError(f"image member cut short ({len(data)} of {stop - start} bytes)", shard=shard, key=key)
+        return check_read(data, start, key=key, label=int(self._labels[index]), offset=int(self._offsets[index]),
+                          size=int(self._sizes[index]), shard=shard)
 
     def fingerprint(self) -> str:
         """sha256 hex of (num_classes, shard names, keys, labels): equal for equal data wherever it lives.
 
-        Shard names are basenames for tar shards and ``[start:stop]`` for folder shards.
+        Shard names are basenames for tar shards and ``#h<n>`` for folder shards.
         """
         if self._fingerprint is None:
             h = hashlib.sha256()
@@ -255,18 +221,17 @@ class SampleSource:
 
 def _from_tars(url: str, split: str | None, urls: list[str], classes: list[str]) -> SampleSource:
     """The tar shards ``urls`` concatenated in order: global index = shard order, then member order."""
-    indexes = index_tars(urls, len(classes))
+    indexes, shard_bytes = index_shards(urls, len(classes))
     shards: list[ShardInfo] = []
     keys: list[str] = []
-    labels: list[int] = []
-    offsets: list[int] = []
-    sizes: list[int] = []
     for shard_url, index in zip(urls, indexes):
         shards.append(ShardInfo(name=shard_url, start=len(keys), stop=len(keys) + len(index.keys)))
         keys += index.keys
-        labels += index.labels
-        offsets += index.offsets
-        sizes += index.sizes
+
+    def joined(name: str) -> np.ndarray:
+        parts = [np.asarray(getattr(ix, name), dtype=np.int64) for ix in indexes]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     return SampleSource(
         url=url,
         split=split,
@@ -274,9 +239,12 @@ def _from_tars(url: str, split: str | None, urls: list[str], classes: list[str])
         shards=shards,
         shard_ids=[posixpath.basename(u) for u in urls],
         keys=keys,
-        labels=np.array(labels, dtype=np.int64),
-        offsets=np.array(offsets, dtype=np.int64),
-        sizes=np.array(sizes, dtype=np.int64),
+        labels=joined("labels"),
+        offsets=joined("offsets"),
+        sizes=joined("sizes"),
+        starts=joined("starts"),
+        stops=joined("stops"),
+        shard_bytes=shard_bytes,
     )
 
 
@@ -297,8 +265,7 @@ def _read_meta(fs: Any, path: str, url: str) -> dict[str, Any]:
     """The parsed ``dataset.json`` of root ``url``; LogitcacheError when unreadable or malformed."""
     where = join_url(url, "dataset.json")
     try:
-        with fs.open(path, "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
+        meta = json.loads(fs.cat_file(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LogitcacheError(f"cannot read {where}: {e}") from None
     ok = (
@@ -357,3 +324,21 @@ def open_source(
     if fs.isdir(path):
         return _from_folder(list_folder(fs, url, path, split, shard_size, num_classes), split)
     raise LogitcacheError(f"{url}: not a dataset root (no dataset.json), image folder or .tar shard URL")
+
+
+def tar_shard_urls(url: str | os.PathLike[str]) -> tuple[list[str], int | None]:
+    """The tar shards ``url`` names, and their class count when known.
+
+    ``url`` is a dataset root (the shards of every split, ``num_classes`` from its
+    ``dataset.json``) or tar shard URLs with brace patterns (class count unknown: None).
+    """
+    url = normalise_url(os.fspath(url))
+    if url.endswith(".tar"):
+        return list(braceexpand(url)), None
+    fs, path = fsspec.core.url_to_fs(url)
+    meta_path = join_url(path, "dataset.json")
+    if not fs.isfile(meta_path):
+        raise LogitcacheError(f"{url}: neither a dataset root (no dataset.json) nor a .tar shard URL")
+    meta = _read_meta(fs, meta_path, url)
+    names = [str(name) for split in meta["splits"].values() for name in split["shards"]]
+    return [join_url(url, name) for name in names], int(meta["num_classes"])

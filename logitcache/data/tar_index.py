@@ -1,19 +1,23 @@
-"""Index WebDataset tar shards from their headers: per sample its key, label and image data offset/size.
+"""Index WebDataset tar shards from their headers: per sample its key, label, image data offset/size and read range.
 
 A sample is the members sharing a key (directory + basename up to its first dot): one
 image member (``TAR_IMAGE_EXTS``) and one ``.cls`` member (ASCII decimal label). Offsets
-and sizes are in bytes from the start of the tar file, so that an image is later read
-with one seek and one read. Only ``.cls`` members are read here; every other member is
-skipped unread, so nothing is unpickled. Bad input raises BadShardError (the file as a
-whole) or BadSampleError (one sample), naming shard and key.
+and sizes are in bytes from the start of the tar file. A sample's *read range*
+``[start, stop)`` is its image member's headers and data, widened to take in its ``.cls``
+member when that lies next to it (within ``MAX_LABEL_GAP`` bytes): one ranged read then
+brings the image together with the headers that name it and its label, and
+:func:`check_read` proves the bytes read are the sample the index says (a stale index can
+never serve another sample's image or label). Only ``.cls`` members are read while
+indexing; every other member is skipped unread, so nothing is unpickled. Bad input raises
+BadShardError (the file as a whole) or BadSampleError (one sample), naming shard and key.
 """
 
 from __future__ import annotations
 
+import io
 import posixpath
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -24,8 +28,10 @@ from logitcache.errors import BadSampleError, BadShardError
 TAR_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # A .cls member is a short ASCII integer; anything longer is not a label.
 MAX_CLS_BYTES = 64
-# Threads used to index tar shards (hides the latency of remote stores).
-INDEX_THREADS = 8
+# A .cls member at most this many bytes away from its image joins the image's read range
+# (WebDataset writers put a sample's members side by side: header + 1 data block = 1 KiB).
+MAX_LABEL_GAP = 4096
+RERUN = "re-run `logitcache data index`"
 
 
 @dataclass
@@ -36,6 +42,15 @@ class TarIndex:
     labels: list[int]
     offsets: list[int]  # byte offset of the image member's data in the tar
     sizes: list[int]  # byte size of the image member's data
+    starts: list[int] = field(default_factory=list)  # read range [start, stop) holding the image's headers
+    stops: list[int] = field(default_factory=list)  # and data (and the .cls member when next to it)
+
+
+@dataclass
+class _Member:
+    header: int  # offset of the member's first header block (extended headers included)
+    data: int  # offset of its data
+    size: int
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -48,32 +63,34 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
-def parse_label(raw: bytes, num_classes: int, shard: str, key: str) -> int:
-    """The class index in a ``.cls`` member's bytes; BadSampleError unless a decimal in ``[0, num_classes)``."""
+def parse_label(raw: bytes, num_classes: int | None, shard: str, key: str) -> int:
+    """The class index in a ``.cls`` member's bytes; BadSampleError unless a decimal in ``[0, num_classes)``.
+
+    ``num_classes`` None: any decimal integer.
+    """
     try:
         text = raw.decode("ascii").strip()
         label = int(text, 10)
     except (UnicodeDecodeError, ValueError):
         raise BadSampleError(f"label is not a decimal integer: {raw[:MAX_CLS_BYTES]!r}", shard=shard, key=key) from None
-    if not 0 <= label < num_classes:
-        raise BadSampleError(f"label {label} out of range [0, {num_classes})", shard=shard, key=key)
+    if num_classes is not None:
+        check_label(label, num_classes, shard, key)
     return label
 
 
-def index_tars(urls: list[str], num_classes: int) -> list[TarIndex]:
-    """Index every shard of ``urls``; one TarIndex per URL, in the order given."""
-    # Threads only pay off against a remote store's latency; locally parsing is the cost (GIL).
-    local = all("://" not in u or u.startswith("file://") for u in urls)
-    if len(urls) > 1 and not local:
-        with ThreadPoolExecutor(max_workers=min(INDEX_THREADS, len(urls))) as pool:
-            return list(pool.map(lambda u: index_tar(u, num_classes), urls))
-    return [index_tar(u, num_classes) for u in urls]
+def check_label(label: int, num_classes: int, shard: str, key: str) -> None:
+    if not 0 <= label < num_classes:
+        raise BadSampleError(f"label {label} out of range [0, {num_classes})", shard=shard, key=key)
 
 
-def index_tar(url: str, num_classes: int) -> TarIndex:
-    """Walk the headers of one tar shard; raise BadShardError / BadSampleError on bad input."""
+def index_tar(url: str, num_classes: int | None, *, read_from: str | None = None) -> TarIndex:
+    """Walk the headers of one tar shard; raise BadShardError / BadSampleError on bad input.
+
+    ``num_classes`` None leaves labels unchecked (an index file holds them as found).
+    ``read_from``: read that file instead (a local copy of ``url``); messages name ``url``.
+    """
     try:
-        with fsspec.open(url, "rb") as f:
+        with fsspec.open(read_from or url, "rb") as f:
             return _index_tar_file(f, url, num_classes)
     except FileNotFoundError:
         raise BadShardError(f"shard file not found: {url}") from None
@@ -83,9 +100,9 @@ def index_tar(url: str, num_classes: int) -> TarIndex:
         raise BadShardError(f"cannot read shard {url}: {e}") from None
 
 
-def _index_tar_file(f: Any, url: str, num_classes: int) -> TarIndex:
-    image: dict[str, tuple[int, int]] = {}  # key -> (data offset, size)
-    labels: dict[str, int] = {}
+def _index_tar_file(f: Any, url: str, num_classes: int | None) -> TarIndex:
+    image: dict[str, _Member] = {}
+    labels: dict[str, tuple[int, _Member]] = {}
     order: list[str] = []  # keys in order of first appearance
     seen: set[str] = set()
     # Seekable mode: tarfile reads each 512-byte header and seeks past the data.
@@ -98,14 +115,15 @@ def _index_tar_file(f: Any, url: str, num_classes: int) -> TarIndex:
                 if key not in seen:
                     seen.add(key)
                     order.append(key)
+            where = _Member(member.offset, member.offset_data, member.size)
             if ext in TAR_IMAGE_EXTS:
                 if key in image:
                     raise BadSampleError("more than one image member", shard=url, key=key)
-                image[key] = (member.offset_data, member.size)
+                image[key] = where
             elif ext == "cls":
                 if key in labels:
                     raise BadSampleError("more than one .cls member", shard=url, key=key)
-                labels[key] = _read_label(f, member, url, key, num_classes)
+                labels[key] = (_read_label(f, member, url, key, num_classes), where)
             # Any other member (.json, .txt, .pyd, .pth, ...) is skipped unread.
         # tarfile stops silently at a short or garbled header after the first member;
         # a complete archive ends with a zero block exactly where the walk stopped.
@@ -114,7 +132,7 @@ def _index_tar_file(f: Any, url: str, num_classes: int) -> TarIndex:
     return _pair_members(order, image, labels, url)
 
 
-def _read_label(f: Any, member: tarfile.TarInfo, url: str, key: str, num_classes: int) -> int:
+def _read_label(f: Any, member: tarfile.TarInfo, url: str, key: str, num_classes: int | None) -> int:
     """Read and parse the data of one ``.cls`` member (moves ``f``'s position)."""
     if member.size > MAX_CLS_BYTES:
         raise BadSampleError(f".cls member of {member.size} bytes is not a label", shard=url, key=key)
@@ -133,7 +151,9 @@ def _check_end_of_archive(f: Any, url: str, end: int) -> None:
         raise BadShardError(f"corrupt or truncated tar shard {url}: no valid header or end-of-archive at byte {end}")
 
 
-def _pair_members(order: list[str], image: dict[str, tuple[int, int]], labels: dict[str, int], url: str) -> TarIndex:
+def _pair_members(
+    order: list[str], image: dict[str, _Member], labels: dict[str, tuple[int, _Member]], url: str
+) -> TarIndex:
     """One entry per key in ``order``; BadSampleError for a key lacking its image or its label."""
     index = TarIndex(keys=[], labels=[], offsets=[], sizes=[])
     for key in order:
@@ -141,8 +161,48 @@ def _pair_members(order: list[str], image: dict[str, tuple[int, int]], labels: d
             raise BadSampleError("sample has a .cls member but no image member", shard=url, key=key)
         if key not in labels:
             raise BadSampleError("sample has an image member but no .cls member", shard=url, key=key)
+        img, (label, cls) = image[key], labels[key]
+        start, stop = img.header, img.data + img.size
+        if max(stop, cls.data + cls.size) - min(start, cls.header) <= stop - start + MAX_LABEL_GAP:
+            start, stop = min(start, cls.header), max(stop, cls.data + cls.size)
         index.keys.append(key)
-        index.labels.append(labels[key])
-        index.offsets.append(image[key][0])
-        index.sizes.append(image[key][1])
+        index.labels.append(label)
+        index.offsets.append(img.data)
+        index.sizes.append(img.size)
+        index.starts.append(start)
+        index.stops.append(stop)
     return index
+
+
+def check_read(data: bytes, start: int, *, key: str, label: int, offset: int, size: int, shard: str) -> bytes:
+    """The image bytes in ``data`` (the bytes of a sample's read range, read from ``start``).
+
+    Walks the tar headers inside the range: the image member of ``key`` must sit at
+    ``offset`` with ``size`` bytes, and a ``.cls`` member of ``key`` in the range must say
+    ``label``. Anything else means the shard changed after it was indexed: BadShardError
+    naming shard and key.
+    """
+    found_image, found_label = False, None
+    # Zero blocks after the range: tarfile then ends its walk there instead of failing on
+    # a last member whose data is not padded out to a whole block.
+    padded = data + bytes(-len(data) % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(padded), mode="r:") as tar:
+            for member in tar:
+                member_key, ext = split_member_name(member.name)
+                if member_key != key or not member.isreg():
+                    continue
+                if ext in TAR_IMAGE_EXTS:
+                    found_image = start + member.offset_data == offset and member.size == size
+                elif ext == "cls" and member.size <= MAX_CLS_BYTES:
+                    raw = data[member.offset_data : member.offset_data + member.size]
+                    found_label = parse_label(raw, None, shard, key)
+    except (tarfile.TarError, BadSampleError):
+        found_image = False
+    if not found_image or found_label not in (None, label):
+        said = "" if found_label in (None, label) else f" (its .cls says {found_label}, the index {label})"
+        raise BadShardError(
+            f"shard {shard} changed after it was indexed: the bytes at {start} are not sample {key}{said}; {RERUN}"
+        )
+    begin = offset - start
+    return data[begin : begin + size]
