@@ -93,7 +93,7 @@ def readme_block(summary: dict) -> str:
     row("trainer: one epoch of 1.28 M views planned and batched", ("scale.trainer_epoch_plan_s",), "{:.2f} s".format,
         "<= 2 s")
     row("resume scan of committed units, requests per epoch on loopback S3",
-        ("scale.resume_scan_s3_requests_per_epoch",), "{:.1f}".format, "about 1")
+        ("scale.resume_scan_s3_requests_per_epoch",), "{:.1f}".format, "one listing (a page per 1,000 units)")
     row("`logitcache build --epochs 300` over tiny images: first unit committed; build process peak memory",
         ("scale.cli_first_unit_s", "scale.cli_build_peak_rss_mb"), "{:.1f} s; {:.0f} MB".format, "<= 20 s; < 1.5 GB")
     row("accuracy, KD from cache minus CE only, synth, 3 seeds (`acc_kd_minus_ce_pp`; CE std `acc_ce_std_pp`)",
@@ -219,7 +219,7 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
 
 def _accuracy_markdown(acc: dict, rel: Path) -> list[str]:
     """Mean +- std of final val top-1 per variant and dataset (``python -m bench.accuracy``)."""
-    lines = ["## 6. Accuracy study (students from the cache vs CE vs online)", ""]
+    lines = ["## 7. Accuracy study (students from the cache vs CE vs online)", ""]
     for ds, d in acc["datasets"].items():
         st = d["settings"]
         lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "

@@ -43,14 +43,20 @@ class CacheWriter:
         Top-down, one level at a time: zarr writes a new group's metadata and its missing
         parents' concurrently, so a kill in between can leave ``epochs/<EEEE>/units``
         without ``epochs/<EEEE>``; readers list epochs through the parents and would never
-        see that epoch. Going top-down also repairs a cache left that way.
+        see that epoch. Going top-down also repairs a cache left that way. Epochs are
+        independent of each other: they are prepared ``IO_THREADS`` at a time (each group is
+        a metadata write, latency-bound on object storage).
         """
         self.root.require_group("epochs")
-        for e in epochs:
+
+        def prepare(e: int) -> None:
             self.root.require_group(epoch_path(e))
             self.root.require_group(f"{epoch_path(e)}/units")
             if self.format_version >= 2:
                 self.root.require_group(f"{epoch_path(e)}/commits")
+
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+            list(pool.map(prepare, epochs))  # list(): re-raises the first error here
 
     def committed_units(self, epoch: int) -> list[int]:
         """Shards of ``epoch`` whose unit is committed (format 2: one listing)."""
