@@ -17,7 +17,7 @@ from logitcache.cli.format import format_json, format_ls, format_report, format_
 
 
 def inspect_cmd(
-    url: str = typer.Argument(..., help="Cache URL (a path or any fsspec URL)."),
+    url: str = typer.Argument(..., metavar="URL", help="Cache URL (a path or any fsspec URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ):
     """Summarise a cache: manifest, completeness, size, teacher agreement and entropy."""
@@ -28,15 +28,17 @@ def inspect_cmd(
 
 
 def verify_cmd(
-    url: str = typer.Argument(..., help="Cache URL (a path or any fsspec URL)."),
-    sample: int = typer.Option(64, help="Random committed views to re-render and re-run."),
-    data: Optional[str] = typer.Option(None, help="Dataset root (default: where the cache was built from)."),
-    teacher_weights: Optional[str] = typer.Option(None, help="The weights file the cache was built with."),
+    url: str = typer.Argument(..., metavar="URL", help="Cache URL (a path or any fsspec URL)."),
+    sample: int = typer.Option(64, metavar="INTEGER", min=1, help="Random committed views to re-render and re-run."),
+    data: Optional[str] = typer.Option(None, metavar="URL", show_default="where the cache was built from",
+                                       help="Dataset root."),
+    teacher_weights: Optional[str] = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights", help="The weights file the cache was built with."),
     tolerance: Optional[float] = typer.Option(
-        None, help="Relative tolerance on kept logits (default 4 x the value dtype's rounding: 1.95e-3 for float16)."),
-    seed: int = typer.Option(0, help="Seed of the view sample."),
-    device: str = typer.Option("auto", help="Teacher device (CUDA runs bf16 autocast, as the build does)."),
-    batch_size: int = typer.Option(64, help="Views per teacher batch."),
+        None, metavar="FLOAT", show_default="4 x the value dtype's rounding: 1.95e-3 for float16",
+        help="Relative tolerance on kept logits."),
+    seed: int = typer.Option(0, metavar="INTEGER", help="Seed of the view sample."),
+    device: str = typer.Option("auto", metavar="TEXT", help="Teacher device (CUDA runs bf16 autocast, as the build does)."),
+    batch_size: int = typer.Option(64, metavar="INTEGER", min=1, help="Views per teacher batch."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Re-render random cached views, re-run the teacher, compare. Exit 1 past tolerance."""
@@ -52,7 +54,8 @@ def verify_cmd(
 
 
 def ls_cmd(
-    cache_root: Optional[str] = typer.Option(None, help="Default $LOGITCACHE_ROOT or ~/.cache/logitcache."),
+    cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
+                                         help="Where named caches live."),
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
 ):
     """List the caches under the cache root, one line each."""

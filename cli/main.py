@@ -10,9 +10,12 @@ from typing import Optional
 
 import typer
 
+# Markdown help: docstring paragraphs reflow to the terminal's width.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",
                   help="Offline teacher-logit cache and student trainer for knowledge distillation.")
-data_app = typer.Typer(no_args_is_help=True, help="Make the embedded datasets (WebDataset tar shards); index shards.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
+                       help="Make the embedded datasets (WebDataset tar shards); index shards.")
 app.add_typer(data_app, name="data")
 
 
@@ -30,14 +33,20 @@ def parse_epochs(text: str) -> list[int]:
     return list(range(a, b))
 
 
+def _check_epochs(text: str) -> str:
+    """typer callback: reject a bad --epochs before anything is opened."""
+    parse_epochs(text)
+    return text
+
+
 @data_app.command("synth")
 def data_synth(
-    out: Path = typer.Option(Path("data/synth"), help="Output folder."),
-    num_classes: int = typer.Option(128, help="Classes (structured: shape x colour x texture)."),
-    train_per_class: int = typer.Option(40),
-    val_per_class: int = typer.Option(10),
-    image_size: int = typer.Option(32, help="Pixels (square)."),
-    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("data/synth"), metavar="PATH", help="Output folder."),
+    num_classes: int = typer.Option(128, metavar="INTEGER", help="Classes, 2 to 128 (shape x colour x texture)."),
+    train_per_class: int = typer.Option(40, metavar="INTEGER", help="Training images per class."),
+    val_per_class: int = typer.Option(10, metavar="INTEGER", help="Validation images per class."),
+    image_size: int = typer.Option(32, metavar="INTEGER", help="Image side in pixels (at least 25)."),
+    seed: int = typer.Option(0, metavar="INTEGER", help="Seed of every image."),
 ):
     """Write the procedurally generated default dataset (deterministic)."""
     from logitcache.data.synth import generate_synth
@@ -48,8 +57,9 @@ def data_synth(
 
 
 @data_app.command("digits")
-def data_digits(out: Path = typer.Option(Path("data/digits")), image_size: int = typer.Option(32),
-                seed: int = typer.Option(0)):
+def data_digits(out: Path = typer.Option(Path("data/digits"), metavar="PATH", help="Output folder."),
+                image_size: int = typer.Option(32, metavar="INTEGER", help="Image side in pixels."),
+                seed: int = typer.Option(0, metavar="INTEGER", help="Seed of the train/val split.")):
     """Write scikit-learn's real digits images as tar shards."""
     from logitcache.data.digits import generate_digits
 
@@ -57,10 +67,13 @@ def data_digits(out: Path = typer.Option(Path("data/digits")), image_size: int =
 
 
 @data_app.command("index")
-def data_index(urls: list[str] = typer.Argument(..., help="Dataset roots (with dataset.json) or tar shard URLs "
-                                                          "(brace patterns allowed); any fsspec URL.")):
-    """Write each tar shard's member index beside it (<shard>.idx.json): opening the data then reads
-    one small file per shard instead of walking every shard's headers. Re-run after rewriting shards."""
+def data_index(urls: list[str] = typer.Argument(..., metavar="URL...",
+                                                help="Dataset roots (with dataset.json) or tar shard URLs "
+                                                     "(brace patterns allowed); any fsspec URL.")):
+    """Write each tar shard's member index beside it (`<shard>.idx.json`).
+
+    Opening the data then reads one small file per shard instead of walking every shard's
+    headers. Re-run after rewriting shards."""
     from logitcache.data.index_file import index_and_write
     from logitcache.data.source import tar_shard_urls
 
@@ -104,25 +117,30 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
 
 @app.command()
 def build(
-    data: str = typer.Option(..., help="Dataset root (with dataset.json) or image folder; any fsspec URL."),
-    teacher: str = typer.Option(..., help="timm model name or alias (beitv2_l, beitv2_b, resnet152)."),
-    teacher_weights: Optional[str] = typer.Option(None, help="Weights file (safetensors or a plain state dict)."),
-    split: str = typer.Option("train"),
-    recipe: str = typer.Option("vanillakd_a2", help="Augmentation recipe name (see logitcache.views.RECIPES)."),
-    cache_seed: int = typer.Option(0, help="Root seed of every view seed."),
-    out: Optional[str] = typer.Option(None, help="Cache URL (default: a named folder under the cache root)."),
-    cache_root: Optional[str] = typer.Option(None, help="Default $LOGITCACHE_ROOT or ~/.cache/logitcache."),
-    epochs: str = typer.Option("1", help="N (epochs 0..N-1) or A:B (extend with epochs A..B-1)."),
-    codec: str = typer.Option("topk", help="topk or full."),
-    topk: int = typer.Option(10, help="Logits kept per view (k >= classes means full)."),
-    value_dtype: str = typer.Option("float16", help="float16 or float32."),
-    batch_size: int = typer.Option(64, help="Views per teacher batch."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes per build process [CPU: 1, "
-                                                     "CUDA: up to 8; see logitcache.build.default_workers]."),
-    device: str = typer.Option("auto"),
+    data: str = typer.Option(..., metavar="URL", help="Dataset root (with dataset.json) or image folder; any fsspec URL."),
+    teacher: str = typer.Option(..., metavar="NAME", help="timm model name or alias (beitv2_l, beitv2_b, resnet152)."),
+    teacher_weights: Optional[str] = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights",
+                                                  help="Weights file (safetensors or a plain state dict)."),
+    split: str = typer.Option("train", metavar="TEXT", help="Dataset split to cache."),
+    recipe: str = typer.Option("vanillakd_a2", metavar="NAME",
+                               help="Augmentation recipe: vanillakd_a2, imagenet_basic, demo32, demo32_mix."),
+    cache_seed: int = typer.Option(0, metavar="INTEGER", help="Root seed of every view seed."),
+    out: Optional[str] = typer.Option(None, metavar="URL", show_default="a named folder under the cache root",
+                                      help="Cache URL."),
+    cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
+                                             help="Where named caches live."),
+    epochs: str = typer.Option("1", metavar="N|A:B", callback=_check_epochs,
+                               help="N: epochs 0..N-1; A:B: extend with epochs A..B-1."),
+    codec: str = typer.Option("topk", metavar="topk|full", help="Keep the top-k logits per view, or all."),
+    topk: int = typer.Option(10, metavar="INTEGER", min=1, help="Logits kept per view (k >= classes means full)."),
+    value_dtype: str = typer.Option("float16", metavar="float16|float32", help="Type of the stored logits."),
+    batch_size: int = typer.Option(64, metavar="INTEGER", min=1, help="Views per teacher batch."),
+    workers: Optional[int] = typer.Option(None, metavar="INTEGER", min=0, show_default="CPU: 1, CUDA: up to 8",
+                                          help="DataLoader worker processes per build process."),
+    device: str = typer.Option("auto", metavar="TEXT", help="auto, cpu, cuda or cuda:N."),
     compile: bool = typer.Option(False, help="torch.compile the teacher."),
-    progress: bool = typer.Option(True),
-    procs: int = typer.Option(1, help="Build processes on this machine (ranks; each writes its own units)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    procs: int = typer.Option(1, metavar="INTEGER", min=1, help="Build processes on this machine (ranks; each writes its own units)."),
     recheck: bool = typer.Option(False, help="Read every committed unit back, check it against its commit "
                                              "record, and rebuild the damaged ones."),
     allow_view_drift: bool = typer.Option(False, help="Add to a cache even when views rendered here differ from "
@@ -132,19 +150,19 @@ def build(
 
     The cache is written in whole units (epoch x data shard), each committed last: a build
     that was killed or interrupted finishes when run again with the same arguments, and
-    ``--epochs A:B`` extends a cache while students read its complete epochs.
+    `--epochs A:B` extends a cache while students read its complete epochs.
 
-    Several processes: ``--procs N`` runs N ranks on this machine; or launch with
-    ``torchrun --nproc-per-node N logitcache build ...`` (one or more machines; ranks from
+    Several processes: `--procs N` runs N ranks on this machine; or launch with
+    `torchrun --nproc-per-node N logitcache build ...` (one or more machines; ranks from
     RANK/WORLD_SIZE/LOCAL_RANK; on CUDA rank r uses cuda:LOCAL_RANK). Units are dealt out
-    round-robin; ``--workers`` is per process. The cache is byte-identical to a one-process
+    round-robin; `--workers` is per process. The cache is byte-identical to a one-process
     build when every process uses the same number of CPU threads (OMP_NUM_THREADS; torchrun
     sets 1): CPU kernels round differently with other thread counts.
 
     Object storage: --data and --out take any fsspec URL (s3://, gs://, ...). For an
     S3-compatible server set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the usual
     AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION; any other s3fs option
-    can be given as FSSPEC_S3_<OPTION> (fsspec's environment configuration). Data on
+    can be given as `FSSPEC_S3_<OPTION>` (fsspec's environment configuration). Data on
     object storage: `logitcache data index URL...` once, so each process opens the shards
     from their small index files; LOGITCACHE_SHARD_CACHE=DIR keeps local copies of shards.
     """
@@ -185,59 +203,68 @@ _MKD_FLAGS = {"mkd_meta_every": "meta_every", "mkd_meta_lr": "meta_lr", "mkd_pre
 
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="Dataset root with train and val splits."),
-    config: Optional[Path] = typer.Option(None, help="YAML/TOML file with TrainConfig settings; flags override it."),
-    student: Optional[str] = typer.Option(None, help="Any timm model name [resnet50]."),
-    out: Optional[str] = typer.Option(None, help="Output folder [runs/student]."),
-    cache: Optional[str] = typer.Option(None, help="Cache URL (default: the one cache for this data under the cache root)."),
-    cache_root: Optional[str] = typer.Option(None),
-    kd: Optional[str] = typer.Option(None, help="kd (vanilla KD), mkd (learned temperatures), dkd, dist, none [kd]."),
-    temperature: Optional[float] = typer.Option(None, help="KD temperature [1.0]."),
-    kd_weight: Optional[float] = typer.Option(None, help="Weight of the distillation term [1.0]."),
-    hard_weight: Optional[float] = typer.Option(None, help="Weight of the hard-label loss [1.0]."),
-    hard_loss: Optional[str] = typer.Option(None, help="ce or bce on the (mixed) label targets [ce]."),
-    dkd_alpha: Optional[float] = typer.Option(None),
-    dkd_beta: Optional[float] = typer.Option(None),
-    dkd_warmup_epochs: Optional[float] = typer.Option(None),
-    dist_beta: Optional[float] = typer.Option(None),
-    dist_gamma: Optional[float] = typer.Option(None),
-    mkd_meta_every: Optional[int] = typer.Option(None, help="MKD: meta step every N student steps [10]."),
-    mkd_meta_lr: Optional[float] = typer.Option(None, help="MKD: learning rate of the temperatures."),
-    meta_fraction: Optional[float] = typer.Option(None, help="MKD: share of training samples held out as the meta split [0.05]."),
-    mkd_predictor: Optional[bool] = typer.Option(None, "--mkd-predictor/--no-mkd-predictor",
+    data: Optional[str] = typer.Option(None, metavar="URL", help="Dataset root with train and val splits."),
+    config: Optional[Path] = typer.Option(None, metavar="PATH", help="YAML/TOML file of TrainConfig settings; flags override it."),
+    student: Optional[str] = typer.Option(None, metavar="NAME", show_default="resnet50", help="Any timm model name."),
+    out: Optional[str] = typer.Option(None, metavar="PATH", show_default="runs/student", help="Output folder."),
+    cache: Optional[str] = typer.Option(None, metavar="URL", show_default="the one cache for this data under the cache root",
+                                        help="Cache URL."),
+    cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
+                                             help="Where named caches live."),
+    kd: Optional[str] = typer.Option(None, metavar="kd|mkd|dkd|dist|none", show_default="kd",
+                                     help="Distillation term: vanilla KD, KD with learned temperatures, DKD, DIST or none."),
+    temperature: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="KD temperature."),
+    kd_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="Weight of the distillation term."),
+    hard_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="Weight of the hard-label loss."),
+    hard_loss: Optional[str] = typer.Option(None, metavar="ce|bce", show_default="ce", help="Loss on the (mixed) label targets."),
+    dkd_alpha: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="DKD: weight of the target-class term."),
+    dkd_beta: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="DKD: weight of the non-target term."),
+    dkd_warmup_epochs: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.0", help="DKD: linear warm-up, in epochs."),
+    dist_beta: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="DIST: weight of the inter-class relation."),
+    dist_gamma: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="DIST: weight of the intra-class relation."),
+    mkd_meta_every: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="10", help="MKD: a meta step every N student steps."),
+    mkd_meta_lr: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.01", help="MKD: learning rate of the temperatures."),
+    meta_fraction: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.05",
+                                                  help="MKD: share of training samples held out as the meta split."),
+    mkd_predictor: Optional[bool] = typer.Option(None, "--mkd-predictor/--no-mkd-predictor", show_default="no",
                                                  help="MKD: per-sample temperatures from a small network."),
-    online_teacher: Optional[bool] = typer.Option(None, "--online-teacher/--no-online-teacher",
+    online_teacher: Optional[bool] = typer.Option(None, "--online-teacher/--no-online-teacher", show_default="no",
                                                   help="Run the teacher on the views instead of reading the cache."),
-    teacher: Optional[str] = typer.Option(None, help="Online teacher (default: the cache's teacher)."),
-    teacher_weights: Optional[str] = typer.Option(None, help="Online teacher weights file."),
-    recipe: Optional[str] = typer.Option(None, help="Augmentation recipe when no cache is used [demo32]."),
-    epochs: Optional[int] = typer.Option(None, help="[10]"),
-    reuse_epochs: Optional[bool] = typer.Option(None, "--reuse-epochs/--no-reuse-epochs",
+    teacher: Optional[str] = typer.Option(None, metavar="NAME", show_default="the cache's teacher", help="Online teacher."),
+    teacher_weights: Optional[str] = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights",
+                                                  help="Online teacher weights file."),
+    recipe: Optional[str] = typer.Option(None, metavar="NAME", show_default="demo32", help="Augmentation recipe when no cache is used."),
+    epochs: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="10", help="Student epochs."),
+    reuse_epochs: Optional[bool] = typer.Option(None, "--reuse-epochs/--no-reuse-epochs", show_default="no",
                                                 help="Cycle cached epochs when training longer than the cache."),
     allow_view_drift: Optional[bool] = typer.Option(
-        None, "--allow-view-drift/--no-allow-view-drift",
+        None, "--allow-view-drift/--no-allow-view-drift", show_default="no",
         help="Train even when views rendered here differ from those the teacher saw (library versions)."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch, in views [128]."),
-    opt: Optional[str] = typer.Option(None, help="timm optimiser name: adamw, lamb, sgd, ... [adamw]."),
-    lr: Optional[float] = typer.Option(None, help="[2e-3]"),
-    weight_decay: Optional[float] = typer.Option(None, help="[0.05]"),
-    momentum: Optional[float] = typer.Option(None, help="Momentum for SGD-like optimisers [0.9]."),
-    sched: Optional[str] = typer.Option(None, help="timm scheduler name [cosine]."),
-    min_lr: Optional[float] = typer.Option(None, help="Final learning rate of the schedule [1e-5]."),
-    warmup_epochs: Optional[int] = typer.Option(None, help="[1]"),
-    label_smoothing: Optional[float] = typer.Option(None, help="[0.0]"),
-    clip_grad: Optional[float] = typer.Option(None),
-    model_ema: Optional[bool] = typer.Option(None, "--model-ema/--no-model-ema"),
-    model_ema_decay: Optional[float] = typer.Option(None),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student."),
-    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic"),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from <out>/checkpoint."),
-    limit_batches: Optional[int] = typer.Option(None, help="At most this many batches per epoch."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers per process [2]."),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda [auto]."),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    batch_size: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="128", help="Global batch, in views."),
+    opt: Optional[str] = typer.Option(None, metavar="NAME", show_default="adamw", help="timm optimiser name: adamw, lamb, sgd, ..."),
+    lr: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="2e-3", help="Peak learning rate."),
+    weight_decay: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.05", help="Weight decay."),
+    momentum: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.9", help="Momentum for SGD-like optimisers."),
+    sched: Optional[str] = typer.Option(None, metavar="NAME", show_default="cosine", help="timm scheduler name: cosine, step, ..."),
+    min_lr: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1e-5", help="Final learning rate of the schedule."),
+    warmup_epochs: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="1", help="Linear learning-rate warm-up, in epochs."),
+    label_smoothing: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.0", help="Label smoothing of the hard targets."),
+    clip_grad: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="no clipping", help="Clip the gradient norm to this."),
+    model_ema: Optional[bool] = typer.Option(None, "--model-ema/--no-model-ema", show_default="no",
+                                             help="Keep an EMA of the student's weights."),
+    model_ema_decay: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.9998", help="Decay of the weights' EMA."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", show_default="no", help="torch.compile the student."),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic", show_default="no",
+                                                 help="torch.use_deterministic_algorithms."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", show_default="no", help="Continue from <out>/checkpoint."),
+    limit_batches: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="all",
+                                                help="At most this many batches per epoch."),
+    workers: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="2", help="DataLoader workers per process."),
+    seed: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="0", help="Seed of the batch order and the student's init."),
+    device: Optional[str] = typer.Option(None, metavar="TEXT", show_default="auto", help="auto, cpu, cuda or cuda:N."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", show_default="yes",
+                                               help="Write TensorBoard logs."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default="yes", help="Show a progress bar."),
 ):
     """Train a student from cached teacher logits (no teacher weights are loaded).
 
@@ -279,10 +306,10 @@ def train(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo_out"), help="Everything the demo makes goes here."),
-    epochs: int = typer.Option(12, help="Student epochs (and cached epochs)."),
-    teacher_epochs: int = typer.Option(30, help="Teacher epochs (plain CE)."),
-    workers: int = typer.Option(2),
+    out: Path = typer.Option(Path("demo_out"), metavar="PATH", help="Everything the demo makes goes here."),
+    epochs: int = typer.Option(12, metavar="INTEGER", min=1, help="Student epochs (and cached epochs)."),
+    teacher_epochs: int = typer.Option(30, metavar="INTEGER", min=1, help="Teacher epochs (plain CE)."),
+    workers: int = typer.Option(2, metavar="INTEGER", min=0, help="DataLoader workers."),
 ):
     """The whole product on the embedded data: data -> teacher -> cache -> two students."""
     from logitcache.cli.demo import run_demo
@@ -296,20 +323,32 @@ _register_cache_tools(app)
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors (ours and the command line's) become one line on
+    stderr and exit code 2."""
     from logitcache.errors import LogitcacheError
-
     from logitcache.trainer.checkpoint import TrainingStopped
 
     try:
-        app()
+        code = app(prog_name="logitcache", standalone_mode=False)
+    except typer.TyperException as e:  # typer's own (vendored click) exceptions
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare command group: its help, as typer prints it
+            e.show()
+            sys.exit(e.exit_code)
+        # an unknown flag, a bad or missing value: one line, as our own errors
+        hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) is not None else ""
+        print(f"error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(130)
     except LogitcacheError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:
         print(str(e), file=sys.stderr)
         sys.exit(143)  # the conventional status of a SIGTERM stop
-
+    if isinstance(code, int) and code:  # typer.Exit(code) from a command (verify's failure)
+        sys.exit(code)
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ import torch
 
 from .canary import canary_of, check_canary
 from .codec import CodecSpec, ValueRangeError, encode
-from .errors import BadLogitsError, BadSampleError, CorruptCacheError, LogitcacheError
+from .errors import BadLogitsError, CorruptCacheError, LogitcacheError
 from .loader import BatchDataset, create_batch_loader
 from .manifest import DatasetInfo, Manifest
 from .plan import Groups, plan_unit
@@ -246,8 +246,6 @@ def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) ->
     labels = sink.source.labels()
     with _progress(progress, sum(remaining.values()), len(units.unit_views)) as bar:
         for batch in loader:
-            for err in batch["errors"]:
-                raise BadSampleError(err)  # already names shard and key
             u = batch["unit"]
             epoch, shard = int(units.epochs[u]), int(units.shards[u])
             where = f"{sink.writer.url} {unit_path(epoch, shard)}, shard {sink.source.shards[shard].name}"

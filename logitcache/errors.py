@@ -43,3 +43,15 @@ class WeightsUnavailableError(LogitcacheError):
 
 class BadLogitsError(LogitcacheError):
     """The teacher produced NaN/inf logits or logits of the wrong class count."""
+
+
+class SynthSizeError(LogitcacheError, ValueError):
+    """Sizes the synthetic dataset cannot be made with (classes, images per class, pixels)."""
+
+
+class UnknownRecipeError(LogitcacheError, ValueError):
+    """A recipe name that is not in :data:`RECIPES` (still a ValueError for older callers)."""
+
+
+class ConfigError(LogitcacheError):
+    """A run's settings are wrong: an unreadable config file, an unknown key or name, a bad value."""

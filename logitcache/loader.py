@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import errors
 from .errors import LogitcacheError
 from .plan import Groups, pair_seeds, view_seeds
 from .views import Recipe, create_train_transform, mix_pair, mix_params, render_view
@@ -61,8 +62,9 @@ def render_batch(recipe: Recipe, transform, source, epoch: int, groups: Groups) 
 
 class BatchDataset(Dataset):
     """Item ``b`` is batch ``b`` of ``batches`` rendered: a dict as :func:`render_batch` makes
-    it, plus ``"errors"`` (a list of one-line messages; a sample that cannot be read comes
-    back as an error, not an exception, so the main process reports it on one line) and
+    it, plus ``"errors"`` (a list of (error class name, one-line message); a sample that
+    cannot be read comes back as an error, not an exception, and :class:`BatchLoader`
+    raises it in the main process) and
     whatever ``extra(batch, tag)`` adds (e.g. the trainer's cached rows: one vectorised
     gather per batch, in the worker).
 
@@ -86,15 +88,29 @@ class BatchDataset(Dataset):
             batch = render_batch(self.recipe, self._transform, self.source, epoch, groups)
             if self.extra is not None:
                 batch.update(self.extra(batch, tag))
-        except LogitcacheError as e:
-            return {"errors": [str(e)], **tag}
+        except LogitcacheError as e:  # crosses the process boundary as (class name, message)
+            return {"errors": [(type(e).__name__, str(e))], **tag}
         return {**batch, **tag, "errors": []}
 
 
+class BatchLoader(DataLoader):
+    """A DataLoader over a :class:`BatchDataset` that never yields a batch with an unreadable
+    sample: iterating raises the first error a worker reported, as its own
+    :class:`~logitcache.errors.LogitcacheError` class (one line naming shard and key)."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if batch["errors"]:
+                name, message = batch["errors"][0]
+                cls = getattr(errors, name, LogitcacheError)
+                raise (cls if isinstance(cls, type) and issubclass(cls, LogitcacheError) else LogitcacheError)(message)
+            yield batch
+
+
 def create_batch_loader(dataset: BatchDataset, *, num_workers: int, pin_memory: bool = False,
-                        prefetch_factor: int = 4) -> DataLoader:
-    """A DataLoader over a :class:`BatchDataset`'s batches, in order."""
-    return DataLoader(
+                        prefetch_factor: int = 4) -> BatchLoader:
+    """A :class:`BatchLoader` over a :class:`BatchDataset`'s batches, in order."""
+    return BatchLoader(
         dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False,
         # Its own generator: starting workers must not consume the global torch RNG, or a

@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
+from logitcache.errors import UnknownRecipeError
+
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
 
 
@@ -99,10 +101,11 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+
 def create_recipe(name: str, **overrides) -> Recipe:
     """A named recipe from :data:`RECIPES`, with field overrides (like timm's create_*)."""
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+        raise UnknownRecipeError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
     return dataclasses.replace(RECIPES[name], **overrides)
 
 

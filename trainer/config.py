@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from logitcache.errors import LogitcacheError
+from logitcache.errors import ConfigError
 
 from .losses import LossConfig
 from .mkd import MKDConfig
@@ -62,29 +62,89 @@ class TrainConfig:
     progress: bool = True
 
 
+
+#: timm's scheduler names (create_scheduler_v2 quietly makes no scheduler for any other).
+SCHEDULERS = ("constant", "cosine", "multistep", "plateau", "poly", "rsqrt", "step", "tanh")
+
+
 def load_config(path: str | Path) -> dict:
     """A run's settings from YAML (.yaml/.yml) or TOML (.toml): TrainConfig's field names,
     with ``loss:`` and ``mkd:`` as nested tables."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    else:
-        import yaml
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
 
-        data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # noqa: BLE001 - the parsers' syntax errors (their messages span lines)
+        kind = "TOML" if path.suffix == ".toml" else "YAML"
+        raise ConfigError(f"config file {path}: not valid {kind}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a table of settings, found {type(data).__name__}")
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(data) - known
     if unknown:
-        raise LogitcacheError(f"{path}: unknown settings {sorted(unknown)}")
+        raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
     return data
 
 
 def make_config(settings: dict) -> TrainConfig:
-    """TrainConfig from a flat dict whose ``loss``/``mkd`` entries may be dicts."""
+    """TrainConfig from a flat dict whose ``loss``/``mkd`` entries may be dicts; every name
+    (student, optimiser, scheduler, loss kind, device) and size checked before anything is built."""
     settings = dict(settings)
-    if isinstance(settings.get("loss"), dict):
-        settings["loss"] = LossConfig(**settings["loss"])
-    if isinstance(settings.get("mkd"), dict):
-        settings["mkd"] = MKDConfig(**settings["mkd"])
-    return TrainConfig(**settings)
+    try:
+        if isinstance(settings.get("loss"), dict):
+            settings["loss"] = _make(LossConfig, settings["loss"], "loss")
+        if isinstance(settings.get("mkd"), dict):
+            settings["mkd"] = _make(MKDConfig, settings["mkd"], "mkd")
+        cfg = _make(TrainConfig, settings, "")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check_config(cfg)
+    return cfg
+
+
+def _make(cls, values: dict, table: str):
+    """``cls(**values)``, naming unknown keys as a user error."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        where = f" in `{table}:`" if table else ""
+        raise ConfigError(f"unknown settings {unknown}{where}; known: {', '.join(f.name for f in fields(cls))}")
+    return cls(**values)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for a name timm does not know or an impossible size."""
+    import timm
+    import torch
+    from timm.optim import list_optimizers
+
+    if not timm.is_model(cfg.student):
+        raise ConfigError(f"unknown student model {cfg.student!r} (not a timm model name; see timm.list_models())")
+    if cfg.opt.lower().removeprefix("lookahead_") not in list_optimizers():
+        raise ConfigError(f"unknown optimiser {cfg.opt!r} (not a timm optimiser; see timm.optim.list_optimizers())")
+    if cfg.sched not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {cfg.sched!r}; timm's are {', '.join(SCHEDULERS)}")
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(cfg, name)}")
+    for name in ("num_workers", "warmup_epochs"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-').replace('num-', '')} must be >= 0, not {getattr(cfg, name)}")
+    if cfg.limit_batches is not None and cfg.limit_batches < 1:
+        raise ConfigError(f"--limit-batches must be >= 1, not {cfg.limit_batches}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"--lr must be > 0, not {cfg.lr}")
+    if cfg.mkd is not None and not 0 < cfg.meta_fraction < 1:
+        raise ConfigError(f"--meta-fraction must be in (0, 1), not {cfg.meta_fraction}")
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except RuntimeError:
+            raise ConfigError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N") from None

@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 
 from logitcache.distributed import DistContext
-from logitcache.errors import LogitcacheError
 
 from .checkpoint import StopFlag, TrainingStopped, save_checkpoint
 from .metrics_log import Logger
@@ -87,8 +86,6 @@ def train_one_epoch(run: Run, loader, epoch: int, tally: EpochTally) -> float:
     parts.train_model.train()
     t0 = time.perf_counter()
     for b, batch in enumerate(loader, start=first_batch):
-        if batch["errors"]:
-            raise LogitcacheError(batch["errors"][0])
         global_views = loader.global_batch_views[b - first_batch]
         result = train_step(run.spec, parts, batch, epoch=epoch, batch_index=b, step=pos.step,
                             global_views=global_views)

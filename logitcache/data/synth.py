@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from logitcache.data.shards import write_dataset
+from logitcache.errors import SynthSizeError
 
 SHAPES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "crescent")
 # Centre hue of each colour family, in degrees.
@@ -40,6 +41,11 @@ MAX_CLASSES = len(SHAPES) * len(COLOURS) * len(TEXTURES)  # 128
 
 _SPLIT_CODES = {"train": 0, "val": 1}
 _HUE_JITTER = 20.0  # degrees either side of the family's centre hue
+
+
+#: The smallest image side the textures fit in (their strokes are up to 6% of it, at least 1.5 px).
+MIN_IMAGE_SIZE = 25
+
 
 
 def class_attributes(c: int) -> tuple[str, str, str]:
@@ -211,9 +217,14 @@ def generate_synth(
     unique over the whole dataset. Default size: 5,120 train + 1,280 val images of 32x32.
     """
     if not 2 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {num_classes}")
-    if image_size < 8:
-        raise ValueError(f"image_size must be >= 8, got {image_size}")
+        raise SynthSizeError(f"--num-classes must be in [2, {MAX_CLASSES}], not {num_classes}")
+    if image_size < MIN_IMAGE_SIZE:  # smaller images leave no room for the textures' strokes
+        raise SynthSizeError(f"--image-size must be >= {MIN_IMAGE_SIZE} pixels, not {image_size}")
+    if train_per_class < 1 or val_per_class < 1:
+        raise SynthSizeError(f"--train-per-class and --val-per-class must be >= 1, not {train_per_class} "
+                             f"and {val_per_class}")
+    if shard_size < 1:
+        raise SynthSizeError(f"shard_size must be >= 1, not {shard_size}")
     n_train = num_classes * train_per_class
     splits = {
         "train": _split_samples("train", num_classes, train_per_class, 0, image_size, seed),

@@ -1,0 +1,110 @@
+"""Use a logitcache cache from your own training loop (timm's train.py, Lightning, plain PyTorch).
+
+The pieces, in the order a step uses them:
+
+* :func:`open_cache` - a :class:`~logitcache.store.CacheReader` on any fsspec URL.
+* :class:`CachedTrainData` - the training split and the cache built on it, checked to match;
+  ``.loader(epoch, ...)`` is a ``torch.utils.data.DataLoader`` of one epoch's regenerated
+  views with their label targets and cached teacher rows, for one rank of a world size.
+* :func:`teacher_logits` / :func:`teacher_probs` - the teacher's (B, C) logits or
+  probabilities at temperature T, rebuilt on the device from a batch's cached rows.
+* ``logitcache.smoothed_targets`` - the mixed, smoothed label targets (B, C) of a batch; the
+  losses are ``logitcache.kd_loss``, ``dkd_loss``, ``dist_loss`` and MKD's learner.
+
+Each batch is a dict: ``images`` (B, 3, H, W) float32 normalised with the cache's recipe;
+``label``, ``partner_label`` (B,) int64 (the partner is the other image of a mixup/cutmix
+pair, the view itself when not mixed); ``lam`` (B,) float32, the weight of the view's own
+label; ``topk_ids`` (B, k) integer, ``topk_logits`` (B, k) float16/32, ``tail_lse`` (B,)
+float32 (the cached teacher rows); plus ``index``, ``partner``, ``seed`` (B,) int64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from logitcache.build import check_views_of
+from logitcache.codec import decode, rebuilt_probs
+from logitcache.data.source import open_source
+from logitcache.errors import LogitcacheError
+from logitcache.manifest import check_serves
+from logitcache.store import CacheReader
+from logitcache.trainer.data import CachedRows, create_train_loader, epoch_groups
+
+__all__ = ["CachedTrainData", "open_cache", "teacher_logits", "teacher_probs"]
+
+
+def open_cache(url: str, storage_options: dict | None = None) -> CacheReader:
+    """Open the cache at ``url`` (a local path or any fsspec URL) for reading.
+
+    Raises :class:`~logitcache.errors.CacheNotFoundError` when there is no cache there."""
+    return CacheReader(url, storage_options)
+
+
+class CachedTrainData:
+    """The training split at ``data`` and the cache built on it: checked to serve that data
+    (same samples, classes) and to regenerate the views its teacher saw.
+
+    Attributes:
+        reader: the open cache.
+        source: the training split (random access by global sample index).
+        recipe: the augmentation recipe the cache was built with (``recipe.input_size`` pixels).
+        num_classes: C, the columns of the teacher logits and targets.
+        epochs: the cache's complete epochs; student epoch e reads ``epochs[e % len(epochs)]``.
+    """
+
+    def __init__(self, data: str, cache: str | CacheReader, *, split: str = "train",
+                 allow_view_drift: bool = False):
+        self.reader = open_cache(cache) if isinstance(cache, str) else cache
+        self.source = open_source(data, split)
+        check_serves(self.reader.manifest, fingerprint=self.source.fingerprint(),
+                     num_classes=self.source.num_classes, where=self.reader.url)
+        self.epochs = self.reader.epochs()
+        if not self.epochs:
+            raise LogitcacheError(f"cache {self.reader.url} has no complete epoch yet")
+        check_views_of(self.reader, self.source, self.epochs[:1], allow_drift=allow_view_drift)
+        self.recipe = self.reader.manifest.recipe
+        self.num_classes = self.source.num_classes
+        self._labels = self.source.labels()
+
+    def view_epoch(self, epoch: int) -> int:
+        """The cached epoch that student epoch ``epoch`` trains on (cached epochs cycle)."""
+        return self.epochs[epoch % len(self.epochs)]
+
+    def loader(self, epoch: int, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+               num_workers: int = 0, pin_memory: bool = False, limit: int | None = None) -> DataLoader:
+        """Student epoch ``epoch``: this rank's slice of every shuffled global batch.
+
+        ``batch_size`` is the global batch in views (a multiple of the recipe's group size,
+        2 with mixup/cutmix, times ``world_size``); each rank's batches hold
+        ``batch_size // world_size`` views (a group of one leftover view may make one
+        smaller). The batches are a function of ``(seed, epoch)``; ``limit`` keeps the first
+        ones. Items are the dicts described in this module's docstring."""
+        view_epoch = self.view_epoch(epoch)
+        gs = self.recipe.group_size
+        if batch_size < 1 or batch_size % (gs * world_size):
+            raise LogitcacheError(f"batch size {batch_size} must be a positive multiple of {gs * world_size} "
+                                  f"(views per group x world size)")
+        rows = CachedRows(self.reader.load_epoch(view_epoch), self._labels, self.source)
+        loader = create_train_loader(self.source, self.recipe, view_epoch,
+                                     epoch_groups(self.source, self.recipe, view_epoch), rows,
+                                     batch_size=batch_size, seed=seed, epoch=epoch, num_workers=num_workers,
+                                     rank=rank, world_size=world_size, pin_memory=pin_memory, limit=limit)
+        return loader  # a BatchLoader: an unreadable sample raises, naming shard and key
+
+
+def teacher_logits(batch: dict, num_classes: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The teacher's logits (B, C) float32 on ``device`` (default: where the rows are),
+    rebuilt from the batch's cached ``topk_ids``/``topk_logits``/``tail_lse`` rows."""
+    ids, values, tail = (batch[k].to(device, non_blocking=True) if device is not None else batch[k]
+                         for k in ("topk_ids", "topk_logits", "tail_lse"))
+    return decode(ids, values, tail, num_classes)
+
+
+def teacher_probs(batch: dict, num_classes: int, temperature: float = 1.0,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """The teacher's probabilities (B, C) float32 at temperature T: softmax(logits / T), rows
+    summing to 1, rebuilt on ``device`` from the batch's cached rows."""
+    ids, values, tail = (batch[k].to(device, non_blocking=True) if device is not None else batch[k]
+                         for k in ("topk_ids", "topk_logits", "tail_lse"))
+    return rebuilt_probs(ids, values, tail, num_classes, temperature)
