@@ -246,11 +246,11 @@ def _vm_hwm_mb(pid: int) -> float:
 def settings(ctx: Ctx) -> dict:
     return {
         "epochs": ctx.pick(quick_cpu=300, full_cpu=300, tiny=3),
-        "scan_epochs": ctx.pick(quick_cpu=60, full_cpu=300, tiny=2),
+        "scan_epochs": ctx.pick(quick_cpu=20, full_cpu=300, tiny=2),
         "scan_shards": ctx.pick(quick_cpu=1024, full_cpu=1024, tiny=16),
-        "s3_scan_epochs": ctx.pick(quick_cpu=5, full_cpu=20, tiny=1),
+        "s3_scan_epochs": ctx.pick(quick_cpu=3, full_cpu=20, tiny=1),
         "plan_repeats": ctx.pick(quick_cpu=3, full_cpu=5, tiny=1),
-        "cli_per_class": ctx.pick(quick_cpu=250, full_cpu=1000, tiny=4),
+        "cli_per_class": ctx.pick(quick_cpu=125, full_cpu=1000, tiny=4),
         "cli_timeout_s": 300,
     }
 
