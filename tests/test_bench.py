@@ -53,7 +53,7 @@ def test_update_readme_replaces_only_the_block(tmp_path):
 def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
     readme_before = (ROOT / "README.md").read_text()
     out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,storage", "--device", "cpu",
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,storage,scale", "--device", "cpu",
                         "--results-dir", str(out), "--workdir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -62,4 +62,7 @@ def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
     reader = json.loads((out / "reader.json").read_text())
     assert reader["meta"]["tiny"] is True and reader["meta"]["device"] == "cpu"
     assert "## 3. Reader throughput" in (out / "RESULTS.md").read_text()
+    scale = json.loads((out / "scale.json").read_text())["summary"]
+    assert scale["resume_scan_local_listings_per_epoch"] == 1 and scale["resume_scan_s3_requests_per_epoch"] == 1
+    assert scale["cli_first_unit_s"] > 0 and scale["startup_to_first_batch_s"] > 0
     assert (ROOT / "README.md").read_text() == readme_before  # only the committed results rewrite README

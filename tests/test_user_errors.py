@@ -43,7 +43,7 @@ MISTAKES = {  # id -> (args with {data}, {dir}), a word the message must hold
     "data is a file": (["train", "--data", "{dir}/a_file", "--kd", "none"], "a_file"),
     "data is an empty folder": (["build", "--data", "{dir}/empty", "--teacher", "test_resnet"], "empty"),
     "no data": (["train", "--kd", "none"], "--data"),
-    "synth image size 8": (["data", "synth", "--out", "{dir}/s", "--image-size", "8"], "image-size"),
+    "synth image size 4": (["data", "synth", "--out", "{dir}/s", "--image-size", "4"], "image-size"),
     "synth zero classes": (["data", "synth", "--out", "{dir}/s", "--num-classes", "0"], "num-classes"),
     "epochs 3:1": (["build", "--data", "{data}", "--teacher", "test_resnet", "--epochs", "3:1"], "3:1"),
     "epochs not a number": (["build", "--data", "{data}", "--teacher", "test_resnet", "--epochs", "x"], "epochs"),

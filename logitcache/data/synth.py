@@ -43,8 +43,8 @@ _SPLIT_CODES = {"train": 0, "val": 1}
 _HUE_JITTER = 20.0  # degrees either side of the family's centre hue
 
 
-#: The smallest image side the textures fit in (their strokes are up to 6% of it, at least 1.5 px).
-MIN_IMAGE_SIZE = 25
+#: The smallest image side: below it the shapes and textures are a few pixels of noise.
+MIN_IMAGE_SIZE = 8
 
 
 
@@ -139,7 +139,7 @@ def render_image(label: int, rng: np.random.Generator, image_size: int = 32) -> 
         col = tuple(int(x) for x in _hsv(rng.uniform(0, 360), rng.uniform(0, 0.5), rng.uniform(0.2, 1.0)))
         x0, y0 = rng.uniform(0, size, size=2)
         if rng.random() < 0.5:
-            q = rng.uniform(1.5, 0.06 * size)
+            q = rng.uniform(1.5, max(1.5, 0.06 * size))  # tiny images: blobs of the smallest size
             draw.ellipse([x0 - q, y0 - q, x0 + q, y0 + q], fill=col)
         else:
             x1, y1 = rng.uniform(0, size, size=2)
@@ -218,7 +218,7 @@ def generate_synth(
     """
     if not 2 <= num_classes <= MAX_CLASSES:
         raise SynthSizeError(f"--num-classes must be in [2, {MAX_CLASSES}], not {num_classes}")
-    if image_size < MIN_IMAGE_SIZE:  # smaller images leave no room for the textures' strokes
+    if image_size < MIN_IMAGE_SIZE:
         raise SynthSizeError(f"--image-size must be >= {MIN_IMAGE_SIZE} pixels, not {image_size}")
     if train_per_class < 1 or val_per_class < 1:
         raise SynthSizeError(f"--train-per-class and --val-per-class must be >= 1, not {train_per_class} "
