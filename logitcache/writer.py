@@ -11,8 +11,7 @@ import numpy as np
 
 from .errors import CacheMismatchError
 from .manifest import ATTR_KEY, Manifest
-from .store import (COMPRESSOR, IO_THREADS, UNIT_ARRAYS, committed_units_of, commit_record, epoch_path, list_names,
-                    open_group)
+from .store import COMPRESSOR, IO_THREADS, UNIT_ARRAYS, commit_record, committed_units_of, epoch_path, open_group
 
 
 class CacheWriter:
@@ -80,8 +79,7 @@ class CacheWriter:
                 raise ValueError(f"unit array {key} has {arrays[key].shape[0]} rows, expected {n}")
         if self.format_version >= 2:
             commits = self.root.require_group(f"{epoch_path(epoch)}/commits")
-            if f"{shard:05d}" in list_names(self.url, f"{epoch_path(epoch)}/commits", self.storage_options):
-                del commits[f"{shard:05d}"]
+            del commits[f"{shard:05d}"]  # a no-op when absent; no listing of the epoch's records
         units = self.root.require_group(f"{epoch_path(epoch)}/units")
         group = units.create_group(f"{shard:05d}", overwrite=True)
 
