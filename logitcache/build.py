@@ -22,7 +22,7 @@ from .codec import CodecSpec, ValueRangeError, encode
 from .errors import BadLogitsError, CorruptCacheError, LogitcacheError
 from .loader import BatchDataset, create_batch_loader
 from .manifest import DatasetInfo, Manifest
-from .plan import Groups, plan_unit
+from .plan import Groups, num_groups, plan_unit
 from .store import CacheReader, empty_unit, unit_path
 from .writer import CacheWriter
 from .teacher import Teacher, check_logits
@@ -98,7 +98,7 @@ class UnitBatches:
         self.per_batch = max(1, batch_size // recipe.group_size)
         sizes = bounds[self.shards, 1] - bounds[self.shards, 0]
         self.unit_views = sizes  # (U,) views of each unit
-        self.unit_batches = -(-((sizes + 1) // 2 if recipe.mixes else sizes) // self.per_batch)
+        self.unit_batches = -(-num_groups(recipe, sizes) // self.per_batch)
         self.end = np.cumsum(self.unit_batches)  # (U,): one past each unit's last batch
         self._last: tuple[int, Groups] | None = None  # the unit planned last (per worker process)
 

@@ -65,8 +65,9 @@ class Groups:
         return Groups(np.concatenate([p.first for p in parts]), np.concatenate([p.second for p in parts]))
 
 
-def num_groups(recipe: Recipe, num_samples: int) -> int:
-    """Groups of a unit of ``num_samples`` samples: pairs and a leftover single when mixing."""
+def num_groups(recipe: Recipe, num_samples):
+    """Groups of a unit of ``num_samples`` samples (an int, or an integer array of unit
+    sizes, elementwise): pairs and a leftover single when mixing."""
     return (num_samples + 1) // 2 if recipe.mixes else num_samples
 
 
