@@ -202,20 +202,21 @@ def encode_write_cost(codec, logits: torch.Tensor, unit_views: int, workdir) -> 
     from logitcache.codec import encode
     from logitcache.writer import CacheWriter
 
-    from .common import mixed_view_metadata, synthetic_manifest
+    from .common import synthetic_manifest, synthetic_unit
 
-    encode(codec, logits)
+    seeds = np.arange(len(logits), dtype=np.uint64)  # used by the sampled codec only
+    encode(codec, logits, seeds=seeds)
     t0 = time.perf_counter()
     for _ in range(5):
-        encode(codec, logits)
+        encode(codec, logits, seeds=seeds)
     enc = (time.perf_counter() - t0) / 5
     reps = math.ceil(unit_views / len(logits))
-    rows = encode(codec, logits.repeat(reps, 1)[:unit_views])
-    rows.update(mixed_view_metadata(unit_views, 0, seed=0))
+    unit = synthetic_unit(unit_views, 0, seed=0)
+    rows = encode(codec, logits.repeat(reps, 1)[:unit_views], seeds=unit["view_seeds"])
     writer = CacheWriter(str(workdir / "write_cost.zarr"), synthetic_manifest(unit_views, [unit_views], codec))
     writer.prepare_epochs([0])
     t0 = time.perf_counter()
-    writer.write_unit(0, 0, rows)
+    writer.write_unit(0, 0, rows, unit["plan"], canary=unit["canary"])
     return {"encode_s_per_batch": enc, "write_s_per_unit": time.perf_counter() - t0}
 
 

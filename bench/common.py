@@ -185,12 +185,14 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def codec_for_k(k: int | str, num_classes: int, value_dtype: str = "float16"):
-    """The codec that keeps ``k`` logits per view; ``k == "full"`` keeps every class."""
+def codec_for_k(k: int | str, num_classes: int, values: str = "float16"):
+    """The codec that keeps ``k`` logits per view; ``k == "full"`` keeps every class.
+    ``values``: "float16" (the default here, as the accuracy study's caches), "float32" or
+    "gap<b>" (logitcache/codec.py; the library's own default is "gap8")."""
     from logitcache.codec import create_codec
 
     full = k == "full"
-    return create_codec("full" if full else "topk", num_classes, None if full else k, value_dtype)
+    return create_codec("full" if full else "topk", num_classes, None if full else k, values)
 
 
 # --- realistic teacher logits ----------------------------------------------------------
@@ -203,7 +205,7 @@ def teacher_like_logits(n: int, num_classes: int = 1000, *, seed: int = 0) -> tu
     class, and 0-6 "confusable" classes close to it in id order (as ImageNet's related
     classes mostly are: dog breeds, ...) with margins of 2-7 nats. Mean top-1 probability
     comes out near 0.69, top-10 mass near 0.8, entropy near 2 nats: a teacher on strongly
-    augmented, mixed views (bench/storage.py records these statistics with its results).
+    augmented, mixed views (bench/frontier.py records these statistics with its results).
     """
     rng = np.random.default_rng(seed)
     z = rng.normal(0.0, 1.3, (n, num_classes)).astype(np.float32)
@@ -218,29 +220,36 @@ def teacher_like_logits(n: int, num_classes: int = 1000, *, seed: int = 0) -> tu
     return z, label
 
 
-def mixed_view_metadata(n: int, start: int, *, seed: int, mixing: bool = True) -> dict[str, np.ndarray]:
-    """The per-view fields of a unit of ``n`` views (global indices ``start ..``), as a build
-    with a mixing recipe writes them: plan-order sample indices, random 64-bit seeds,
-    labels, pair partners and lambdas (cutmix half the time, box-quantised; mixup Beta(0.1, 0.1))."""
+def mixed_view_plan(n: int, *, seed: int, mixing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The plan of a unit of ``n`` samples as a mixing recipe makes it, rows in sample order:
+    ``view_seeds`` (n,) uint64 (random 64-bit seeds) and ``partner`` (n,) int64, each
+    sample's mixing partner as a position in the unit (samples paired at random; an odd
+    leftover, or every sample without ``mixing``, is its own partner)."""
     rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    index = (start + order).astype(np.int64)
-    partner = index.copy()
-    lam = np.ones(n, np.float32)
+    seeds = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    partner = np.arange(n, dtype=np.int64)
     if mixing:
+        order = rng.permutation(n)
         m = n - n % 2
-        partner[0:m:2], partner[1:m:2] = index[1:m:2], index[0:m:2]
-        cut = rng.random(m // 2) < 0.5
-        side = np.round(np.sqrt(1 - rng.uniform(0, 1, m // 2)) * 224)
-        lam_pair = np.where(cut, 1 - side * side / 224**2, rng.beta(0.1, 0.1, m // 2)).astype(np.float32)
-        lam[0:m:2] = lam[1:m:2] = lam_pair
-    return {
-        "sample_index": index,
-        "view_seed": rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False),
-        "label": rng.integers(0, 1000, n).astype(np.int32),
-        "partner_index": partner,
-        "mix_lam": lam,
-    }
+        a, b = order[0:m:2], order[1:m:2]
+        partner[a], partner[b] = b, a
+    return seeds, partner
+
+
+def synthetic_unit(n: int, start: int, *, seed: int, mixing: bool = True) -> dict:
+    """What a build writes with a unit of ``n`` samples (global indices ``start ..``) besides
+    its teacher rows: ``view_seeds`` (n,) uint64 (the sampled codec draws from them), ``plan``
+    (the sha256 hex of :func:`logitcache.plan.plan_digest`) and a ``canary`` shaped like
+    logitcache/canary.py's (4 sample indices, 4 sha256 hex strings of 64 characters), so
+    that bytes on disk are a real build's."""
+    from logitcache.canary import CANARY_VIEWS
+    from logitcache.plan import plan_digest
+
+    seeds, partner = mixed_view_plan(n, seed=seed, mixing=mixing)
+    rng = np.random.default_rng([seed, 1])
+    first = rng.permutation(n)[:CANARY_VIEWS] + start
+    canary = {"index": [int(i) for i in first], "sha256": [rng.bytes(32).hex() for _ in range(len(first))]}
+    return {"view_seeds": seeds, "plan": plan_digest(seeds, partner), "canary": canary}
 
 
 def synthetic_manifest(num_samples: int, shard_sizes: list[int], codec, recipe=None):

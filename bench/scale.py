@@ -101,8 +101,9 @@ def trainer_epoch_plan(repeats: int) -> dict:
 
 
 def _commit_tree(base: Path, epochs: int, shards: int) -> None:
-    """Write the commit records of a fully built format-2 cache directly (no arrays: the scan
-    reads only listings), as the build leaves them."""
+    """Write the commit records of a fully built cache (format 3: each record a group of its
+    own, as since format 2) directly (no arrays: the scan reads only listings), as the build
+    leaves them."""
     from logitcache.codec import create_codec
     from logitcache.writer import CacheWriter
 
@@ -110,7 +111,7 @@ def _commit_tree(base: Path, epochs: int, shards: int) -> None:
 
     manifest = synthetic_manifest(shards, [1] * shards, create_codec("topk", 1000, 10))
     CacheWriter(str(base), manifest).prepare_epochs(list(range(epochs)))
-    meta = b'{"zarr_format": 3, "node_type": "group", "attributes": {"commit": {"n": 1, "crc32": {}}}}'
+    meta = b'{"zarr_format": 3, "node_type": "group", "attributes": {"commit": {"n": 1, "crc32": {}, "plan": ""}}}'
     for e in range(epochs):
         root = base / "epochs" / f"{e:04d}" / "commits"
         for s in range(shards):

@@ -5,8 +5,9 @@ size, random weights, interleaved (A B C, C B A, ...), warm-up steps dropped, me
 the rest:
 
 * ``ce``: student forward, soft-target CE on mixed targets, backward, AdamW step;
-* ``cached``: the same plus the cached top-k rows (pre-made tensors as the DataLoader
-  workers deliver them) moved to the device, ``logitcache.codec.decode`` there, and
+* ``cached``: the same plus the cached teacher rows of the default codec (topk, k = 10,
+  gap8: ``ids``, ``values``, ``tail`` as pre-made tensors in their stored dtypes, as the
+  DataLoader workers deliver them) moved to the device, ``logitcache.codec.decode`` there, and
   ``logitcache.trainer.losses.distill_loss`` kind ``kd`` (CE + KL at T = 1);
 * ``online_<teacher>``: timm's ``timm.task.LogitDistillationTask`` (teacher forward under
   ``no_grad`` on the same batch, its own KL), backward, AdamW step.
@@ -88,12 +89,12 @@ class Bench:
         partner = label.flip(0)
         lam = torch.rand(batch, generator=g)
         logits, _ = teacher_like_logits(batch, NUM_CLASSES, seed=seed)
-        rows = encode(create_codec("topk", NUM_CLASSES, K), torch.from_numpy(logits))
-        host = {  # what collate + CachedRows hand over: ids in the stored dtype, fp16 values, fp32 tail
+        self.codec = create_codec("topk", NUM_CLASSES, K)  # the default: gap8 values
+        rows = encode(self.codec, torch.from_numpy(logits))
+        host = {  # what collate + CachedRows hand over: teacher rows in their stored dtypes (uint16 ids, uint8
+            # gap codes, uint16 tail code)
             "images": x, "label": label, "partner_label": partner, "lam": lam,
-            "topk_ids": torch.from_numpy(rows["topk_ids"]),
-            "topk_logits": torch.from_numpy(rows["topk_logits"]),
-            "tail_lse": torch.from_numpy(rows["tail_lse"]),
+            **{key: torch.from_numpy(rows[key]) for key in ("ids", "values", "tail")},
         }
         self.host = {k: v.pin_memory() for k, v in host.items()} if cuda else host
         torch.manual_seed(seed)
@@ -136,8 +137,8 @@ class Bench:
 
         x, target = self._inputs()
         h, dev = self.host, self.device
-        teacher_logits = decode(h["topk_ids"].to(dev, non_blocking=True), h["topk_logits"].to(dev, non_blocking=True),
-                                h["tail_lse"].to(dev, non_blocking=True), NUM_CLASSES)
+        teacher_logits = decode(self.codec, h["ids"].to(dev, non_blocking=True), h["values"].to(dev, non_blocking=True),
+                                h["tail"].to(dev, non_blocking=True))
         with self.autocast:
             logits = self.student(x)
         loss, _ = distill_loss(LossConfig(kind="kd"), logits.float(), teacher_logits, target)

@@ -18,12 +18,17 @@ from logitcache.cli.format import format_json, format_ls, format_report, format_
 
 def inspect_cmd(
     url: str = typer.Argument(..., metavar="URL", help="Cache URL (a path or any fsspec URL)."),
+    data: Optional[str] = typer.Option(None, metavar="URL", show_default="no label statistics",
+                                       help="The cache's dataset: adds the teacher's top-1 agreement with the labels."),
+    split: str = typer.Option("train", metavar="TEXT", help="Split of --data the cache was built on."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ):
-    """Summarise a cache: manifest, completeness, size, teacher agreement and entropy."""
+    """Summarise a cache: manifest, codec and its error bound, completeness, size, entropy
+    and (with --data) the teacher's agreement with the labels."""
     from logitcache.cache_stats import inspect_cache
+    from logitcache.data.source import open_source
 
-    st = inspect_cache(url)
+    st = inspect_cache(url, source=open_source(data, split) if data else None)
     print(format_json(st.to_dict()) if as_json else format_stats(st))
 
 

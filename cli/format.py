@@ -67,7 +67,6 @@ def format_stats(st: CacheStats) -> str:
     weights = st.teacher_weights + (f"  sha256 {st.teacher_weights_sha256[:16]}" if st.teacher_weights_sha256 else "")
     recipe = st.recipe_name or "custom"
     units = "  ".join(f"{e}: {a}/{b}" for e, (a, b) in sorted(st.units.items())) or "-"
-    major = _num(st.top1_agreement_major, ".1f", "%")
     libs = ", ".join(f"{k} {v}" for k, v in st.library_versions.items())
     pairs = [
         ("cache", st.url),
@@ -78,16 +77,17 @@ def format_stats(st: CacheStats) -> str:
                    f"sha256 {st.recipe_sha256[:12]}"),
         ("dataset", f"{d['name']}  split {d['split']}  {d['num_samples']} samples in {d['num_shards']} shard{'s' if d['num_shards'] != 1 else ''}  "
                     f"fingerprint {d['fingerprint'][:12]}\n{d['url']}"),
-        ("codec", f"{c['name']} k={c['k']} of {st.num_classes} classes  {c['value_dtype']} values, {c['id_dtype']} ids"),
+        ("codec", f"{c['name']} {'N' if c['name'] == 'sampled' else 'k'}={c['k']} of {st.num_classes} classes  "
+                  f"{c['values']} values, {c['id_bits']}-bit ids\nerror: {st.error_bound}"),
         ("epochs", f"{len(st.epochs_complete)} complete: {format_ranges(st.epochs_complete)}"),
         ("units", f"committed/total per epoch  {units}"),
         ("views", f"{st.views:,} committed"),
         ("storage", f"{format_bytes(st.bytes)}  {_num(st.bytes_per_view, '.1f')} B/view  "
-                    f"(raw payload {st.raw_bytes_per_view} B/view)"),
-        ("top-1 = label", f"{_num(st.top1_agreement, '.1f', '%')} of {st.unmixed_views:,} unmixed views; "
-                          f"{major} of all views (label of larger weight)"),
+                    f"(payload before zstd {_num(st.payload_bytes_per_view, '.1f', ' B/view')})"),
+        ("top-1 = label", f"{_num(st.top1_agreement, '.1f', '%')} of {st.labelled_views:,} views (own label; "
+                          f"mixed views count too)" if st.labelled_views else "- (give --data to compare with labels)"),
         ("entropy", f"{_num(st.mean_entropy, '.3f')} nats mean at T=1 (uniform: {st.max_entropy:.3f})"),
-        ("top-1 prob", f"{_num(st.mean_top1_prob, '.3f')} mean;  mass outside top-{c['k']} "
+        ("top-1 prob", f"{_num(st.mean_top1_prob, '.3f')} mean;  mass outside the kept classes "
                        f"{_num(st.mean_tail_mass, '.3f')} mean"),
         ("libraries", libs or "-"),
     ]
@@ -99,7 +99,7 @@ def format_report(rep: VerifyReport) -> str:
     w = rep.worst
     worst = "-" if w is None else (f"epoch {w['epoch']} key {w['key']} class {w['class']}: cached {w['cached']:.6g}, "
                                    f"recomputed {w['recomputed']:.6g} ({w['ratio_to_bound']:.2f} x bound)")
-    meta = "ok" if not rep.metadata_failures else f"{len(rep.metadata_failures)} views differ"
+    meta = "ok (view seeds, mixing partners)" if not rep.metadata_failures else f"{len(rep.metadata_failures)} units differ"
     pairs = [
         ("cache", rep.url),
         ("checked", f"{rep.views_checked} views (asked {rep.requested}, seed {rep.seed}) from {rep.units_checked} "
@@ -112,7 +112,7 @@ def format_report(rep: VerifyReport) -> str:
         ("top-1", f"{rep.top1_agreement:.1f}% cached = recomputed"),
         ("KL(t||rebuilt)", f"mean {rep.kl_mean:.3g}  max {rep.kl_max:.3g} nats (T=1)"),
         ("checksums", "ok (every unit read was checked)"),
-        ("seeds/labels", meta),
+        ("plan", meta),
     ]
     verdict = "PASS" if rep.passed else f"FAIL: {rep.reasons[0]}" + (
         f" (and {len(rep.reasons) - 1} more)" if len(rep.reasons) > 1 else "")

@@ -83,8 +83,17 @@ def data_index(urls: list[str] = typer.Argument(..., metavar="URL...",
         print(f"indexed {len(indexes)} shards, {sum(len(ix.keys) for ix in indexes)} samples: {url}")
 
 
+def _values(value_dtype: str | None, value_bits: int | None) -> str:
+    """The codec's values: float16/float32, or gap<bits> (default gap8)."""
+    if value_dtype is not None and value_bits is not None:
+        raise typer.BadParameter("give --value-bits (quantised gaps) or --value-dtype (floats), not both")
+    if value_dtype is not None and value_dtype not in ("float16", "float32"):
+        raise typer.BadParameter(f"--value-dtype must be float16 or float32, not {value_dtype!r}")
+    return value_dtype or f"gap{value_bits or 8}"
+
+
 def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
-                value_dtype, batch_size, workers, device, compile, progress, recheck, allow_view_drift) -> None:
+                value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck, allow_view_drift) -> None:
     """The body of ``build`` for one process: the whole build, or one rank of it when the
     environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
     from logitcache import distributed
@@ -99,7 +108,7 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
     dev = distributed.rank_device(resolve_device(device))
     source = open_source(data, split)
     t = Teacher(teacher, weights=teacher_weights, num_classes=source.num_classes, device=dev, compile=compile)
-    spec = create_codec(codec, source.num_classes, topk, value_dtype)
+    spec = create_codec(codec, source.num_classes, topk, _values(value_dtype, value_bits))
     name = _dataset_name(data)
     url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec)}"
     ctx = distributed.init_from_env(dev)
@@ -131,9 +140,15 @@ def build(
                                              help="Where named caches live."),
     epochs: str = typer.Option("1", metavar="N|A:B", callback=_check_epochs,
                                help="N: epochs 0..N-1; A:B: extend with epochs A..B-1."),
-    codec: str = typer.Option("topk", metavar="topk|full", help="Keep the top-k logits per view, or all."),
-    topk: int = typer.Option(10, metavar="INTEGER", min=1, help="Logits kept per view (k >= classes means full)."),
-    value_dtype: str = typer.Option("float16", metavar="float16|float32", help="Type of the stored logits."),
+    codec: str = typer.Option("topk", metavar="topk|full|sampled",
+                              help="Keep the top-k logits per view, all of them, or N draws from the teacher."),
+    topk: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="10; sampled: 32",
+                                       help="Logits kept per view (k >= classes means full); sampled: draws per view."),
+    value_bits: Optional[int] = typer.Option(None, metavar="INTEGER", min=2, max=16, show_default="8",
+                                             help="Bits per stored logit: its gap below the view's top logit, "
+                                                  "quantised (docs/FORMAT.md gives the error bound)."),
+    value_dtype: Optional[str] = typer.Option(None, metavar="float16|float32", show_default="quantised gaps",
+                                              help="Store the logits as floats instead of quantised gaps."),
     batch_size: int = typer.Option(64, metavar="INTEGER", min=1, help="Views per teacher batch."),
     workers: Optional[int] = typer.Option(None, metavar="INTEGER", min=0, show_default="CPU: 1, CUDA: up to 8",
                                           help="DataLoader worker processes per build process."),

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         for batch in data.loader(epoch, batch_size=args.batch_size, num_workers=args.workers):
             logits = student(batch["images"].to(device))
             target = logitcache.smoothed_targets(batch["label"], batch["partner_label"], batch["lam"], c, 0.0)
-            teacher = logitcache.teacher_logits(batch, c, device)
+            teacher = logitcache.teacher_logits(batch, data.codec, device)
             kd = logitcache.kd_loss(logits, teacher, args.temperature)
             loss = args.hard_weight * logitcache.hard_label_loss(logits, target.to(device)) + kd
             opt.zero_grad(set_to_none=True)

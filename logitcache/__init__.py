@@ -7,7 +7,7 @@ from a cache in your own loop::
     for batch in data.loader(epoch, batch_size=128, rank=rank, world_size=world_size):
         target = logitcache.smoothed_targets(batch["label"], batch["partner_label"], batch["lam"], C, 0.1)
         s = student(batch["images"].to(device))
-        t = logitcache.teacher_logits(batch, C, device)
+        t = logitcache.teacher_logits(batch, data.codec, device)
         loss = logitcache.hard_label_loss(s, target.to(device)) + logitcache.kd_loss(s, t, 1.0)
 
 Names are imported on first use, so ``import logitcache`` stays light (no torch, no timm).

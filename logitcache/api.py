@@ -14,8 +14,9 @@ The pieces, in the order a step uses them:
 Each batch is a dict: ``images`` (B, 3, H, W) float32 normalised with the cache's recipe;
 ``label``, ``partner_label`` (B,) int64 (the partner is the other image of a mixup/cutmix
 pair, the view itself when not mixed); ``lam`` (B,) float32, the weight of the view's own
-label; ``topk_ids`` (B, k) integer, ``topk_logits`` (B, k) float16/32, ``tail_lse`` (B,)
-float32 (the cached teacher rows); plus ``index``, ``partner``, ``seed`` (B,) int64.
+label; ``ids``, ``values`` (B, k) and ``tail`` (B,): the cached teacher rows in their stored
+dtypes (class ids; gap codes, counts or float logits; see logitcache/codec.py), decoded on
+the device by :func:`teacher_logits`; plus ``index``, ``partner``, ``seed`` (B,) int64.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from logitcache.build import check_views_of
-from logitcache.codec import decode, rebuilt_probs
+from logitcache.codec import CodecSpec, decode, rebuilt_probs
 from logitcache.data.source import open_source
 from logitcache.errors import LogitcacheError
 from logitcache.manifest import check_serves
@@ -50,6 +51,7 @@ class CachedTrainData:
         source: the training split (random access by global sample index).
         recipe: the augmentation recipe the cache was built with (``recipe.input_size`` pixels).
         num_classes: C, the columns of the teacher logits and targets.
+        codec: how the cache's teacher rows decode (give it to :func:`teacher_logits`).
         epochs: the cache's complete epochs; student epoch e reads ``epochs[e % len(epochs)]``.
     """
 
@@ -65,6 +67,7 @@ class CachedTrainData:
         check_views_of(self.reader, self.source, self.epochs[:1], allow_drift=allow_view_drift)
         self.recipe = self.reader.manifest.recipe
         self.num_classes = self.source.num_classes
+        self.codec = self.reader.manifest.codec
         self._labels = self.source.labels()
 
     def view_epoch(self, epoch: int) -> int:
@@ -93,18 +96,19 @@ class CachedTrainData:
         return loader  # a BatchLoader: an unreadable sample raises, naming shard and key
 
 
-def teacher_logits(batch: dict, num_classes: int, device: torch.device | str | None = None) -> torch.Tensor:
+def teacher_logits(batch: dict, codec: CodecSpec, device: torch.device | str | None = None) -> torch.Tensor:
     """The teacher's logits (B, C) float32 on ``device`` (default: where the rows are),
-    rebuilt from the batch's cached ``topk_ids``/``topk_logits``/``tail_lse`` rows."""
-    ids, values, tail = (batch[k].to(device, non_blocking=True) if device is not None else batch[k]
-                         for k in ("topk_ids", "topk_logits", "tail_lse"))
-    return decode(ids, values, tail, num_classes)
+    rebuilt from the batch's cached rows; ``codec`` is the cache's (``data.codec``)."""
+    return decode(codec, *_rows(batch, device))
 
 
-def teacher_probs(batch: dict, num_classes: int, temperature: float = 1.0,
+def teacher_probs(batch: dict, codec: CodecSpec, temperature: float = 1.0,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """The teacher's probabilities (B, C) float32 at temperature T: softmax(logits / T), rows
-    summing to 1, rebuilt on ``device`` from the batch's cached rows."""
-    ids, values, tail = (batch[k].to(device, non_blocking=True) if device is not None else batch[k]
-                         for k in ("topk_ids", "topk_logits", "tail_lse"))
-    return rebuilt_probs(ids, values, tail, num_classes, temperature)
+    summing to 1, rebuilt on ``device`` from the batch's cached rows (a sampled cache: T = 1 only)."""
+    return rebuilt_probs(codec, *_rows(batch, device), temperature)
+
+
+def _rows(batch: dict, device) -> tuple[torch.Tensor, ...]:
+    return tuple(batch[k].to(device, non_blocking=True) if device is not None else batch[k]
+                 for k in ("ids", "values", "tail"))

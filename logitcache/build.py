@@ -22,8 +22,8 @@ from .codec import CodecSpec, ValueRangeError, encode
 from .errors import BadLogitsError, CorruptCacheError, LogitcacheError
 from .loader import BatchDataset, create_batch_loader
 from .manifest import DatasetInfo, Manifest
-from .plan import Groups, num_groups, plan_unit
-from .store import CacheReader, empty_unit, unit_path
+from .plan import Groups, num_groups, plan_digest, plan_unit
+from .store import CacheReader, unit_path
 from .writer import CacheWriter
 from .teacher import Teacher, check_logits
 from .views import Recipe
@@ -39,7 +39,7 @@ def cache_root(flag: str | None = None) -> str:
 
 def default_cache_name(dataset: str, split: str | None, teacher: str, recipe: Recipe, codec: CodecSpec) -> str:
     short = teacher.split(".")[0]
-    return f"{dataset}-{split or 'all'}-{short}-{codec.name}{codec.k}-{recipe.digest()[:8]}.zarr"
+    return f"{dataset}-{split or 'all'}-{short}-{codec.name}{codec.k}-{codec.values}-{recipe.digest()[:8]}.zarr"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -169,7 +169,8 @@ def build(
     units = _units_to_build(writer, recipe, source, epochs, rank, world_size, batch_size, report, recheck)
     t0 = time.perf_counter()
     for u in np.flatnonzero(units.unit_views == 0):  # an empty data shard has no batches: commit it now
-        writer.write_unit(int(units.epochs[u]), int(units.shards[u]), empty_unit(codec))
+        empty = encode(codec, torch.zeros(0, codec.num_classes), np.zeros(0, np.uint64))
+        writer.write_unit(int(units.epochs[u]), int(units.shards[u]), empty, plan_digest(np.zeros(0), np.zeros(0)))
         report.units_written += 1
     if num_workers is None:
         num_workers = default_workers(teacher.device)
@@ -243,7 +244,6 @@ def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) ->
     pending: dict[int, list[dict]] = {}
     canaries: dict[int, dict] = {}  # per unit: its first views, hashed as the teacher sees them
     remaining = {u: int(n) for u, n in enumerate(units.unit_views) if n}
-    labels = sink.source.labels()
     with _progress(progress, sum(remaining.values()), len(units.unit_views)) as bar:
         for batch in loader:
             u = batch["unit"]
@@ -254,25 +254,30 @@ def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) ->
             logits = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std)
             index = batch["index"].numpy()
             check_logits(logits, sink.codec.num_classes, [sink.source.key(int(i)) for i in index], where)
+            seeds = batch["seed"].numpy().view(np.uint64)
             try:
-                rows = encode(sink.codec, logits)
+                rows = encode(sink.codec, logits, seeds)
             except ValueRangeError as e:
                 raise BadLogitsError(f"{e} (--value-dtype float32; {where})") from None
-            rows.update(
-                sample_index=index, view_seed=batch["seed"].numpy().view(np.uint64),
-                label=labels[index].astype(np.int32), partner_index=batch["partner"].numpy(),
-                mix_lam=batch["lam"].numpy(),
-            )
+            rows.update(index=index, seed=seeds, partner=batch["partner"].numpy())
             pending.setdefault(u, []).append(rows)
             remaining[u] -= len(index)
             sink.report.views += len(index)
             bar.advance(len(index))
             if remaining[u] == 0:
-                parts = pending.pop(u)
-                sink.writer.write_unit(epoch, shard, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]},
-                                       canary=canaries.pop(u))
-                sink.report.units_written += 1
+                _write_unit(sink, epoch, shard, pending.pop(u), canaries.pop(u))
                 bar.unit_done()
+
+
+def _write_unit(sink: _Sink, epoch: int, shard: int, parts: list[dict], canary: dict) -> None:
+    """Sort a finished unit's rows by sample index and write it with the digest of its plan."""
+    whole = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(whole["index"], kind="stable")
+    start = sink.source.shards[shard].start
+    plan = plan_digest(whole["seed"][order], whole["partner"][order] - start)
+    sink.writer.write_unit(epoch, shard, {k: whole[k][order] for k in ("ids", "values", "tail")}, plan,
+                           canary=canary)
+    sink.report.units_written += 1
 
 
 class _progress:

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .manifest import Manifest
+import torch
+
+from .codec import CodecSpec, rebuilt_probs
+from .manifest import Manifest, check_serves
 from .store import CacheReader, is_local
 
 
@@ -62,47 +65,17 @@ def _complete_epochs(committed: dict[int, dict[int, int]], num_shards: int) -> l
     return [e for e, units in committed.items() if len(units) == num_shards]
 
 
-def _log_partition(v: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """log of the rebuilt softmax's normaliser: kept logits ``v`` (n, k) plus tail ``t`` (n,); float64."""
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return np.logaddexp(np.logaddexp.reduce(v, axis=1), t)  # t = -inf (full codec) is fine
-
-
-def topk_entropy(topk_logits: np.ndarray, tail_lse: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Entropy (nats) at T=1 of the rebuilt distribution, and its tail mass, per view.
-
-    Closed form of ``rebuilt_probs``: the k kept logits plus C - k tail classes sharing
-    ``exp(tail_lse)`` equally. O(k) per view, float64. Shapes (n, k), (n,) -> (n,), (n,).
-    """
-    v = topk_logits.astype(np.float64)
-    t = tail_lse.astype(np.float64)
-    k = v.shape[1]
-    if len(v) == 0:
-        return np.zeros(0), np.zeros(0)
-    log_z = _log_partition(v, t)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        logp = v - log_z[:, None]
-        h = -(np.exp(logp) * logp).sum(axis=1)
-        log_m = t - log_z
-        mass = np.exp(log_m)
-        if k < num_classes:
-            h = h - np.where(mass > 0, mass * (log_m - math.log(num_classes - k)), 0.0)
-    return h, np.where(np.isfinite(mass), mass, 0.0)
-
-
-def _major_labels(u: dict[str, np.ndarray]) -> np.ndarray:
-    """Per view of a unit, the label of the larger mix weight (-1 if its partner is absent).
-
-    The partner is in the same unit (pairing is shard-local), so its label is read there.
-    """
-    n = len(u["label"])
-    label = u["label"].astype(np.int64)
-    order = np.argsort(u["sample_index"])
-    pos = np.searchsorted(u["sample_index"], u["partner_index"], sorter=order).clip(0, n - 1)
-    partner_pos = order[pos]
-    found = u["sample_index"][partner_pos] == u["partner_index"]
-    partner_label = np.where(found, label[partner_pos], -1)
-    return np.where(u["mix_lam"] >= 0.5, label, partner_label)
+def row_stats(codec: CodecSpec, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per view of teacher rows (logitcache/codec.py), from the rebuilt T = 1 distribution:
+    ``top1`` (n,) its top class, ``top1_prob``, ``entropy`` (nats) and ``tail_mass`` (the
+    probability of the classes a topk row does not keep; 0 for full and sampled)."""
+    t = {k: torch.from_numpy(np.ascontiguousarray(rows[k])) for k in ("ids", "values", "tail")}
+    p = rebuilt_probs(codec, t["ids"].long(), t["values"], t["tail"]).double()
+    top = p.max(dim=1)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(dim=1)
+    kept = p.gather(1, t["ids"].long()).sum(dim=1) if codec.name == "topk" else torch.ones(len(p), dtype=p.dtype)
+    return {"top1": top.indices.numpy(), "top1_prob": top.values.numpy(), "entropy": entropy.numpy(),
+            "tail_mass": (1.0 - kept).clamp_min(0).numpy()}
 
 
 @dataclass
@@ -110,31 +83,25 @@ class _Totals:
     """Sums of the content statistics over the units read so far."""
 
     views: int = 0
-    unmixed: int = 0
-    agree_unmixed: int = 0  # unmixed views whose top-1 is the label
-    agree_major: int = 0  # views whose top-1 is the label of larger weight
+    labelled: int = 0  # views whose label is known (the dataset was given)
+    agree: int = 0  # of those, views whose top-1 is the sample's own label
     entropy: float = 0.0  # nats
     top1_prob: float = 0.0
     tail_mass: float = 0.0
 
-    def add(self, u: dict[str, np.ndarray], num_classes: int) -> None:
-        """Add one unit's arrays (rows are views)."""
-        n = len(u["label"])
+    def add(self, codec: CodecSpec, rows: dict[str, np.ndarray], labels: np.ndarray | None) -> None:
+        """Add one unit's teacher rows, sorted by sample index; ``labels`` of its samples, if known."""
+        n = len(rows["tail"])
         if n == 0:
             return
+        st = row_stats(codec, rows)
         self.views += n
-        top1 = u["topk_ids"][:, 0].astype(np.int64)
-        label = u["label"].astype(np.int64)
-        plain = u["mix_lam"] == 1.0
-        self.unmixed += int(plain.sum())
-        self.agree_unmixed += int((top1[plain] == label[plain]).sum())
-        self.agree_major += int((top1 == _major_labels(u)).sum())
-        h, mass = topk_entropy(u["topk_logits"], u["tail_lse"], num_classes)
-        self.entropy += float(h.sum())
-        self.tail_mass += float(mass.sum())
-        v = u["topk_logits"].astype(np.float64)
-        log_z = _log_partition(v, u["tail_lse"].astype(np.float64))
-        self.top1_prob += float(np.exp(v[:, 0] - log_z).sum())
+        self.entropy += float(st["entropy"].sum())
+        self.top1_prob += float(st["top1_prob"].sum())
+        self.tail_mass += float(st["tail_mass"].sum())
+        if labels is not None:
+            self.labelled += n
+            self.agree += int((st["top1"] == labels).sum())
 
 
 @dataclass
@@ -167,7 +134,7 @@ class CacheStats:
     recipe_sha256: str
     recipe: dict
     dataset: dict  # name, split, fingerprint, num_samples, num_shards, url
-    codec: dict  # name, k, num_classes, value_dtype, id_dtype
+    codec: dict  # name, k, num_classes, values, id_bits (CodecSpec.to_dict)
     num_classes: int
     library_versions: dict[str, str]
     build_env: dict  # Teacher.runtime() at build time: device, precision, compile, torch_threads
@@ -176,10 +143,10 @@ class CacheStats:
     views: int  # committed views, all epochs
     bytes: int  # on storage (whole group: every unit, committed or not, and metadata)
     bytes_per_view: float | None  # bytes / views
-    raw_bytes_per_view: int  # uncompressed payload: ids, values, tail_lse
-    unmixed_views: int
-    top1_agreement: float | None  # % of unmixed views whose cached top-1 is the label
-    top1_agreement_major: float | None  # % of all views whose top-1 is the label of larger weight
+    payload_bytes_per_view: float | None  # before zstd: ids, values, tail (None: sampled, data-dependent)
+    error_bound: str  # the codec's worst-case error, in words
+    labelled_views: int  # views whose label was known (inspect --data)
+    top1_agreement: float | None  # % of labelled views whose cached top-1 is the sample's label
     mean_entropy: float | None  # nats, rebuilt distribution at T=1, all committed views
     max_entropy: float  # log(C), for reference
     mean_top1_prob: float | None  # mean teacher probability of its top-1 class
@@ -203,23 +170,30 @@ def summarize_cache(url: str, storage_options: dict | None = None, with_bytes: b
     )
 
 
-def inspect_cache(url: str, storage_options: dict | None = None) -> CacheStats:
+def inspect_cache(url: str, storage_options: dict | None = None, source=None) -> CacheStats:
     """Manifest, completeness, size and teacher statistics of the cache at ``url``.
 
     Statistics cover every committed unit (also of incomplete epochs); each unit is read
-    whole, once.
+    whole, once. With ``source`` (the cache's dataset split) the teacher's top-1 agreement
+    with the labels is computed too (the cache does not store labels).
     """
     reader = CacheReader(url, storage_options=storage_options)
     m = reader.manifest
+    if source is not None:
+        check_serves(m, fingerprint=source.fingerprint(), num_classes=source.num_classes, where=url)
     committed = committed_views(reader)
     n_shards = reader.num_shards
     C = m.num_classes
+    labels = source.labels() if source is not None else None
+    starts = np.cumsum([0] + list(m.dataset.shard_sizes))
 
     sums = _Totals()
     for e, units in committed.items():
         for s in units:
-            sums.add(reader.read_unit(e, s), C)
+            rows, _ = reader.read_rows(e, s)
+            sums.add(m.codec, rows, labels[starts[s]:starts[s + 1]] if labels is not None else None)
     views = sums.views
+    payload = m.codec.payload_bits_per_view
 
     nbytes = storage_bytes(url, storage_options)
     d = m.dataset
@@ -233,10 +207,9 @@ def inspect_cache(url: str, storage_options: dict | None = None) -> CacheStats:
         build_env=dict(m.build_env), epochs_complete=_complete_epochs(committed, n_shards),
         units={e: (len(units), n_shards) for e, units in committed.items()},
         views=views, bytes=nbytes, bytes_per_view=nbytes / views if views else None,
-        raw_bytes_per_view=m.codec.bytes_per_view,
-        unmixed_views=sums.unmixed,
-        top1_agreement=100.0 * sums.agree_unmixed / sums.unmixed if sums.unmixed else None,
-        top1_agreement_major=100.0 * sums.agree_major / views if views else None,
+        payload_bytes_per_view=payload / 8 if payload is not None else None, error_bound=m.codec.error_bound(),
+        labelled_views=sums.labelled,
+        top1_agreement=100.0 * sums.agree / sums.labelled if sums.labelled else None,
         mean_entropy=sums.entropy / views if views else None, max_entropy=math.log(C),
         mean_top1_prob=sums.top1_prob / views if views else None,
         mean_tail_mass=sums.tail_mass / views if views else None,

@@ -14,8 +14,11 @@ from .views import Recipe
 #: The layout new caches are written in; every version in READABLE_VERSIONS still reads.
 #: 2: per-unit commit records under epochs/<EEEE>/commits/ (found by listing) with CRC-32
 #: checksums of every array, checked on every read.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: 3: rows sorted by sample index; only what cannot be recomputed is stored (compact codecs:
+#: bit-packed ids, quantised gaps, sampled counts; logitcache/unit_layout.py) with a digest of
+#: each unit's plan in its commit record.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ATTR_KEY = "logitcache"  # the root group attribute holding the manifest
 
 _VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy", "zarr", "logitcache")

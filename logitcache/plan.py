@@ -106,3 +106,27 @@ def pair_seeds(cache_seed: int, epoch: int, keys_a: Sequence[str], keys_b: Seque
     """(n,) uint64: the seed of each pair (key_a, key_b): its mixing switch, lambda and box."""
     prefix = f"{cache_seed}/{epoch}/pair/"
     return _digests(f"{prefix}{a}/{b}" for a, b in zip(keys_a, keys_b))
+
+
+def plan_digest(view_seeds: np.ndarray, partner_positions: np.ndarray) -> str:
+    """sha256 (hex) of a unit's plan, rows in sample order: the view seeds as little-endian
+    uint64, then each row's mixing partner as a little-endian int32 position in the shard
+    (its own position when it is not mixed). Format 3 commit records hold it."""
+    h = hashlib.sha256(np.ascontiguousarray(view_seeds, dtype="<u8").tobytes())
+    h.update(np.ascontiguousarray(partner_positions, dtype="<i4").tobytes())
+    return h.hexdigest()
+
+
+def partner_positions(groups: Groups, start: int, n: int) -> np.ndarray:
+    """(n,) int64: each sample's mixing partner as a position in the unit (its own when alone)."""
+    out = np.arange(n, dtype=np.int64)
+    paired = groups.second >= 0
+    a, b = groups.first[paired] - start, groups.second[paired] - start
+    out[a], out[b] = b, a
+    return out
+
+
+def unit_plan_digest(recipe: Recipe, epoch: int, shard: int, start: int, stop: int, keys: Sequence[str]) -> str:
+    """The digest of the plan of one unit as this code plans it; ``keys`` are its samples' keys."""
+    groups = plan_unit(recipe, epoch, shard, start, stop)
+    return plan_digest(view_seeds(recipe.cache_seed, epoch, keys), partner_positions(groups, start, stop - start))

@@ -30,12 +30,10 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from .codec import CodecSpec
 from .errors import CacheNotFoundError, CorruptCacheError
 from .manifest import ATTR_KEY, Manifest
+from .unit_layout import legacy_rows, stored_arrays, unpack_unit
 
-#: Arrays of a unit, in the order they are written: name -> (rows are views).
-UNIT_ARRAYS = ("sample_index", "view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits", "tail_lse")
 #: Threads for concurrent zarr requests: units read at once by ``CacheReader.read_units``, arrays
 #: written at once by ``logitcache.writer.CacheWriter.write_unit``.
 IO_THREADS = 8
@@ -44,17 +42,6 @@ IO_THREADS = 8
 COMPRESSOR = ZstdCodec(level=3, checksum=True)
 #: How to repair a damaged committed unit (said by every error about one).
 REPAIR_HINT = "re-run the same `logitcache build` command with --recheck to rebuild damaged units"
-
-
-def empty_unit(codec: CodecSpec) -> dict[str, np.ndarray]:
-    """The arrays of a unit with no views (an empty data shard), in their stored dtypes."""
-    k = codec.k
-    return {
-        "sample_index": np.zeros(0, np.int64), "view_seed": np.zeros(0, np.uint64), "label": np.zeros(0, np.int32),
-        "partner_index": np.zeros(0, np.int64), "mix_lam": np.zeros(0, np.float32),
-        "topk_ids": np.zeros((0, k), codec.id_dtype), "topk_logits": np.zeros((0, k), codec.value_dtype),
-        "tail_lse": np.zeros(0, np.float32),
-    }
 
 
 def epoch_path(epoch: int) -> str:
@@ -132,18 +119,21 @@ def array_crc32(arr: np.ndarray) -> int:
     return zlib.crc32(memoryview(arr).cast("B")) if arr.size else 0
 
 
-def commit_record(arrays: dict[str, np.ndarray], format_version: int) -> dict:
-    """What a commit stores: the view count and every array's checksum."""
+def commit_record(arrays: dict[str, np.ndarray], n: int, format_version: int, plan: str | None = None) -> dict:
+    """What a commit stores: the row count, every array's checksum and (format 3) the plan digest."""
     if format_version == 1:
-        return {"n": len(arrays["sample_index"]), "sha256": {k: array_digest(arrays[k]) for k in UNIT_ARRAYS}}
-    return {"n": len(arrays["sample_index"]), "crc32": {k: array_crc32(arrays[k]) for k in UNIT_ARRAYS}}
+        return {"n": n, "sha256": {k: array_digest(a) for k, a in arrays.items()}}
+    record = {"n": n, "crc32": {k: array_crc32(a) for k, a in arrays.items()}}
+    if format_version >= 3:
+        record["plan"] = plan
+    return record
 
 
 def damaged_arrays(commit: dict, arrays: dict[str, np.ndarray]) -> list[str]:
     """The arrays whose bytes differ from the commit record's checksums (any format)."""
     if "crc32" in commit:
-        return [k for k in UNIT_ARRAYS if array_crc32(arrays[k]) != commit["crc32"].get(k)]
-    return [k for k in UNIT_ARRAYS if array_digest(arrays[k]) != commit.get("sha256", {}).get(k)]
+        return [k for k, a in arrays.items() if array_crc32(a) != commit["crc32"].get(k)]
+    return [k for k, a in arrays.items() if array_digest(a) != commit.get("sha256", {}).get(k)]
 
 
 def _read_manifest(group: zarr.Group, url: str) -> Manifest:
@@ -192,23 +182,21 @@ def committed_units_of(root: zarr.Group, url: str, storage_options: dict | None,
 
 @dataclass
 class EpochArrays:
-    """One epoch of a cache, rows indexed by global sample index (N rows).
+    """One epoch's teacher rows (logitcache/codec.py), row ``i`` = global sample ``i`` (N rows).
 
-    Shapes: topk_ids, topk_logits (N, k); everything else (N,).
+    Shapes: ``ids``, ``values`` (N, k) (sampled: k = the most distinct ids of a row, 0-padded);
+    ``tail`` (N,); ``plans``: each unit's plan digest (logitcache/unit_layout.py), shard order.
     """
 
     epoch: int
-    view_seed: np.ndarray
-    label: np.ndarray
-    partner_index: np.ndarray
-    mix_lam: np.ndarray
-    topk_ids: np.ndarray
-    topk_logits: np.ndarray
-    tail_lse: np.ndarray
+    ids: np.ndarray
+    values: np.ndarray
+    tail: np.ndarray
+    plans: list[str]
 
     @property
     def num_views(self) -> int:
-        return len(self.view_seed)
+        return len(self.tail)
 
 
 class CacheReader:
@@ -252,66 +240,88 @@ class CacheReader:
         array = f", array {key}" if key else ""
         return f"cache {self.url}: epoch {epoch}, unit {shard} ({unit_path(epoch, shard)}){array}"
 
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        """The arrays of every unit of this cache (they depend on its format and codec)."""
+        return stored_arrays(self.manifest.codec, self.format_version)
+
     def read_unit(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
-        """Every array of one committed unit, checked against its commit record (rows = views).
+        """Every stored array of one committed unit, checked against its commit record.
 
         Raises :class:`CorruptCacheError` naming cache, epoch, unit and array when a
         chunk is missing, truncated or altered, or metadata is unreadable."""
-        commit = self.commit(epoch, shard)
-        if commit is None:
-            raise CorruptCacheError(f"{self._where(epoch, shard)} is not committed (build incomplete; re-run "
-                                    f"the build to finish it)")
+        commit = self._commit_of(epoch, shard)
         try:
             group = self.root[unit_path(epoch, shard)]
         except Exception as e:  # noqa: BLE001 - absent or garbled metadata of a committed unit
             raise CorruptCacheError(f"{self._where(epoch, shard)}: unit metadata is missing or unreadable "
                                     f"({type(e).__name__}); {REPAIR_HINT}") from None
         out = {}
-        for key in UNIT_ARRAYS:
+        for key in self.array_names:
             try:
-                arr = group[key][...] if commit["n"] else np.zeros((0,) + group[key].shape[1:], group[key].dtype)
+                z = group[key]
+                out[key] = z[...] if z.size and commit["n"] else np.zeros((0,) + z.shape[1:], z.dtype)
             except Exception as e:  # noqa: BLE001 - any storage/codec failure becomes one clear error
                 raise CorruptCacheError(f"{self._where(epoch, shard, key)}: cannot read it ({type(e).__name__}: "
                                         f"{e}); {REPAIR_HINT}") from None
-            out[key] = arr
         bad = damaged_arrays(commit, out)
         if bad:
             raise CorruptCacheError(f"{self._where(epoch, shard, bad[0])}: fails its checksum (damaged or "
                                     f"missing chunk); {REPAIR_HINT}")
         return out
 
-    def read_units(self, epoch: int) -> list[dict[str, np.ndarray]]:
-        """Every unit of ``epoch``, in shard order, read by up to ``IO_THREADS`` threads.
+    def _commit_of(self, epoch: int, shard: int) -> dict:
+        commit = self.commit(epoch, shard)
+        if commit is None:
+            raise CorruptCacheError(f"{self._where(epoch, shard)} is not committed (build incomplete; re-run "
+                                    f"the build to finish it)")
+        return commit
+
+    def read_rows(self, epoch: int, shard: int) -> tuple[dict[str, np.ndarray], str]:
+        """One committed unit's teacher rows, sorted by sample index (row r = the shard's r-th
+        sample), and its plan digest; every array checked. Any format."""
+        commit = self._commit_of(epoch, shard)
+        arrays = self.read_unit(epoch, shard)
+        d = self.manifest.dataset
+        start, size = sum(d.shard_sizes[:shard]), d.shard_sizes[shard]
+        if self.format_version < 3:
+            idx = arrays["sample_index"]
+            if len(idx) != size or (size and not np.array_equal(np.sort(idx), np.arange(start, start + size))):
+                raise CorruptCacheError(f"{self._where(epoch, shard)}: its rows do not cover the shard's samples "
+                                        f"{start}..{start + size - 1} exactly once; {REPAIR_HINT}")
+            return legacy_rows(self.manifest.codec, arrays, start)
+        if int(commit["n"]) != size:
+            raise CorruptCacheError(f"{self._where(epoch, shard)}: holds {commit['n']} rows for a shard of {size} "
+                                    f"samples; {REPAIR_HINT}")
+        try:
+            rows = unpack_unit(self.manifest.codec, arrays, size)
+        except ValueError as e:  # arrays too short for their row count (a writer bug, never storage damage)
+            raise CorruptCacheError(f"{self._where(epoch, shard)}: {e}; {REPAIR_HINT}") from None
+        return rows, str(commit.get("plan"))
+
+    def read_units(self, epoch: int) -> list[tuple[dict[str, np.ndarray], str]]:
+        """Every unit of ``epoch`` as :meth:`read_rows`, in shard order, read by up to
+        ``IO_THREADS`` threads.
 
         A unit read mostly waits on zarr's event loop and the storage (a metadata and a
         chunk request per array), so overlapping them cuts the time on a local disk and
         divides it by the thread count on object storage."""
         with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, self.num_shards))) as pool:
-            return list(pool.map(lambda s: self.read_unit(epoch, s), range(self.num_shards)))
+            return list(pool.map(lambda s: self.read_rows(epoch, s), range(self.num_shards)))
 
     def load_epoch(self, epoch: int) -> EpochArrays:
-        """All views of ``epoch`` as arrays indexed by global sample index (rows = samples)."""
-        n_total = self.manifest.dataset.num_samples
-        k = self.manifest.codec.k
+        """All views of ``epoch`` as teacher rows indexed by global sample index: units in
+        shard order, each sorted by sample index, so concatenating them is the epoch."""
         units = self.read_units(epoch)
-        idx = np.concatenate([u["sample_index"] for u in units])
-        # n_total indices, all in range, every sample hit: a permutation (one bincount, no sort).
-        covered = len(idx) == n_total and (
-            n_total == 0 or (idx.min() >= 0 and idx.max() < n_total and np.bincount(idx, minlength=n_total).all()))
-        if not covered:
-            raise CorruptCacheError(
-                f"epoch {epoch} of {self.url} does not cover samples 0..{n_total - 1} exactly once"
-            )
-        fields = {}
-        for key in UNIT_ARRAYS:
-            if key == "sample_index":
-                continue
-            first = units[0][key]
-            out = np.empty((n_total,) + first.shape[1:], first.dtype)
-            out[idx] = np.concatenate([u[key] for u in units])  # scatter by sample index: no sort
-            fields[key] = out
-        assert fields["topk_ids"].shape == (n_total, k)
-        return EpochArrays(epoch=epoch, **fields)
+        width = max((u["ids"].shape[1] for u, _ in units), default=0)
+        if self.manifest.codec.name != "sampled":
+            width = self.manifest.codec.k if self.manifest.codec.name == "topk" else 0
+        pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]))) if a.shape[1] < width else a  # noqa: E731
+        ids = np.concatenate([pad(u["ids"]) for u, _ in units]) if units else np.zeros((0, width), np.uint8)
+        values = (np.concatenate([pad(u["values"]) if u["values"].shape[1] < width else u["values"] for u, _ in units])
+                  if units else np.zeros((0, width), np.uint8))
+        tail = np.concatenate([u["tail"] for u, _ in units]) if units else np.zeros(0, np.float32)
+        return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units])
 
 
 @dataclass

@@ -34,7 +34,6 @@ valid top-k of the recomputed logits up to the tolerance.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -44,18 +43,16 @@ import numpy as np
 import torch
 
 from .cache_stats import committed_views
-from .codec import decode
 from .errors import CacheMismatchError, LogitcacheError, WeightsUnavailableError
 from .manifest import Manifest
 from .store import CacheReader, unit_path
+from .verify_compare import compare_logits, compare_sampled
 
 if TYPE_CHECKING:
     from .data.source import SampleSource
 
 #: Absolute slack of a kept logit, on top of the relative tolerance (see module docstring).
 DEFAULT_ATOL = 1e-6
-#: Recomputation noise allowed per entry, relative to the largest |logit| of its row.
-NOISE_REL = 2.0**-20
 #: Multiple of the codec's rounding bound used as default relative tolerance.
 TOLERANCE_FACTOR = 4.0
 
@@ -96,8 +93,10 @@ class VerifyReport:
 
 
 def default_tolerance(manifest: Manifest) -> float:
-    """``TOLERANCE_FACTOR`` x the codec's rounding bound (2**-9 for float16, 2**-22 for float32)."""
-    return TOLERANCE_FACTOR * manifest.codec.relative_tolerance()
+    """``TOLERANCE_FACTOR`` x the codec's rounding bound (2**-9 for float16, 2**-22 for float32);
+    0 for quantised gaps, whose bound is absolute (half a step, added to ``atol``)."""
+    values = manifest.codec.values
+    return TOLERANCE_FACTOR * {"float16": 2.0**-11, "float32": 2.0**-24}.get(values, 0.0)
 
 
 def check_teacher_weights(manifest: Manifest, teacher_weights: str | None, url: str) -> None:
@@ -168,55 +167,55 @@ def _pick_views(reader: CacheReader, sample: int, seed: int, url: str) -> _Picks
     return _Picks(units, picks, starts, unit_of)
 
 
+def _stack(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of one field, zero-padded to the widest (sampled rows differ in width per unit)."""
+    width = max((np.shape(r)[0] for r in rows), default=0) if np.ndim(rows[0]) else 0
+    return np.stack([np.pad(r, (0, width - len(r))) if np.ndim(r) else r for r in rows])
+
+
 @dataclass
 class _Regenerated:
-    """The picked views rendered again, their cached rows, and what did not match."""
+    """The picked views rendered again, their cached teacher rows, and what did not match."""
 
     where: list[tuple[int, str]] = field(default_factory=list)  # (epoch, key) per checked view
     images: list[torch.Tensor] = field(default_factory=list)  # rendered view (3, H, W) per checked view
-    rows: dict[str, list] = field(default_factory=lambda: {f: [] for f in ("topk_ids", "topk_logits", "tail_lse")})
+    seeds: list[int] = field(default_factory=list)  # view seed per checked view
+    rows: dict[str, list] = field(default_factory=lambda: {f: [] for f in ("ids", "values", "tail")})
     metadata_failures: list[str] = field(default_factory=list)
 
 
 def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, transform) -> _Regenerated:
-    """Read each unit holding a picked view (checked against its commit record), re-render the picked views
-    and compare their seeds, labels, partners and mix weights with the cached ones."""
+    """Read each unit holding a picked view (checked against its commit record), check its plan
+    digest against this code's plan, and re-render the picked views."""
     from .loader import render_batch
-    from .plan import plan_unit
+    from .plan import plan_unit, unit_plan_digest
 
     m = reader.manifest
     keys_all = source.keys()
-    labels_all = source.labels()
     out = _Regenerated()
     for j in np.unique(picked.unit_of):
         e, s, _n = picked.units[j]
-        name = unit_path(e, s)
-        u = reader.read_unit(e, s)  # checked against its commit record: damage stops here, named
+        rows, digest = reader.read_rows(e, s)  # checked against its commit record: damage stops here, named
         info = source.shards[s]
+        if digest != unit_plan_digest(m.recipe, e, s, info.start, info.stop, keys_all[info.start:info.stop]):
+            out.metadata_failures.append(f"{unit_path(e, s)}: its plan (view seeds, mixing partners) differs from "
+                                         f"the one regenerated here")
         groups = plan_unit(m.recipe, e, s, info.start, info.stop)
         group_of = {int(i): g for g, i in enumerate(groups.first)}
         group_of.update({int(i): g for g, i in enumerate(groups.second) if i >= 0})
         rendered: dict[int, dict] = {}
         for r in (picked.picks[picked.unit_of == j] - picked.starts[j]).tolist():
-            idx = int(u["sample_index"][r])
-            g = group_of.get(idx)
-            if g is None:
-                out.metadata_failures.append(f"{name} row {r}: sample index {idx} is not in shard {s}")
-                continue
+            idx = info.start + r  # rows are sorted by sample index
+            g = group_of[idx]
             if g not in rendered:  # a mix pair renders together: once for both views
                 rendered[g] = render_batch(m.recipe, transform, source, e, groups.take([g]))
             rg = rendered[g]
             p = int(groups.first[g] != idx)  # the view's position in its group
-            key = keys_all[idx]
-            expect = {"view_seed": np.uint64(rg["seed"].numpy().view(np.uint64)[p]), "label": labels_all[idx],
-                      "partner_index": int(rg["partner"][p]), "mix_lam": np.float32(float(rg["lam"][p]))}
-            diffs = [f for f, v in expect.items() if u[f][r] != v]
-            if diffs:
-                out.metadata_failures.append(f"{name} key {key}: {', '.join(diffs)} differ from the regenerated view")
             out.images.append(rg["images"][p])
-            out.where.append((e, key))
+            out.seeds.append(int(rg["seed"].numpy().view(np.uint64)[p]))
+            out.where.append((e, keys_all[idx]))
             for f in out.rows:
-                out.rows[f].append(u[f][r])
+                out.rows[f].append(rows[f][r])
     return out
 
 
@@ -251,7 +250,7 @@ def verify_cache(
     m = reader.manifest
     check_teacher_weights(m, teacher_weights, url)
     source = _open_checked_source(m, data, url)
-    C, k = m.num_classes, m.codec.k
+    C = m.num_classes
     tol = default_tolerance(m) if tolerance is None else float(tolerance)
     picked = _pick_views(reader, sample, seed, url)
 
@@ -273,79 +272,14 @@ def verify_cache(
         views = torch.stack(got.images)
         r = torch.cat([teacher(views[i:i + batch_size], m.recipe.mean, m.recipe.std).cpu()
                        for i in range(0, n, batch_size)]).double()
-        ids = torch.from_numpy(np.stack(got.rows["topk_ids"]).astype(np.int64))
-        c = torch.from_numpy(np.stack(got.rows["topk_logits"]).astype(np.float64))
-        tail = torch.from_numpy(np.stack(got.rows["tail_lse"]).astype(np.float64))
-        _compare(report, r, ids, c, tail, C, k, tol, atol, got.where)
+        rows = {f: _stack(v) for f, v in got.rows.items()}
+        if m.codec.name == "sampled":
+            compare_sampled(report, m.codec, r, rows, np.array(got.seeds, dtype=np.uint64), got.where)
+        else:
+            compare_logits(report, m.codec, r, rows, tol, atol, got.where)
 
     if report.metadata_failures:
-        report.reasons.append(f"{len(report.metadata_failures)} views do not match their regenerated seeds/labels "
+        report.reasons.append(f"{len(report.metadata_failures)} units do not match their regenerated plan "
                               f"(first: {report.metadata_failures[0]})")
     report.seconds = time.perf_counter() - t0
     return report
-
-def _compare(report: VerifyReport, r: torch.Tensor, ids: torch.Tensor, c: torch.Tensor, tail: torch.Tensor,
-             C: int, k: int, tol: float, atol: float, where: list[tuple[int, str]]) -> None:
-    """Fill the error fields and reasons of ``report``. r (n, C) recomputed, ids/c (n, k), tail (n,); float64."""
-    n = len(r)
-    in_range = ((ids >= 0) & (ids < C)).all(dim=1)
-    safe_ids = ids.clamp(0, C - 1)
-    slack = atol + NOISE_REL * r.abs().amax(dim=1, keepdim=True)  # (n, 1)
-
-    # kept logits, compared at the cached ids
-    r_at = r.gather(1, safe_ids)
-    err = torch.nan_to_num((c - r_at).abs(), nan=math.inf)
-    err[~in_range] = math.inf
-    excess = (err - slack).clamp(min=0)
-    rel = torch.where(excess > 0, excess / r_at.abs(), torch.zeros_like(excess))
-    report.max_abs_err = float(err.max())
-    report.max_rel_err = float(rel.max())
-    ratio = err / (tol * r_at.abs() + slack)
-    worst = int(ratio.argmax())
-    wi, wj = divmod(worst, k)
-    report.worst = {"epoch": where[wi][0], "key": where[wi][1], "class": int(ids[wi, wj]), "position": wj,
-                    "cached": float(c[wi, wj]), "recomputed": float(r_at[wi, wj]), "ratio_to_bound": float(ratio[wi, wj])}
-    if report.max_rel_err > tol:
-        w = report.worst
-        report.reasons.append(
-            f"max relative error {report.max_rel_err:.3g} of kept logits exceeds the tolerance {tol:.3g} (epoch "
-            f"{w['epoch']}, key {w['key']}, class {w['class']}: cached {w['cached']:.6g}, recomputed {w['recomputed']:.6g})"
-        )
-
-    # ids: equal, or a valid top-k of the recomputed logits up to ties
-    top_v, top_i = torch.topk(r, k, dim=1)
-    exact = (ids == top_i).all(dim=1) & in_range
-    sorted_ids = ids.sort(dim=1).values
-    distinct = (sorted_ids[:, 1:] != sorted_ids[:, :-1]).all(dim=1) if k > 1 else torch.ones(n, dtype=torch.bool)
-    tie_ok = (r_at >= top_v - (tol * top_v.abs() + slack)).all(dim=1)
-    tied = ~exact & in_range & distinct & tie_ok
-    report.ids_exact, report.ids_tied = int(exact.sum()), int(tied.sum())
-    report.ids_wrong = n - report.ids_exact - report.ids_tied
-    if report.ids_wrong:
-        bad = int((~exact & ~tied).nonzero()[0, 0])
-        report.reasons.append(
-            f"{report.ids_wrong} views have top-{k} ids that are not the teacher's top-{k} (first: epoch "
-            f"{where[bad][0]}, key {where[bad][1]}: cached {ids[bad].tolist()}, recomputed {top_i[bad].tolist()})"
-        )
-    report.top1_agreement = 100.0 * float((ids[:, 0] == r.argmax(dim=1)).double().mean())
-
-    # tail_lse, at the cached ids (so ties at the boundary do not matter)
-    if k < C:
-        tail_r = torch.logsumexp(r.scatter(1, safe_ids, -math.inf), dim=1)
-        terr = torch.nan_to_num((tail - tail_r).abs(), nan=math.inf)
-        report.tail_max_abs_err = float(terr.max())
-        tbad = terr > tol * tail_r.abs() + slack[:, 0]
-        if tbad.any():
-            b = int(tbad.nonzero()[0, 0])
-            report.reasons.append(
-                f"{int(tbad.sum())} views have a tail_lse off by more than the tolerance (first: epoch {where[b][0]}, "
-                f"key {where[b][1]}: cached {float(tail[b]):.6g}, recomputed {float(tail_r[b]):.6g})"
-            )
-    else:
-        report.tail_max_abs_err = float(torch.where(torch.isneginf(tail), 0.0, math.inf).max())
-
-    # KL(teacher || rebuilt) at T = 1
-    logp = torch.log_softmax(r, dim=1)
-    logq = torch.log_softmax(decode(safe_ids, c, tail, C).double(), dim=1)
-    kl = torch.nan_to_num((logp.exp() * (logp - logq)).sum(dim=1), nan=math.inf)
-    report.kl_mean, report.kl_max = float(kl.mean()), float(kl.max())

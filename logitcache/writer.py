@@ -11,14 +11,15 @@ import numpy as np
 
 from .errors import CacheMismatchError
 from .manifest import ATTR_KEY, Manifest
-from .store import COMPRESSOR, IO_THREADS, UNIT_ARRAYS, commit_record, committed_units_of, epoch_path, open_group
+from .store import COMPRESSOR, IO_THREADS, commit_record, committed_units_of, epoch_path, open_group
+from .unit_layout import pack_unit
 
 
 class CacheWriter:
     """Writes whole units into a cache; creates the cache or checks it matches this build.
 
-    A cache keeps the layout of the format it was created with: extending a format 1
-    cache writes format 1 units."""
+    Units are written in the current format only: a cache of an earlier format still reads
+    and trains, but adding to it is refused (build a new cache)."""
 
     def __init__(self, url: str, manifest: Manifest, storage_options: dict | None = None):
         self.url = url
@@ -33,6 +34,11 @@ class CacheWriter:
             self.format_version = manifest.format_version
         else:
             built = Manifest.from_dict(existing)
+            if built.format_version != manifest.format_version:
+                raise CacheMismatchError(
+                    f"cache {url} is format {built.format_version}; this logitcache writes format "
+                    f"{manifest.format_version} units only. The cache still reads and trains as it is; to add "
+                    f"epochs, build a new cache (another --out)")
             manifest.check_same_build(built, url)
             self.format_version = built.format_version
 
@@ -51,8 +57,7 @@ class CacheWriter:
         def prepare(e: int) -> None:
             self.root.require_group(epoch_path(e))
             self.root.require_group(f"{epoch_path(e)}/units")
-            if self.format_version >= 2:
-                self.root.require_group(f"{epoch_path(e)}/commits")
+            self.root.require_group(f"{epoch_path(e)}/commits")
 
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
             list(pool.map(prepare, epochs))  # list(): re-raises the first error here
@@ -62,24 +67,24 @@ class CacheWriter:
         return committed_units_of(self.root, self.url, self.storage_options, self.format_version, epoch,
                                 len(self.manifest.dataset.shards))
 
-    def write_unit(self, epoch: int, shard: int, arrays: dict[str, np.ndarray], canary: dict | None = None) -> None:
-        """Write one unit's arrays (rows = views), then its commit record, last (format 2:
-        with the unit's ``canary``, see logitcache/canary.py).
+    def write_unit(self, epoch: int, shard: int, rows: dict[str, np.ndarray], plan: str,
+                   canary: dict | None = None) -> None:
+        """Write one unit's teacher rows (sorted by sample index, one per sample of the shard;
+        logitcache/codec.py), then its commit record, last, with the plan digest ``plan``
+        (logitcache/unit_layout.py) and the unit's ``canary`` (logitcache/canary.py).
 
         A unit left half-written by a killed process, or rebuilt because it was damaged,
         is replaced whole; its old commit record is removed first, so no moment exists at
         which a record vouches for arrays being rewritten.
         """
-        missing = set(UNIT_ARRAYS) - set(arrays)
-        if missing:
-            raise ValueError(f"unit arrays missing: {sorted(missing)}")
-        n = len(arrays["sample_index"])
-        for key in UNIT_ARRAYS:
-            if arrays[key].shape[0] != n:
-                raise ValueError(f"unit array {key} has {arrays[key].shape[0]} rows, expected {n}")
-        if self.format_version >= 2:
-            commits = self.root.require_group(f"{epoch_path(epoch)}/commits")
-            del commits[f"{shard:05d}"]  # a no-op when absent; no listing of the epoch's records
+        n = len(rows["tail"])
+        size = self.manifest.dataset.shard_sizes[shard]
+        if n != size or any(len(rows[k]) != n for k in ("ids", "values")):
+            raise ValueError(f"unit {shard} needs {size} rows (its shard's samples), got "
+                             f"{ {k: len(v) for k, v in rows.items()} }")
+        arrays = pack_unit(self.manifest.codec, rows)
+        commits = self.root.require_group(f"{epoch_path(epoch)}/commits")
+        del commits[f"{shard:05d}"]  # a no-op when absent; no listing of the epoch's records
         units = self.root.require_group(f"{epoch_path(epoch)}/units")
         group = units.create_group(f"{shard:05d}", overwrite=True)
 
@@ -88,17 +93,14 @@ class CacheWriter:
             chunks = tuple(max(1, d) for d in arr.shape)  # one chunk; zarr needs positive sizes
             z = group.create_array(key, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
                                    compressors=COMPRESSOR, fill_value=0)
-            if n:
+            if arr.size:
                 z[...] = arr
 
         # The arrays are independent objects: write them at once (object storage is
         # latency-bound, two requests per array), then the commit record, strictly after.
-        with ThreadPoolExecutor(max_workers=min(IO_THREADS, len(UNIT_ARRAYS))) as pool:
-            list(pool.map(write, UNIT_ARRAYS))  # list(): re-raises the first error here
-        record = commit_record(arrays, self.format_version)
-        if self.format_version >= 2:
-            if canary is not None:
-                record["canary"] = canary
-            commits.create_group(f"{shard:05d}", attributes={"commit": record})  # one write: its zarr.json
-        else:
-            group.attrs["commit"] = record
+        with ThreadPoolExecutor(max_workers=min(IO_THREADS, len(arrays))) as pool:
+            list(pool.map(write, list(arrays)))  # list(): re-raises the first error here
+        record = commit_record(arrays, n, self.format_version, plan)
+        if canary is not None:
+            record["canary"] = canary
+        commits.create_group(f"{shard:05d}", attributes={"commit": record})  # one write: its zarr.json

@@ -26,7 +26,7 @@ import torch
 BUILD_EPOCHS = [0, 1]
 BUILD_BATCH_SIZE = 16
 BUILD_K = 5
-BUILD_VALUE_DTYPE = "float16"
+BUILD_VALUES = "gap8"  # the default codec: top-k gaps below the top logit, 8 bits
 NUM_CLASSES = 16
 
 
@@ -101,7 +101,7 @@ def _build(tmp_path_factory, synth_data: str, tiny_teacher: str, recipe_name: st
         dataset_name="synth",
         teacher=_recording_teacher(tiny_teacher, record),
         recipe=create_recipe(recipe_name),
-        codec=create_codec("topk", source.num_classes, k=BUILD_K, value_dtype=BUILD_VALUE_DTYPE),
+        codec=create_codec("topk", source.num_classes, k=BUILD_K, values=BUILD_VALUES),
         url=url,
         epochs=list(BUILD_EPOCHS),
         batch_size=BUILD_BATCH_SIZE,
@@ -113,7 +113,7 @@ def _build(tmp_path_factory, synth_data: str, tiny_teacher: str, recipe_name: st
 
 @pytest.fixture(scope="session")
 def built_cache_record(tmp_path_factory, synth_data, tiny_teacher) -> BuildRecord:
-    """The demo32 build (2 epochs, top-5 float16) with the teacher's recorded inputs/outputs."""
+    """The demo32 build (2 epochs, top-5, 8-bit gaps) with the teacher's recorded inputs/outputs."""
     return _build(tmp_path_factory, synth_data, tiny_teacher, "demo32")
 
 

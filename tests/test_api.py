@@ -37,13 +37,13 @@ def test_loader_batches_for_ranks(synth_data, built_cache):
     assert data.epochs == [0, 1] and data.num_classes == NUM_CLASSES and data.view_epoch(3) == 1
     whole = next(iter(data.loader(0, batch_size=16)))
     assert whole["images"].shape == (16, 3, 32, 32) and whole["images"].dtype == torch.float32
-    assert whole["topk_ids"].shape == whole["topk_logits"].shape == (16, BUILD_K)
-    for key in ("label", "partner_label", "lam", "tail_lse"):
+    assert whole["ids"].shape == whole["values"].shape == (16, BUILD_K)
+    for key in ("label", "partner_label", "lam", "tail"):
         assert whole[key].shape == (16,)
     halves = [next(iter(data.loader(0, batch_size=16, rank=r, world_size=2))) for r in range(2)]
     assert torch.equal(torch.cat([h["index"] for h in halves]), whole["index"])
-    logits = logitcache.teacher_logits(whole, NUM_CLASSES)
-    probs = logitcache.teacher_probs(whole, NUM_CLASSES, temperature=2.0)
+    logits = logitcache.teacher_logits(whole, data.codec)
+    probs = logitcache.teacher_probs(whole, data.codec, temperature=2.0)
     assert logits.shape == probs.shape == (16, NUM_CLASSES)
     torch.testing.assert_close(probs, torch.softmax(logits / 2.0, dim=1))
     with pytest.raises(logitcache.LogitcacheError, match="multiple of 2"):

@@ -53,7 +53,7 @@ def test_update_readme_replaces_only_the_block(tmp_path):
 def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
     readme_before = (ROOT / "README.md").read_text()
     out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,storage,scale", "--device", "cpu",
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,frontier,scale", "--device", "cpu",
                         "--results-dir", str(out), "--workdir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -61,7 +61,16 @@ def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
     assert summary["reader_views_per_s"] > 0 and summary["bytes_per_view_k10"] > 0
     reader = json.loads((out / "reader.json").read_text())
     assert reader["meta"]["tiny"] is True and reader["meta"]["device"] == "cpu"
-    assert "## 3. Reader throughput" in (out / "RESULTS.md").read_text()
+    results_md = (out / "RESULTS.md").read_text()
+    assert "## 3. Reader throughput" in results_md and "## 4. Codec frontier" in results_md
+    frontier = json.loads((out / "frontier.json").read_text())["summary"]
+    assert frontier["bytes_per_view_k10"] == summary["bytes_per_view_k10"]
+    assert frontier["tinyvit_bytes_per_view_k10"] == 44
+    for suffix in ("", "_demo"):
+        assert 0 <= frontier[f"kl_t1_k10_float16{suffix}"] <= frontier[f"tinyvit_kl_t1_k10{suffix}"] * 1.05
+        assert abs(frontier[f"kl_t1_k10_gap8_minus_float16{suffix}"]) < 1e-2
+        assert frontier[f"bytes_per_view_sampled_n32{suffix}"] > 0
+    assert (out / "frontier.png").is_file()
     scale = json.loads((out / "scale.json").read_text())["summary"]
     assert scale["resume_scan_local_listings_per_epoch"] == 1 and scale["resume_scan_s3_requests_per_epoch"] == 1
     assert scale["cli_first_unit_s"] > 0 and scale["startup_to_first_batch_s"] > 0

@@ -23,14 +23,15 @@ from typer.testing import CliRunner
 from logitcache.cli.cache_tools import register
 from logitcache.cli.main import app, main
 from logitcache.build import build
-from logitcache.codec import create_codec, rebuilt_probs
+from logitcache.codec import create_codec, encode, rebuilt_probs
 from logitcache.data.source import open_source
 from logitcache.data.synth import generate_synth
 from logitcache.errors import CacheMismatchError, CorruptCacheError, WeightsUnavailableError
-from logitcache.cache_stats import inspect_cache, topk_entropy
+from logitcache.cache_stats import inspect_cache, row_stats
 from logitcache.cli.format import format_bytes, format_ranges
 from logitcache.verify import DEFAULT_ATOL, verify_cache
 from logitcache.store import CacheReader, array_crc32, commit_path, unit_path
+from logitcache.unit_layout import pack_unit, unpack_unit
 from logitcache.teacher import Teacher
 from logitcache.views import create_recipe
 from logitcache.trainer.checkpoint import save_student
@@ -64,7 +65,7 @@ def env(tmp_path_factory):
     a = str(root / "a.zarr")
     b = str(root / "b.zarr")
     build(source, codec=create_codec("topk", 16, 5), url=a, epochs=[0, 1], **common)
-    build(source, codec=create_codec("topk", 16, 3), url=b, epochs=[0], **common)
+    build(source, codec=create_codec("topk", 16, 3, "float16"), url=b, epochs=[0], **common)
     (root / "not-a-cache").mkdir()
     (root / "not-a-cache" / "notes.txt").write_text("hello")
     zarr.open_group(str(root / "plain.zarr"), mode="w")  # a Zarr group, but no manifest
@@ -102,25 +103,27 @@ def test_format_helpers():
     assert format_ranges([]) == "-"
 
 
-def test_topk_entropy_matches_rebuilt_probs():
+def test_row_stats_match_rebuilt_probs():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(50, 16, generator=g) * 3
-    for k in (1, 5, 16):
-        v, ids = torch.topk(logits, k, dim=1)
-        tail = (torch.logsumexp(logits.scatter(1, ids, -math.inf), dim=1) if k < 16
-                else torch.full((50,), -math.inf))
-        p = rebuilt_probs(ids, v, tail, 16).double()
-        want = -(p * p.clamp_min(1e-300).log()).sum(1).numpy()
-        h, mass = topk_entropy(v.numpy(), tail.numpy(), 16)
-        np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(mass, 1 - p.gather(1, ids).sum(1).numpy(), atol=1e-6)
+    for spec in (create_codec("topk", 16, 1), create_codec("topk", 16, 5, "float32"), create_codec("full", 16),
+                 create_codec("sampled", 16, 8)):
+        rows = encode(spec, logits, np.arange(50, dtype=np.uint64))
+        st = row_stats(spec, rows)
+        t = {k: torch.from_numpy(v) for k, v in rows.items()}
+        p = rebuilt_probs(spec, t["ids"].long(), t["values"], t["tail"]).double()
+        np.testing.assert_allclose(st["entropy"], -(p * p.clamp_min(1e-300).log()).sum(1).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_array_equal(st["top1"], p.argmax(1).numpy())
+        kept = p.gather(1, t["ids"].long()).sum(1).numpy() if spec.name == "topk" else 1.0
+        np.testing.assert_allclose(st["tail_mass"], np.clip(1 - kept, 0, None), atol=1e-6)
 
 
 # -- inspect -----------------------------------------------------------------------------
 
 
 def test_inspect_numbers(env):
-    st = inspect_cache(env["a"])
+    st = inspect_cache(env["a"], source=env["source"])
     assert st.views == 2 * N_TRAIN
     assert st.epochs_complete == [0, 1]
     assert st.units == {0: (3, 3), 1: (3, 3)}
@@ -131,9 +134,10 @@ def test_inspect_numbers(env):
     assert st.build_env["device"].startswith("cpu: ") and st.build_env["precision"] == "float32"
     assert st.build_env["compile"] is False and st.build_env["torch_threads"] >= 1
     assert st.dataset["num_samples"] == N_TRAIN and st.dataset["num_shards"] == 3
-    assert st.codec["k"] == 5 and st.raw_bytes_per_view == 5 * (1 + 2) + 4
-    assert st.unmixed_views == st.views  # demo32 does not mix
-    assert 0 <= st.top1_agreement <= 100 and st.top1_agreement_major == pytest.approx(st.top1_agreement)
+    assert st.codec["k"] == 5 and st.codec["values"] == "gap8"
+    assert st.payload_bytes_per_view == (5 * 4 + 5 * 8) / 8  # 4-bit ids; 8-bit gap increases (4 kept, the fill)
+    assert "0.03125 nats" in st.error_bound  # half a step of 1/16 nats
+    assert st.labelled_views == st.views and 0 <= st.top1_agreement <= 100
     assert 0 < st.mean_entropy <= math.log(16) + 1e-9 and st.max_entropy == pytest.approx(math.log(16))
 
     # the same numbers computed independently, from whole epochs through CacheReader
@@ -142,12 +146,13 @@ def test_inspect_numbers(env):
     agree, ent = [], []
     for e in (0, 1):
         ep = reader.load_epoch(e)
-        agree.append(ep.topk_ids[:, 0].astype(np.int64) == labels)
-        p = rebuilt_probs(torch.from_numpy(ep.topk_ids.astype(np.int64)), torch.from_numpy(ep.topk_logits),
-                          torch.from_numpy(ep.tail_lse), 16).double()
+        p = rebuilt_probs(reader.manifest.codec, torch.from_numpy(ep.ids.astype(np.int64)),
+                          torch.from_numpy(ep.values), torch.from_numpy(ep.tail)).double()
+        agree.append(p.argmax(1).numpy() == labels)
         ent.append(-(p * p.log()).sum(1).numpy())
     assert st.top1_agreement == pytest.approx(100 * np.concatenate(agree).mean())
     assert st.mean_entropy == pytest.approx(np.concatenate(ent).mean(), rel=1e-5)
+    assert inspect_cache(env["a"]).top1_agreement is None  # labels need the dataset
 
 
 def test_inspect_cli_text_and_json(env):
@@ -178,17 +183,19 @@ def test_inspect_partial_cache(env, tmp_path):
 
 
 def test_verify_passes_on_intact_cache(env):
+    # 8-bit gaps: an absolute bound of half a step (1/32 nats), no relative one
     rep = verify_cache(env["a"], teacher_weights=env["weights"], sample=64, seed=3, device="cpu", batch_size=24)
     assert rep.passed, rep.reasons
     assert rep.views_checked == 64 and rep.epochs == [0, 1]
-    assert rep.tolerance == pytest.approx(4 * 2.0**-11) and rep.atol == DEFAULT_ATOL
-    assert rep.max_rel_err <= rep.tolerance and rep.max_abs_err < 1e-3
+    assert rep.tolerance == 0 and rep.atol == pytest.approx(DEFAULT_ATOL + 2.0**-5)
+    assert rep.max_rel_err == 0 and rep.max_abs_err <= 2.0**-5 + 1e-4
     assert rep.ids_wrong == 0 and rep.top1_agreement == 100.0
     assert 0 <= rep.kl_mean <= rep.kl_max < 0.05
-    # all of them (sample larger than the cache is clamped)
+    # float16 values, all views (sample larger than the cache is clamped)
     rep = verify_cache(env["b"], teacher_weights=env["weights"], sample=10_000, device="cpu")
     assert rep.passed, rep.reasons
     assert rep.views_checked == N_TRAIN
+    assert rep.tolerance == pytest.approx(4 * 2.0**-11) and rep.atol == DEFAULT_ATOL and rep.max_abs_err < 1e-3
 
 
 def test_verify_cli_pass_exit_0(env):
@@ -198,18 +205,35 @@ def test_verify_cli_pass_exit_0(env):
     assert res.output.rstrip().endswith("PASS")
 
 
+def _unit_rows(url: str, epoch: int, shard: int) -> tuple[dict, object]:
+    reader = CacheReader(url)
+    return unpack_unit(reader.manifest.codec, reader.read_unit(epoch, shard), reader.commit(epoch, shard)["n"]), \
+        reader.manifest.codec
+
+
+def test_verify_fails_on_a_perturbed_gap_code(env, tmp_path):
+    url = _copy(env["a"], tmp_path / "gap.zarr")
+    rows, spec = _unit_rows(url, 1, 1)
+    r = int(np.argmax(rows["tail"].astype(int) - rows["values"][:, 4] >= 2))  # room below the 5th logit
+    rows["values"][r, 4] += 2  # one kept logit 2 steps (1/8 nats) lower than the teacher gave
+    _rewrite(url, 1, 1, "values", pack_unit(spec, rows)["values"], fix_sha=True)
+    rep = verify_cache(url, teacher_weights=env["weights"], sample=192, device="cpu")
+    assert not rep.passed and rep.max_abs_err >= 2 * spec.gap_step - 2.0**-5 - 1e-4
+    assert "max relative error" in rep.reasons[0] and rep.worst["epoch"] == 1
+
+
 def test_verify_fails_on_perturbed_logits(env, tmp_path):
-    url = _copy(env["a"], tmp_path / "bad.zarr")
-    group = zarr.open_group(url, mode="r")[unit_path(1, 1)]
-    logits = group["topk_logits"][...]
+    url = _copy(env["b"], tmp_path / "bad.zarr")
+    group = zarr.open_group(url, mode="r")[unit_path(0, 1)]
+    logits = group["values"][...]
     logits[7, 2] = np.float16(float(logits[7, 2]) * 1.01 + 0.01)  # one kept logit, ~1 % off
-    _rewrite(url, 1, 1, "topk_logits", logits, fix_sha=True)
-    CacheReader(url).read_unit(1, 1)  # checksums pass: only verify can catch it
+    _rewrite(url, 0, 1, "values", logits, fix_sha=True)
+    CacheReader(url).read_unit(0, 1)  # checksums pass: only verify can catch it
 
     rep = verify_cache(url, teacher_weights=env["weights"], sample=192, device="cpu")
     assert not rep.passed
     assert rep.max_rel_err > rep.tolerance
-    assert "max relative error" in rep.reasons[0] and rep.worst["epoch"] == 1
+    assert "max relative error" in rep.reasons[0] and rep.worst["epoch"] == 0
 
     res = runner.invoke(app, ["verify", url, "--sample", "192", "--teacher-weights", env["weights"],
                               "--device", "cpu"])
@@ -223,28 +247,36 @@ def test_verify_fails_on_perturbed_logits(env, tmp_path):
 
 def test_verify_fails_on_wrong_ids_and_checksum(env, tmp_path):
     url = _copy(env["b"], tmp_path / "ids.zarr")
-    group = zarr.open_group(url, mode="r")[unit_path(0, 0)]
-    ids = group["topk_ids"][...]
+    rows, spec = _unit_rows(url, 0, 0)
+    ids = rows["ids"]
     ids[3] = ids[3][::-1]  # same classes, wrong order: values no longer fit them
     ids[5, 0] = (int(ids[5, 0]) + 1) % 16 if (int(ids[5, 0]) + 1) % 16 not in ids[5] else (int(ids[5, 0]) + 2) % 16
+    stream = pack_unit(spec, rows)["ids"]
 
-    _rewrite(url, 0, 0, "topk_ids", ids, fix_sha=False)
-    with pytest.raises(CorruptCacheError, match=r"epoch 0, unit 0 .*array topk_ids: fails its checksum"):
+    _rewrite(url, 0, 0, "ids", stream, fix_sha=False)
+    with pytest.raises(CorruptCacheError, match=r"epoch 0, unit 0 .*array ids: fails its checksum"):
         verify_cache(url, teacher_weights=env["weights"], sample=N_TRAIN, device="cpu")
 
-    _rewrite(url, 0, 0, "topk_ids", ids, fix_sha=True)
+    _rewrite(url, 0, 0, "ids", stream, fix_sha=True)
     rep = verify_cache(url, teacher_weights=env["weights"], sample=N_TRAIN, device="cpu")
     assert not rep.passed
     assert rep.ids_wrong == 2 and any("top-3 ids" in r for r in rep.reasons)
 
 
-def test_verify_fails_on_wrong_seed(env, tmp_path):
-    url = _copy(env["b"], tmp_path / "seed.zarr")
-    seeds = zarr.open_group(url, mode="r")[unit_path(0, 2)]["view_seed"][...]
-    seeds[0] ^= np.uint64(1)
-    _rewrite(url, 0, 2, "view_seed", seeds, fix_sha=True)
+def test_verify_and_train_refuse_another_plan(env, tmp_path, capsys):
+    url = _copy(env["b"], tmp_path / "plan.zarr")
+    record = zarr.open_group(url, mode="a")[commit_path(0, 2)]
+    commit = record.attrs["commit"]
+    commit["plan"] = "0" * 64  # as if this unit's views had been planned by other code
+    record.attrs["commit"] = commit
     rep = verify_cache(url, teacher_weights=env["weights"], sample=N_TRAIN, device="cpu")
-    assert not rep.passed and len(rep.metadata_failures) == 1 and "view_seed" in rep.metadata_failures[0]
+    assert not rep.passed and len(rep.metadata_failures) == 1 and "00002: its plan" in rep.metadata_failures[0]
+    from main_entry import one_error_line, run_main
+
+    line = one_error_line(*run_main(["train", "--data", env["data"], "--student", "test_resnet", "--cache", url,
+                                     "--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress",
+                                     "--out", str(tmp_path / "s")], capsys))
+    assert "cached epoch 0, unit 2" in line and "planned otherwise" in line
 
 
 def test_verify_other_weights_is_a_clear_mismatch(env):

@@ -28,23 +28,34 @@ FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 # A reader written from docs/FORMAT.md alone: zarr, numpy and the standard library only.
 # =========================================================================================
 
-DOC_ARRAYS = ("sample_index", "view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits", "tail_lse")
+DOC_ARRAYS = {"topk": ("ids", "values", "tail"), "topk_gap": ("ids", "values"), "full": ("values",),
+              "sampled": ("unique", "ids", "counts")}
 
 
 def doc_crc32(a: np.ndarray) -> int:
     return zlib.crc32(a.astype(a.dtype.newbyteorder("<")).tobytes(order="C"))
 
 
+def doc_unpack(stream: np.ndarray, m: int, b: int) -> np.ndarray:
+    if m * b == 0:
+        return np.zeros(m, np.int64)
+    bits = np.unpackbits(stream, count=m * b).reshape(m, b)
+    return (bits.astype(np.uint32) << np.arange(b - 1, -1, -1, dtype=np.uint32)).sum(axis=1).astype(np.int64)
+
+
 class DocReader:
     def __init__(self, url: str):
         self.root = zarr.open_group(url, mode="r")
         self.manifest = self.root.attrs["logitcache"]
-        assert self.manifest["format_version"] == 2
+        assert self.manifest["format_version"] == 3
+        self.codec = self.manifest["codec"]
         self.C = self.manifest["num_classes"]
-        self.k = self.manifest["codec"]["k"]
+        self.k = self.codec["k"]
         self.N = self.manifest["dataset"]["num_samples"]
         self.shard_sizes = self.manifest["dataset"]["shard_sizes"]
         self.num_shards = len(self.manifest["dataset"]["shards"])
+        gap = self.codec["name"] == "topk" and self.codec["values"].startswith("gap")
+        self.arrays = DOC_ARRAYS["topk_gap" if gap else self.codec["name"]]
 
     def unit(self, epoch: int, shard: int):
         return self.root[f"epochs/{epoch:04d}/units/{shard:05d}"]
@@ -66,35 +77,56 @@ class DocReader:
 
     def read_unit(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
         commit = self.commit(epoch, shard)
-        assert commit is not None
+        assert commit is not None and commit["n"] == self.shard_sizes[shard]
         group = self.unit(epoch, shard)
         out = {}
-        for name in DOC_ARRAYS:
+        for name in self.arrays:
             arr = group[name]
-            out[name] = arr[...] if commit["n"] else np.zeros((0,) + arr.shape[1:], arr.dtype)
+            out[name] = arr[...] if commit["n"] and arr.size else np.zeros((0,) + arr.shape[1:], arr.dtype)
             assert doc_crc32(out[name]) == commit["crc32"][name], (epoch, shard, name)
         return out
 
-    def load_epoch(self, epoch: int) -> dict[str, np.ndarray]:
-        units = [self.read_unit(epoch, s) for s in range(self.num_shards)]
-        cat = {name: np.concatenate([u[name] for u in units]) for name in DOC_ARRAYS}
-        order = np.argsort(cat["sample_index"], kind="stable")
-        assert np.array_equal(cat["sample_index"][order], np.arange(self.N))
-        return {name: a[order] for name, a in cat.items()}
-
-    def full_logits(self, ids: np.ndarray, values: np.ndarray, tail_lse: np.ndarray) -> np.ndarray:
-        n = len(tail_lse)
-        z = np.empty((n, self.C), np.float32)
-        if self.k < self.C:
-            z[:] = (tail_lse.astype(np.float32) - np.float32(math.log(self.C - self.k)))[:, None]
-        rows = np.arange(n)[:, None]
-        z[rows, ids.astype(np.int64)] = values.astype(np.float32)
+    def unit_logits(self, epoch: int, shard: int) -> np.ndarray:
+        """(n, C) float32 logits of a topk/full unit; sampled: (n, C) probabilities counts / N."""
+        u, n, C, k, c = self.read_unit(epoch, shard), self.shard_sizes[shard], self.C, self.k, self.codec
+        if c["name"] == "sampled":
+            m = int(u["unique"].astype(np.int64).sum())
+            ids = doc_unpack(u["ids"], m, c["id_bits"])
+            counts = doc_unpack(u["counts"], m, max(0, (k - 1).bit_length())) + 1
+            rows = np.repeat(np.arange(n), u["unique"].astype(np.int64))
+            p = np.zeros((n, C))
+            p[rows, ids] = counts / k
+            return p
+        if c["values"].startswith("gap"):
+            b, step = int(c["values"][3:]), np.float32(c["gap_step"])
+            if c["name"] == "full":
+                return -(doc_unpack(u["values"], n * C, b).reshape(n, C).astype(np.float32) * step)
+            codes = np.concatenate([np.zeros((n, 1), np.int64),
+                                    np.cumsum(doc_unpack(u["values"], n * k, b).reshape(n, k), axis=1)], axis=1)
+            gaps = -(codes.astype(np.float32) * step)
+            kept, fill = gaps[:, :k], gaps[:, k]
+        else:
+            if c["name"] == "full":
+                return u["values"].astype(np.float32)
+            kept = u["values"].astype(np.float32)
+            fill = u["tail"].astype(np.float32) - np.float32(math.log(C - k))
+        z = np.repeat(fill[:, None], C, axis=1)
+        ids = doc_unpack(u["ids"], n * k, c["id_bits"]).reshape(n, k)
+        np.put_along_axis(z, ids, kept, axis=1)
         return z
+
+    def load_epoch(self, epoch: int) -> np.ndarray:
+        """(N, C): row i is sample i."""
+        return np.concatenate([self.unit_logits(epoch, s) for s in range(self.num_shards)])
+
+
+def doc_derive_seed(*parts) -> int:
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
 def doc_view_seed(cache_seed: int, epoch: int, key: str) -> int:
-    text = "/".join(str(p) for p in (cache_seed, epoch, key)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+    return doc_derive_seed(cache_seed, epoch, key)
 
 
 def dataset_keys(root: str, split: str = "train") -> list[str]:
@@ -120,76 +152,111 @@ def cache_url(request) -> str:
     return request.getfixturevalue(request.param)
 
 
-def test_doc_reader_agrees_exactly_with_logitcache(cache_url):
+@pytest.fixture(scope="module")
+def codec_caches(tmp_path_factory, synth_data, tiny_teacher) -> dict[str, str]:
+    """One small cache (1 epoch, demo32_mix) per codec that the default build does not cover."""
+    from logitcache.build import build
+    from logitcache.codec import create_codec
+    from logitcache.data.source import open_source
+    from logitcache.teacher import Teacher
+    from logitcache.views import create_recipe
+
+    source = open_source(synth_data, "train")
+    teacher = Teacher("test_resnet", weights=tiny_teacher, num_classes=16)
+    root = tmp_path_factory.mktemp("codecs")
+    out = {}
+    for name, codec in {"topk_float16": create_codec("topk", 16, 5, "float16"),
+                        "topk_gap5": create_codec("topk", 16, 4, "gap5"),
+                        "full_gap8": create_codec("full", 16), "full_float32": create_codec("full", 16, None, "float32"),
+                        "sampled": create_codec("sampled", 16, 20)}.items():
+        out[name] = str(root / f"{name}.zarr")
+        build(source, dataset_name="synth", teacher=teacher, recipe=create_recipe("demo32_mix"), codec=codec,
+              url=out[name], epochs=[0], batch_size=32, num_workers=0, progress=False)
+    return out
+
+
+def _library_rows(reader, epoch: int) -> np.ndarray:
     from logitcache.codec import decode
+
+    spec = reader.manifest.codec
+    ep = reader.load_epoch(epoch)
+    z = decode(spec, torch.from_numpy(ep.ids.astype(np.int64)), torch.from_numpy(ep.values),
+               torch.from_numpy(ep.tail))
+    return torch.softmax(z.double(), 1).numpy() if spec.name == "sampled" else z.numpy()
+
+
+def _check_doc_reader(url: str) -> None:
     from logitcache.store import CacheReader
 
-    doc = DocReader(cache_url)
-    reader = CacheReader(cache_url)
+    doc = DocReader(url)
+    reader = CacheReader(url)
     assert doc.manifest == reader.manifest.to_dict()
-    assert doc.readable_epochs() == reader.epochs() == [0, 1]
-    mine = doc.load_epoch(0)
-    theirs = reader.load_epoch(0)
-    assert np.array_equal(mine["sample_index"], np.arange(doc.N))
-    for name in DOC_ARRAYS[1:]:
-        a, b = mine[name], getattr(theirs, name)
-        assert a.dtype == b.dtype and np.array_equal(a, b), name
-    z_doc = doc.full_logits(mine["topk_ids"], mine["topk_logits"], mine["tail_lse"])
-    z_lib = decode(torch.from_numpy(theirs.topk_ids.astype(np.int64)), torch.from_numpy(theirs.topk_logits),
-                   torch.from_numpy(theirs.tail_lse), reader.manifest.num_classes)
-    assert np.array_equal(z_doc, z_lib.numpy())  # bit for bit
+    assert doc.readable_epochs() == reader.epochs()
+    for epoch in doc.readable_epochs():
+        mine, theirs = doc.load_epoch(epoch), _library_rows(reader, epoch)
+        if doc.codec["name"] == "sampled":
+            np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-6)  # float32 log and softmax
+        else:
+            assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)  # bit for bit
+
+
+def test_doc_reader_agrees_exactly_with_logitcache(cache_url):
+    _check_doc_reader(cache_url)
+    assert DocReader(cache_url).readable_epochs() == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["topk_float16", "topk_gap5", "full_gap8", "full_float32", "sampled"])
+def test_doc_reader_agrees_for_every_codec(codec_caches, name):
+    _check_doc_reader(codec_caches[name])
 
 
 def test_arrays_have_the_documented_dtypes_shapes_and_order(cache_url):
     doc = DocReader(cache_url)
     codec = doc.manifest["codec"]
     k, C = codec["k"], doc.C
-    expected = {"sample_index": "int64", "view_seed": "uint64", "label": "int32", "partner_index": "int64",
-                "mix_lam": "float32", "topk_ids": codec["id_dtype"], "topk_logits": codec["value_dtype"],
-                "tail_lse": "float32"}
-    assert codec["id_dtype"] == "uint8"  # 16 classes
-    start = 0
+    assert codec["values"] == "gap8" and codec["id_bits"] == 4 and codec["gap_step"] == 1 / 16  # 16 classes
     for s, size in enumerate(doc.shard_sizes):
         group = doc.unit(0, s)
-        assert sorted(group.array_keys()) == sorted(DOC_ARRAYS)
+        assert sorted(group.array_keys()) == ["ids", "values"]
         u = doc.read_unit(0, s)
-        for name, dtype in expected.items():
-            assert u[name].dtype == np.dtype(dtype), name
-            assert u[name].shape == ((size, k) if name.startswith("topk_") else (size,)), name
-        assert sorted(u["sample_index"]) == list(range(start, start + size))  # the shard's samples, once
-        assert np.all(np.diff(u["topk_logits"].astype(np.float32), axis=1) <= 0)  # descending
-        assert np.all(u["topk_ids"] < C)
-        assert np.all((u["mix_lam"] > 0) & (u["mix_lam"] <= 1))
-        unmixed = u["partner_index"] == u["sample_index"]
-        assert np.all(u["mix_lam"][unmixed] == 1.0)
-        start += size
-    assert start == doc.N
+        assert u["ids"].dtype == u["values"].dtype == np.uint8
+        assert u["ids"].shape == ((size * k * 4 + 7) // 8,) and u["values"].shape == (size * k,)  # 8-bit increases
+        ids = doc_unpack(u["ids"], size * k, 4).reshape(size, k)
+        assert all(len(set(r)) == k for r in ids.tolist())  # distinct classes per row
+        increases = doc_unpack(u["values"], size * k, 8).reshape(size, k)
+        assert increases.sum() > 0 and increases.max() < 255  # gaps grow, none clipped here
+    assert sum(doc.shard_sizes) == doc.N
 
 
-def test_commit_crc32_recompute(cache_url):
+def test_commit_crc32_and_plan_recompute(cache_url, synth_data):
     doc = DocReader(cache_url)
+    keys = dataset_keys(synth_data)
+    recipe = doc.manifest["recipe"]
     for epoch in doc.readable_epochs():
+        start = 0
         for s in range(doc.num_shards):
             commit = doc.commit(epoch, s)
             u = doc.read_unit(epoch, s)
-            assert set(commit) == {"n", "crc32", "canary"} and set(commit["crc32"]) == set(DOC_ARRAYS)
+            assert set(commit) == {"n", "crc32", "plan", "canary"} and set(commit["crc32"]) == set(doc.arrays)
             assert commit["n"] == doc.shard_sizes[s]
-            for name in DOC_ARRAYS:
-                assert len(u[name]) == commit["n"]
+            for name in doc.arrays:
                 assert doc_crc32(u[name]) == commit["crc32"][name], (epoch, s, name)
-                # the simpler form given for little-endian machines
-                assert zlib.crc32(u[name].tobytes()) == commit["crc32"][name]
+                assert zlib.crc32(u[name].tobytes()) == commit["crc32"][name]  # the form for little-endian machines
+            n = commit["n"]
+            seeds = np.array([doc_view_seed(recipe["cache_seed"], epoch, key) for key in keys[start:start + n]],
+                             dtype=np.uint64)
+            partner = np.arange(n)
+            if recipe["mixup_alpha"] > 0 or recipe["cutmix_alpha"] > 0:
+                order = np.random.default_rng(doc_derive_seed(recipe["cache_seed"], epoch, "pairing", s)).permutation(n)
+                for j in range(n // 2):
+                    a, b = order[2 * j], order[2 * j + 1]
+                    partner[a], partner[b] = b, a
+            digest = hashlib.sha256(seeds.astype("<u8").tobytes() + partner.astype("<i4").tobytes()).hexdigest()
+            assert commit["plan"] == digest, (epoch, s)
+            start += n
 
 
-def test_view_seeds_follow_the_documented_formula(cache_url, synth_data):
-    doc = DocReader(cache_url)
-    keys = dataset_keys(synth_data)
-    assert len(keys) == doc.N
-    cache_seed = doc.manifest["recipe"]["cache_seed"]
-    for epoch in (0, 1):
-        ep = doc.load_epoch(epoch)
-        expected = np.array([doc_view_seed(cache_seed, epoch, key) for key in keys], dtype=np.uint64)
-        assert np.array_equal(ep["view_seed"], expected)
+def test_view_seed_formula_as_documented():
     assert doc_view_seed(0, 3, "s0000001") == 1094866549171520790  # the value quoted in FORMAT.md
     assert "1094866549171520790" in FORMAT_MD.read_text()
 
@@ -215,11 +282,19 @@ def test_documented_fields_match_a_real_cache(built_cache):
     documented = set(re.findall(r"^\| `(\w+)` \|", manifest_section, re.M))
     assert documented == set(DocReader(built_cache).manifest)
     units_section = text.split("## Units", 1)[1].split("### Commit", 1)[0]
-    rows = dict(re.findall(r"^\| `(\w+)` \| `?([\w.]+)`? \|", units_section, re.M))
-    assert tuple(rows) == DOC_ARRAYS
-    from logitcache.store import UNIT_ARRAYS
+    rows = re.findall(r"^\| (\w+)[^|]* \| `(\w+)` \|", units_section, re.M)
+    from logitcache.codec import create_codec
+    from logitcache.unit_layout import stored_arrays
 
-    assert tuple(UNIT_ARRAYS) == DOC_ARRAYS
+    documented = {}
+    for codec, array in rows:
+        documented.setdefault(codec, []).append(array)
+    assert tuple(dict.fromkeys(documented["topk"])) == ("ids", "values", "tail")  # gap rows name ids, values
+    assert stored_arrays(create_codec("topk", 16), 3) == DOC_ARRAYS["topk_gap"]
+    assert stored_arrays(create_codec("topk", 16, values="float16"), 3) == DOC_ARRAYS["topk"]
+    for name in ("full", "sampled"):
+        assert tuple(dict.fromkeys(documented[name])) == DOC_ARRAYS[name], name
+        assert stored_arrays(create_codec(name, 16), 3) == DOC_ARRAYS[name]
 
 
 def _example_snippet() -> str:
@@ -251,8 +326,7 @@ def test_example_snippet_runs(cache_url):
         exec(compile(code, str(FORMAT_MD), "exec"), namespace)
     assert "readable epochs: [0, 1]" in out.getvalue()
     doc = DocReader(cache_url)
-    ep = doc.load_epoch(0)
-    assert np.array_equal(namespace["z"], doc.full_logits(ep["topk_ids"], ep["topk_logits"], ep["tail_lse"]))
+    assert np.array_equal(namespace["z"], doc.load_epoch(0))
     p = namespace["p_T"]
     assert p.shape == (doc.N, doc.C) and np.allclose(p.sum(1), 1.0)
 
@@ -260,30 +334,31 @@ def test_example_snippet_runs(cache_url):
 # -- empty shards: a documented case the library cannot produce ---------------------------
 
 
-def _empty_unit_arrays(k: int) -> dict[str, np.ndarray]:
-    return {"sample_index": np.zeros(0, np.int64), "view_seed": np.zeros(0, np.uint64),
-            "label": np.zeros(0, np.int32), "partner_index": np.zeros(0, np.int64),
-            "mix_lam": np.zeros(0, np.float32), "topk_ids": np.zeros((0, k), np.uint8),
-            "topk_logits": np.zeros((0, k), np.float16), "tail_lse": np.zeros(0, np.float32)}
+def _manifest(shard_sizes: list[int], k: int = 2):
+    from logitcache.codec import create_codec
+    from logitcache.manifest import DatasetInfo, Manifest
+    from logitcache.views import create_recipe
+
+    return Manifest(teacher="t", teacher_weights="w", teacher_weights_sha256=None,
+                    recipe=create_recipe("demo32"), codec=create_codec("topk", 4, k=k), num_classes=4,
+                    dataset=DatasetInfo("d", "train", "fp", sum(shard_sizes), [f"{i}.tar" for i in range(len(shard_sizes))],
+                                        shard_sizes))
 
 
 def test_empty_unit_can_be_written_and_read(tmp_path):
-    from logitcache.codec import create_codec
-    from logitcache.manifest import DatasetInfo, Manifest
+    from logitcache.codec import encode
+    from logitcache.plan import plan_digest
     from logitcache.store import CacheReader
     from logitcache.writer import CacheWriter
-    from logitcache.views import create_recipe
 
-    manifest = Manifest(teacher="t", teacher_weights="w", teacher_weights_sha256=None,
-                        recipe=create_recipe("demo32"), codec=create_codec("topk", 4, k=2), num_classes=4,
-                        dataset=DatasetInfo("d", "train", "fp", 0, ["a.tar"], [0]))
+    manifest = _manifest([0])
     url = str(tmp_path / "empty.zarr")
     writer = CacheWriter(url, manifest)
-    writer.write_unit(0, 0, _empty_unit_arrays(2))
-    unit = CacheReader(url).read_unit(0, 0)
-    assert unit["topk_ids"].shape == (0, 2)
-    assert CacheReader(url).load_epoch(0).topk_ids.shape == (0, 2)  # an empty epoch loads as empty arrays
+    writer.write_unit(0, 0, encode(manifest.codec, torch.zeros(0, 4)), plan_digest(np.zeros(0), np.zeros(0)))
+    assert CacheReader(url).read_unit(0, 0)["ids"].shape == (0,)
+    assert CacheReader(url).load_epoch(0).ids.shape == (0, 2)  # an empty epoch loads as empty arrays
     assert DocReader(url).readable_epochs() == [0]
+    assert DocReader(url).load_epoch(0).shape == (0, 4)
 
 
 def test_build_with_an_empty_shard_makes_a_readable_epoch(tmp_path, tiny_teacher):
@@ -310,42 +385,29 @@ def test_build_with_an_empty_shard_makes_a_readable_epoch(tmp_path, tiny_teacher
     assert CacheReader(url).epochs() == [0]
 
 
-def _unit_with_indices(index: list[int], k: int = 2) -> dict[str, np.ndarray]:
-    n = len(index)
-    return {"sample_index": np.array(index, np.int64), "view_seed": np.arange(n, dtype=np.uint64) + 100,
-            "label": np.array(index, np.int32) % 4, "partner_index": np.array(index, np.int64),
-            "mix_lam": np.ones(n, np.float32), "topk_ids": np.tile(np.arange(k, dtype=np.uint8), (n, 1)),
-            "topk_logits": np.array(index, np.float16)[:, None].repeat(k, 1), "tail_lse": np.array(index, np.float32)}
-
-
-@pytest.mark.parametrize("units, ok", [
-    ([[3, 0], [2, 1]], True),          # a permutation across two units: reordered by sample index
-    ([[0, 1], [1, 3]], False),         # sample 1 twice, sample 2 missing
-    ([[0, 1], [2]], False),            # sample 3 missing
-    ([[0, 1], [2, 4]], False),         # an index past the dataset
-    ([[0, 1], [2, -1]], False),        # a negative index
-])
-def test_load_epoch_checks_every_sample_is_covered_exactly_once(tmp_path, units, ok):
-    from logitcache.codec import create_codec
+def test_a_unit_must_hold_one_row_per_sample_of_its_shard(tmp_path):
+    """Rows are implicit sample indices: a writer refuses a unit of the wrong size, and a
+    reader refuses a committed unit whose record says another row count."""
+    from logitcache.codec import encode
     from logitcache.errors import CorruptCacheError
-    from logitcache.manifest import DatasetInfo, Manifest
-    from logitcache.store import CacheReader
+    from logitcache.plan import plan_digest
+    from logitcache.store import CacheReader, commit_path
     from logitcache.writer import CacheWriter
-    from logitcache.views import create_recipe
 
-    manifest = Manifest(teacher="t", teacher_weights="w", teacher_weights_sha256=None,
-                        recipe=create_recipe("demo32"), codec=create_codec("topk", 4, k=2), num_classes=4,
-                        dataset=DatasetInfo("d", "train", "fp", 4, ["a.tar", "b.tar"], [2, 2]))
+    manifest = _manifest([2, 2])
     url = str(tmp_path / "c.zarr")
     writer = CacheWriter(url, manifest)
     writer.prepare_epochs([0])
-    for shard, index in enumerate(units):
-        writer.write_unit(0, shard, _unit_with_indices(index))
-    if ok:
-        arrays = CacheReader(url).load_epoch(0)
-        np.testing.assert_array_equal(arrays.tail_lse, [0, 1, 2, 3])
-        np.testing.assert_array_equal(arrays.topk_logits[:, 0], [0, 1, 2, 3])
-        np.testing.assert_array_equal(arrays.view_seed, [101, 101, 100, 100])
-    else:
-        with pytest.raises(CorruptCacheError, match="exactly once"):
-            CacheReader(url).load_epoch(0)
+    rows = encode(manifest.codec, torch.arange(12.0).reshape(3, 4))
+    with pytest.raises(ValueError, match="needs 2 rows"):
+        writer.write_unit(0, 0, rows, "p")
+    two = {k: v[:2] for k, v in rows.items()}
+    for shard in (0, 1):
+        writer.write_unit(0, shard, two, plan_digest(np.zeros(2), np.zeros(2)))
+    assert CacheReader(url).load_epoch(0).num_views == 4
+    record = zarr.open_group(url, mode="a")[commit_path(0, 1)]
+    commit = record.attrs["commit"]
+    commit["n"] = 3
+    record.attrs["commit"] = commit
+    with pytest.raises(CorruptCacheError, match="epoch 0, unit 1 .*holds 3 rows for a shard of 2"):
+        CacheReader(url).load_epoch(0)

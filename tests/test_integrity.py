@@ -1,6 +1,7 @@
 """Every byte read is checked: damage on storage stops ``train``, ``inspect`` and ``verify``
 with one line naming the cache, epoch, unit and array; ``build --recheck`` repairs it;
-caches of format version 1 (a committed one lives in tests/data/v1) still read, checked."""
+caches of format versions 1 and 2 (committed ones live in tests/data/v1 and v2) still read,
+checked, and train."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import pytest
 import zarr
 
 from logitcache.errors import CorruptCacheError
-from logitcache.store import UNIT_ARRAYS, CacheReader, commit_path, unit_path
+from logitcache.store import CacheReader, commit_path, unit_path
 from main_entry import one_error_line, run_main
 
-V1 = Path(__file__).resolve().parent / "data" / "v1"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def _chunk(url: str, epoch: int, shard: int, array: str) -> Path:
-    return Path(url) / unit_path(epoch, shard) / array / "c" / ("0/0" if array.startswith("topk_") else "0")
+    """The one chunk file of a unit's array (arrays are stored as one chunk)."""
+    (chunk,) = [p for p in (Path(url) / unit_path(epoch, shard) / array / "c").rglob("*") if p.is_file()]
+    return chunk
 
 
 def _flip_byte(path: Path) -> None:
@@ -30,11 +33,11 @@ def _flip_byte(path: Path) -> None:
 
 
 DAMAGE = {
-    "flipped byte in topk_logits": ("topk_logits", lambda url: _flip_byte(_chunk(url, 0, 1, "topk_logits"))),
-    "flipped byte in topk_ids": ("topk_ids", lambda url: _flip_byte(_chunk(url, 0, 1, "topk_ids"))),
-    "missing label chunk": ("label", lambda url: _chunk(url, 0, 1, "label").unlink()),
-    "truncated tail_lse chunk": ("tail_lse", lambda url: _chunk(url, 0, 1, "tail_lse").write_bytes(
-        _chunk(url, 0, 1, "tail_lse").read_bytes()[:9])),
+    "flipped byte in values": ("values", lambda url: _flip_byte(_chunk(url, 0, 1, "values"))),
+    "flipped byte in ids": ("ids", lambda url: _flip_byte(_chunk(url, 0, 1, "ids"))),
+    "missing values chunk": ("values", lambda url: _chunk(url, 0, 1, "values").unlink()),
+    "truncated ids chunk": ("ids", lambda url: _chunk(url, 0, 1, "ids").write_bytes(
+        _chunk(url, 0, 1, "ids").read_bytes()[:9])),
     "garbled unit metadata": (None, lambda url: (Path(url) / unit_path(0, 1) / "zarr.json").write_text("{garbled")),
     "garbled commit record": (None, lambda url: (Path(url) / commit_path(0, 1) / "zarr.json").write_text("{x")),
 }
@@ -77,8 +80,8 @@ def test_damage_stops_the_reader_train_inspect_and_verify(damaged, capsys, synth
 def test_recheck_rebuilds_damaged_units_to_the_same_bytes(tmp_path, built_cache, synth_data, tiny_teacher, capsys):
     url = str(tmp_path / "repair.zarr")
     shutil.copytree(built_cache, url)
-    _flip_byte(_chunk(url, 1, 2, "topk_logits"))
-    (Path(url) / unit_path(0, 0) / "label" / "c" / "0").unlink()
+    _flip_byte(_chunk(url, 1, 2, "values"))
+    _chunk(url, 0, 0, "ids").unlink()
     args = ["build", "--data", synth_data, "--teacher", "test_resnet", "--teacher-weights", tiny_teacher,
             "--recipe", "demo32", "--epochs", "2", "--topk", "5", "--batch-size", "16", "--workers", "0",
             "--no-progress", "--out", url]
@@ -93,35 +96,54 @@ def test_recheck_rebuilds_damaged_units_to_the_same_bytes(tmp_path, built_cache,
     fixed, ref = CacheReader(url), CacheReader(built_cache)
     for e in (0, 1):
         a, b = fixed.load_epoch(e), ref.load_epoch(e)
-        for key in UNIT_ARRAYS[1:]:
+        for key in ("ids", "values", "tail", "plans"):
             assert np.array_equal(getattr(a, key), getattr(b, key)), (e, key)
     for e, s in ((0, 0), (1, 2)):
         assert fixed.commit(e, s) == ref.commit(e, s)
 
 
-# -- format version 1 ---------------------------------------------------------------------
+# -- format versions 1 and 2 --------------------------------------------------------------
 
 
-@pytest.fixture()
-def v1_copy(tmp_path) -> Path:
-    dst = tmp_path / "v1"
-    shutil.copytree(V1, dst)
-    return dst
+@pytest.fixture(params=[1, 2])
+def old_copy(request, tmp_path) -> tuple[int, Path]:
+    """A copy of the committed cache of format 1 or 2 (``cache_v<N>.zarr``), with its data."""
+    v = request.param
+    dst = tmp_path / f"v{v}"
+    shutil.copytree(DATA / f"v{v}", dst)
+    if not (dst / "data").exists():
+        shutil.copytree(DATA / "v1" / "data", dst / "data")  # both caches were built on the v1 data
+    return v, dst
 
 
-def test_version_1_cache_reads_as_it_was_written(v1_copy):
-    reader = CacheReader(str(v1_copy / "cache_v1.zarr"))
-    assert reader.manifest.format_version == 1
+def test_old_caches_read_as_they_were_written(old_copy):
+    v, root = old_copy
+    reader = CacheReader(str(root / f"cache_v{v}.zarr"))
+    assert reader.manifest.format_version == v
     assert reader.epochs() == [0, 1] and reader.committed_units(0) == [0, 1, 2]
-    expected = np.load(v1_copy / "expected_v1.npz")
+    expected = np.load(root / f"expected_v{v}.npz")  # rows by sample index, as that version's reader gave them
     for e in (0, 1):
         ep = reader.load_epoch(e)
-        for name in ("view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits", "tail_lse"):
-            assert np.array_equal(getattr(ep, name), expected[f"{e}/{name}"]), (e, name)
+        assert np.array_equal(ep.ids, expected[f"{e}/topk_ids"]), (v, e)
+        assert np.array_equal(ep.values, expected[f"{e}/topk_logits"]) and ep.values.dtype == np.float16
+        assert np.array_equal(ep.tail, expected[f"{e}/tail_lse"])
 
 
-def test_version_1_damage_is_caught_on_every_read(v1_copy, capsys):
-    url = str(v1_copy / "cache_v1.zarr")
+def test_old_cache_plans_match_this_code(old_copy):
+    """The plan digests computed from an old cache's stored seeds and partners equal this code's plan."""
+    from logitcache.data.source import open_source
+    from logitcache.trainer.data import check_plans
+
+    v, root = old_copy
+    reader = CacheReader(str(root / f"cache_v{v}.zarr"))
+    source = open_source(str(root / "data"), "train")
+    for e in (0, 1):
+        check_plans(reader.load_epoch(e), source, reader.manifest.recipe)  # raises on any difference
+
+
+def test_old_cache_damage_is_caught_on_every_read(old_copy, capsys):
+    v, root = old_copy
+    url = str(root / f"cache_v{v}.zarr")
     _flip_byte(_chunk(url, 1, 0, "mix_lam"))
     with pytest.raises(CorruptCacheError, match=r"epoch 1, unit 0 .*array mix_lam"):
         CacheReader(url).load_epoch(1)
@@ -129,22 +151,36 @@ def test_version_1_damage_is_caught_on_every_read(v1_copy, capsys):
     assert url in line and "epoch 1, unit 0" in line and "array mix_lam" in line and "--recheck" in line
 
 
-def test_version_1_cache_trains_a_student(v1_copy, tmp_path):
+def test_old_cache_trains_a_student_but_is_not_extended(old_copy, tmp_path, capsys):
     from logitcache.trainer.config import TrainConfig
     from logitcache.trainer.losses import LossConfig
     from logitcache.trainer.train import train
 
-    summary = train(TrainConfig(data=str(v1_copy / "data"), student="test_resnet", out=str(tmp_path / "s"),
-                                cache=str(v1_copy / "cache_v1.zarr"), epochs=2, batch_size=8, num_workers=0,
+    v, root = old_copy
+    cache = str(root / f"cache_v{v}.zarr")
+    summary = train(TrainConfig(data=str(root / "data"), student="test_resnet", out=str(tmp_path / "s"),
+                                cache=cache, epochs=2, batch_size=8, num_workers=0,
                                 loss=LossConfig(kind="kd"), progress=False, tensorboard=False, device="cpu"))
     rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["view_epoch"] for r in rows] == [0, 1] and summary["cache"].endswith("cache_v1.zarr")
+    assert [r["view_epoch"] for r in rows] == [0, 1] and summary["cache"].endswith(f"cache_v{v}.zarr")
     assert all(np.isfinite(r["kd"]) and r["kd"] > 0 for r in rows)
+    from safetensors.torch import save_file
+    import timm
+
+    weights = str(tmp_path / "t.safetensors")
+    save_file(timm.create_model("test_resnet", num_classes=8).state_dict(), weights)
+    line = one_error_line(*run_main(
+        ["build", "--data", str(root / "data"), "--teacher", "test_resnet", "--teacher-weights", weights,
+         "--recipe", "demo32_mix", "--epochs", "2:3", "--out", cache, "--workers", "0", "--no-progress"], capsys))
+    assert f"is format {v}" in line and "build a new cache" in line
+    assert CacheReader(cache).epochs() == [0, 1]
 
 
-def test_new_caches_are_version_2_with_commit_groups(built_cache):
+def test_new_caches_are_version_3_with_commit_groups_and_plan_digests(built_cache):
     root = zarr.open_group(built_cache, mode="r")
-    assert root.attrs["logitcache"]["format_version"] == 2
+    assert root.attrs["logitcache"]["format_version"] == 3
+    assert sorted(root[unit_path(0, 0)].array_keys()) == ["ids", "values"]
+    assert len(root[commit_path(0, 0)].attrs["commit"]["plan"]) == 64
     assert sorted(root["epochs/0000/commits"].group_keys()) == ["00000", "00001", "00002"]
     assert "commit" not in root[unit_path(0, 0)].attrs
 
@@ -174,8 +210,8 @@ def test_every_unit_records_a_canary_that_renders_again(built_cache_mix, synth_d
     for s in range(reader.num_shards):
         canary = reader.commit(0, s)["canary"]
         assert len(canary["index"]) == CANARY_VIEWS and len(set(canary["sha256"])) == CANARY_VIEWS
-        first = reader.read_unit(0, s)["sample_index"][:CANARY_VIEWS].tolist()
-        assert canary["index"] == first  # the unit's first views, in build order
+        start = source.shards[s].start
+        assert all(start <= i < source.shards[s].stop for i in canary["index"])  # views of this unit
         assert check_canary(reader.commit(0, s), reader.manifest, source, 0, s, built_cache_mix)
 
 

@@ -109,7 +109,7 @@ def full_cache(tmp_path_factory, synth_data, tiny_teacher) -> str:
     url = str(tmp_path_factory.mktemp("full") / "full.zarr")
     build(source, dataset_name="synth", recipe=create_recipe("demo32_mix"), url=url, epochs=[0],
           teacher=Teacher("test_resnet", weights=tiny_teacher, num_classes=NUM_CLASSES),
-          codec=create_codec("full", NUM_CLASSES, value_dtype="float32"), batch_size=16, num_workers=0,
+          codec=create_codec("full", NUM_CLASSES, values="float32"), batch_size=16, num_workers=0,
           progress=False)
     return url
 
@@ -138,7 +138,7 @@ def test_cached_full_logits_give_the_online_teachers_loss_and_gradients(synth_da
     assert (batch["lam"] < 1).any(), "the batch should hold mixed views"
     target = smoothed_targets(batch["label"], batch["partner_label"], batch["lam"], NUM_CLASSES, 0.1)
 
-    cached = decode(batch["topk_ids"], batch["topk_logits"], batch["tail_lse"], NUM_CLASSES)
+    cached = decode(reader.manifest.codec, batch["ids"], batch["values"], batch["tail"])
     teacher = Teacher("test_resnet", weights=tiny_teacher, num_classes=NUM_CLASSES)
     online = teacher(x, recipe.mean, recipe.std).clone()
     logit_diff = rel_diff(cached, online)
@@ -535,5 +535,5 @@ def test_ranks_split_the_same_global_batches(synth_data, built_cache_mix):
     assert sizes == sizes0 == sizes1 == [len(b["index"]) for b in one]
     assert len(one) == 3 and any(s < 8 for s in sizes)  # limit 4, skip 1; some batches hold a single view
     for full, a, b in zip(one, r0, r1):
-        for key in ("index", "images", "topk_logits", "lam"):
+        for key in ("index", "images", "values", "lam"):
             assert torch.equal(torch.cat([a[key], b[key]]), full[key])

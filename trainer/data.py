@@ -13,22 +13,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from logitcache.errors import CacheMismatchError
 from logitcache.loader import BatchDataset, create_batch_loader
-from logitcache.plan import Groups, plan_epoch
+from logitcache.plan import Groups, plan_epoch, unit_plan_digest
 from logitcache.store import EpochArrays
 from logitcache.views import Recipe, create_eval_transform
 
 
 class CachedRows:
-    """Adds label targets and one epoch's cached rows to a rendered batch, by sample index,
-    after checking that the batch's view seeds are the cached ones.
+    """Adds label targets and one epoch's cached teacher rows to a rendered batch, by sample index.
 
     Runs in the DataLoader workers, once per batch: one vectorised numpy gather per array
-    (no per-sample Python), so rows arrive with the images as small tensors."""
+    (no per-sample Python), so rows arrive with the images as small tensors (in their stored
+    dtypes: gap codes, counts or float values; decoded on the device)."""
 
     def __init__(self, arrays: EpochArrays | None, labels: np.ndarray, source=None):
         self.arrays = arrays
         self.labels = labels
-        self.source = source  # names the first mismatching sample (its key and shard)
+        self.source = source
 
     def __call__(self, batch: dict, tag: dict | None = None) -> dict[str, torch.Tensor]:
         idx, partner = batch["index"].numpy(), batch["partner"].numpy()
@@ -36,21 +36,25 @@ class CachedRows:
         out = {"label": torch.from_numpy(self.labels.take(idx)), "partner_label": torch.from_numpy(self.labels.take(partner))}
         if self.arrays is not None:
             a = self.arrays
-            self._check_seeds(idx, batch["seed"].numpy().view(np.uint64))
-            out["topk_ids"] = torch.from_numpy(a.topk_ids.take(idx, axis=0))  # stored dtype; decode widens on the device
-            out["topk_logits"] = torch.from_numpy(a.topk_logits.take(idx, axis=0))
-            out["tail_lse"] = torch.from_numpy(a.tail_lse.take(idx))
+            out["ids"] = torch.from_numpy(a.ids.take(idx, axis=0))
+            out["values"] = torch.from_numpy(a.values.take(idx, axis=0))
+            out["tail"] = torch.from_numpy(a.tail.take(idx))
         return out
 
-    def _check_seeds(self, idx: np.ndarray, seeds: np.ndarray) -> None:
-        cached = self.arrays.view_seed.take(idx)
-        if not np.array_equal(cached, seeds):
-            bad = int(idx[np.argmax(cached != seeds)])
-            where = (f"key {self.source.key(bad)!r}, shard {self.source.shards[self.source.shard_of(bad)].name}"
-                     if self.source is not None else f"sample {bad}")
+
+def check_plans(arrays: EpochArrays, source, recipe: Recipe, *, rank: int = 0, world_size: int = 1) -> None:
+    """Refuse an epoch whose units were planned otherwise than this code plans them (other
+    view seeds or mixing partners: another recipe, data or logitcache): each unit's plan digest
+    against :func:`logitcache.plan.unit_plan_digest`. Rank r checks units r, r + W, ... (about
+    a second per ImageNet epoch in all), so every unit is checked once per epoch."""
+    for s in range(rank, len(source.shards), world_size):
+        shard = source.shards[s]
+        keys = [source.key(i) for i in range(shard.start, shard.stop)]
+        if arrays.plans[s] != unit_plan_digest(recipe, arrays.epoch, s, shard.start, shard.stop, keys):
             raise CacheMismatchError(
-                f"cached view seeds of epoch {self.arrays.epoch} do not match the views regenerated here (first at "
-                f"{where}): cache built with another recipe or data"
+                f"the views of cached epoch {arrays.epoch}, unit {s} (shard {shard.name}) were planned otherwise "
+                f"than here (other view seeds or mixing partners): cache built with another recipe, data or "
+                f"logitcache version"
             )
 
 
@@ -95,6 +99,8 @@ def create_train_loader(source, recipe: Recipe, view_epoch: int, groups: Groups,
     gs = recipe.group_size
     if batch_size % (gs * world_size):
         raise ValueError(f"batch size {batch_size} must be a multiple of {gs * world_size} (group size x world size)")
+    if rows.arrays is not None:
+        check_plans(rows.arrays, source, recipe, rank=rank, world_size=world_size)
     batches = train_batches(len(groups), batch_size // gs, seed=seed, epoch=epoch)
     batches = batches[:limit] if limit else batches
     # Views per global batch (a mixing recipe's odd leftover sample is a group of one view, so

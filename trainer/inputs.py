@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from logitcache.build import cache_root, check_views_of
+from logitcache.codec import CodecSpec, check_serves_loss
 from logitcache.data.source import SampleSource, open_source
 from logitcache.errors import CacheNotFoundError, LogitcacheError
 from logitcache.manifest import check_serves
@@ -107,6 +108,8 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
         url = cfg.cache or find_cache(cache_root(cfg.cache_root), train_src.fingerprint())
         reader = CacheReader(url)
         check_serves(reader.manifest, fingerprint=train_src.fingerprint(), num_classes=train_src.num_classes, where=url)
+        if not cfg.online_teacher:
+            _check_codec_serves(cfg, reader.manifest.codec, url)
         recipe = reader.manifest.recipe
         view_epochs = _cached_epochs(cfg, reader, url)
         check_views_of(reader, train_src, view_epochs[:1], allow_drift=cfg.allow_view_drift)
@@ -124,6 +127,14 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
     return RunInputs(train_src, val_src, reader, recipe, view_epochs, held_out,
                      steps_per_epoch=_steps_per_epoch(cfg, n_groups, gs), labels=train_src.labels(),
                      epochs_needed=cfg.epochs)
+
+
+def _check_codec_serves(cfg: TrainConfig, codec: CodecSpec, url: str) -> None:
+    """A sampled cache serves KD at T = 1 only (logitcache.codec.check_serves_loss)."""
+    try:
+        check_serves_loss(codec, cfg.loss.kind, cfg.loss.temperature, learns_temperature=cfg.mkd is not None)
+    except ValueError as e:
+        raise LogitcacheError(f"cache {url}: {e}") from None
 
 
 def _ranges(values: list[int]) -> str:

@@ -15,7 +15,7 @@ import torch
 from timm.data.mixup import one_hot
 from timm.utils import ModelEmaV3
 
-from logitcache.codec import decode
+from logitcache.codec import CodecSpec, decode
 from logitcache.teacher import Teacher
 from logitcache.views import Recipe
 
@@ -60,6 +60,7 @@ class StepSpec:
     steps_per_epoch: int  # for the loss's fractional epoch (DKD warm-up)
     world_size: int
     meta_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None  # MKD: (images, labels) of the meta split
+    codec: CodecSpec | None = None  # the cache's: how its teacher rows decode (None: online teacher)
 
     @property
     def needs_teacher_logits(self) -> bool:
@@ -120,9 +121,7 @@ def _teacher_logits(spec: StepSpec, teacher: Teacher | None, batch: dict, x: tor
         # ordinary tensor that autograd may save (MKD differentiates logits / T).
         return teacher(x, spec.recipe.mean, spec.recipe.std).clone()
     if spec.needs_teacher_logits:
-        return decode(batch["topk_ids"].to(spec.device, non_blocking=True),
-                      batch["topk_logits"].to(spec.device, non_blocking=True),
-                      batch["tail_lse"].to(spec.device, non_blocking=True), spec.num_classes)
+        return decode(spec.codec, *(batch[k].to(spec.device, non_blocking=True) for k in ("ids", "values", "tail")))
     return None
 
 
