@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperArgument
+
+# typer (0.2x) prints a positional argument's Python type ("<str>") beside its metavar; show
+# click's usual type name instead ("TEXT"), as the options do.
+_CLICK_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH", "bool": "BOOLEAN"}
+TyperArgument.display_type_rich = lambda self, ctx: _CLICK_TYPE_NAMES.get(self.bare_type(), self.bare_type().upper())
 
 # Markdown help: docstring paragraphs reflow to the terminal's width.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -55,6 +55,27 @@ def test_training_checkpoint_prefers_ema_and_strips_wrapper_prefixes(model, tmp_
     assert set(state) == set(model.state_dict()) and all(not v.any() for v in state.values())
 
 
+class Payload:
+    """What a hostile checkpoint would carry: an object of an arbitrary class."""
+
+
+def test_timm_train_py_checkpoint_with_its_args_namespace(model, tmp_path):
+    """timm's train.py saves the run's argparse.Namespace beside the weights; it loads without
+    unpickling anything else (weights_only), and a non-tensor object beyond that is refused."""
+    import argparse
+
+    path = tmp_path / "model_best.pth.tar"
+    args = argparse.Namespace(model="test_resnet", lr=0.1, input_size=(3, 32, 32), mean=None, amp=True)
+    torch.save({"epoch": 9, "arch": "test_resnet", "version": 2, "args": args, "metric": 51.2,
+                "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    teacher = Teacher("test_resnet", weights=str(path), num_classes=7)
+    assert _same(teacher.model.state_dict(), model)
+
+    torch.save({"state_dict": model.state_dict(), "extra": Payload()}, path)  # an arbitrary class to construct
+    with pytest.raises(WeightsUnavailableError, match="model_best.pth.tar"):
+        read_state_dict(path)
+
+
 def test_teacher_from_a_checkpoint(model, tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
