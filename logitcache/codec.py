@@ -24,8 +24,14 @@ approximation, measured in bench/). Values are stored one of two ways:
 ``sampled`` keeps N draws with replacement from the teacher's T = 1 distribution, as the
 distinct class ids drawn and their counts; the rebuilt distribution is counts / N (zero
 elsewhere): an unbiased estimate of the teacher's distribution (Anshumann et al., 2025,
-"Sparse logit sampling"), so the KD loss at T = 1 is unbiased in expectation. It has no
-meaning at other temperatures; see :func:`check_serves_loss`.
+"Sparse logit sampling"), so the KD loss at T = 1 is unbiased in expectation: the loss is
+linear in the target, E[-sum (counts / N) log q] = -sum p log q. Elsewhere it is not:
+at T != 1 the tempered teacher p^(1/T) / Z is not linear in p, so no function of the counts
+estimates it without bias (and ``softmax(log(counts / N) / T)`` sharpens or flattens the
+noise, not the teacher); DKD splits the target/non-target mass at T and renormalises the
+non-target part (a ratio of estimates); DIST correlates probabilities (a nonlinear
+statistic of the batch); MKD learns the temperatures. :func:`check_serves_loss` refuses
+all of these with the reason; KD at T = 1 (and CE) is what a sampled cache serves.
 
 In memory (after reading) every codec gives a view three rows, the *teacher rows*:
 ``ids`` (k,) class ids, ``values`` (k,) (float logits; gap codes, the top's 0 first; or draw
