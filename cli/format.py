@@ -125,7 +125,7 @@ def format_ls(summaries: list[CacheSummary]) -> str:
     rows = [head] + [
         (s.url, s.teacher, f"{s.dataset}/{s.split or 'all'}",
          f"{len(s.epochs_complete)} ({format_ranges(s.epochs_complete)})" if s.epochs_complete else "0",
-         f"{s.codec}{s.k}", f"{s.views:,}", format_bytes(s.bytes))
+         f"{s.codec}{s.k}/{s.values}", f"{s.views:,}", format_bytes(s.bytes))
         for s in summaries
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

@@ -114,6 +114,7 @@ class CacheSummary:
     split: str | None
     codec: str
     k: int
+    values: str  # the codec's values: gap<b>, float16, float32 or counts
     num_classes: int
     epochs_complete: list[int]
     views: int
@@ -164,6 +165,7 @@ def summarize_cache(url: str, storage_options: dict | None = None, with_bytes: b
     complete = _complete_epochs(committed, reader.num_shards)
     return CacheSummary(
         url=url, teacher=m.teacher, dataset=m.dataset.name, split=m.dataset.split, codec=m.codec.name, k=m.codec.k,
+        values=m.codec.values,
         num_classes=m.num_classes, epochs_complete=complete,
         views=sum(n for units in committed.values() for n in units.values()),
         bytes=storage_bytes(url, storage_options) if with_bytes else None,
