@@ -42,7 +42,16 @@ TARGETS = [
     ("scale", "trainer_epoch_plan_s", 2.0, "<=", "trainer: one epoch of 1.28 M views planned, s"),
     ("scale", "cli_first_unit_s", 20.0, "<=", "CLI build --epochs 300 over tiny images: first unit, s"),
     ("scale", "cli_build_peak_rss_mb", 1536, "<=", "its build process peak memory, MB"),
+    ("accuracy_codecs", "acc_gap8_minus_float16_abs_pp", 0.5, "<=",
+     "|mean paired difference| gap8 vs float16 top-10, pp"),
 ]
+
+#: accuracy_codecs.json (``python -m bench.accuracy --variants ce,kd_cache,kd_gap8,kd_sampled ...``): its
+#: flat keys summary.json copies unprefixed, and those it copies as ``accuracy_codecs.<key>`` (TARGETS reads them)
+CODEC_FLAT_KEYS = ("acc_gap8_minus_float16_pp", "acc_sampled_minus_float16_pp")
+CODEC_SUMMARY_KEYS = ("acc_gap8_minus_float16_pp", "acc_gap8_minus_float16_std_pp", "acc_gap8_minus_float16_abs_pp",
+                      "acc_sampled_minus_float16_pp", "acc_sampled_minus_float16_std_pp",
+                      "acc_sampled_minus_float16_abs_pp")
 
 
 #: flat summary key -> (benchmark, its own summary key)
@@ -112,6 +121,11 @@ def readme_block(summary: dict) -> str:
         ("acc_kd_minus_ce_pp", "acc_ce_std_pp"), lambda d, sd: f"{_pp(d)} (CE std {sd:.2f} pp)", "> 1 std")
     row("accuracy, KD from cache minus KD online, same views (`acc_cache_minus_online_pp`)",
         ("acc_cache_minus_online_pp",), _pp, "within +-0.5 pp")
+    row("accuracy, KD from the gap8 / sampled (N = 32) cache minus the float16 top-10 cache, paired, 3 seeds "
+        "(`acc_gap8_minus_float16_pp`, `acc_sampled_minus_float16_pp`; std of the paired differences)",
+        ("acc_gap8_minus_float16_pp", "accuracy_codecs.acc_gap8_minus_float16_std_pp", "acc_sampled_minus_float16_pp",
+         "accuracy_codecs.acc_sampled_minus_float16_std_pp"),
+        lambda g, gs, s, ss: f"{_pp(g)} (std {gs:.2f}); {_pp(s)} (std {ss:.2f})", "gap8 within +-0.5 pp")
     if not rows:
         return ""
     return "\n".join([
@@ -175,6 +189,13 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
     accuracy = json.loads((results / "accuracy.json").read_text()) if (results / "accuracy.json").is_file() else None
     if accuracy is not None:  # python -m bench.accuracy: its flat acc_* headline keys, as accuracy.json names them
         summary.update({k: v for k, v in accuracy.items() if k.startswith(("acc_", "digits_acc_"))})
+    codecs_path = results / "accuracy_codecs.json"
+    codecs = json.loads(codecs_path.read_text()) if codecs_path.is_file() else None
+    codec_summary = {}
+    if codecs is not None:  # the codec study: its two headline keys as they are, the rest under its name
+        codec_summary = {k: codecs[k] for k in CODEC_SUMMARY_KEYS if _number(codecs.get(k))}
+        summary.update({k: codec_summary[k] for k in CODEC_FLAT_KEYS if k in codec_summary})
+        summary.update({f"accuracy_codecs.{k}": v for k, v in codec_summary.items()})
     (results / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     if results.resolve() == RESULTS_DIR.resolve():  # the committed results: README quotes them
         update_readme(summary)
@@ -209,11 +230,15 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
                   "", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
 
     rows = []
+    figures = {name: d["summary"] for name, d in data.items()}
+    if codec_summary:
+        figures["accuracy_codecs"] = codec_summary
     for bench, key, target, op, what in TARGETS:
-        if bench in data and key in data[bench]["summary"]:
-            v = data[bench]["summary"][key]
+        if bench in figures and _number(figures[bench].get(key)):
+            v = figures[bench][key]
             ok = v >= target if op == ">=" else v <= target
-            rows.append(f"| {what} | `{bench}.{key}` | {_fmt(v)} | {op} {_fmt(target)} | "
+            cell = what.replace("|", "\\|")  # "|x|" would split the table's cells
+            rows.append(f"| {cell} | `{bench}.{key}` | {_fmt(v)} | {op} {_fmt(target)} | "
                         f"{'yes' if ok else '**no**'} |")
     if rows:
         lines += ["## Targets", "", "| figure | key | measured | target | met |", "|---|---|---:|---:|---|", *rows, ""]
@@ -227,8 +252,45 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
             lines.append("")
     if accuracy is not None:
         lines += _accuracy_markdown(accuracy, rel)
+    if codecs is not None:
+        lines += _codecs_markdown(codecs)
     md_path.write_text("\n".join(lines))
     return md_path
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _codecs_markdown(acc: dict) -> list[str]:
+    """The codec study (accuracy_codecs.json): per variant mean +- std of final val top-1 and the
+    paired (same seed) difference to vanilla KD from the float16 top-10 cache."""
+    lines = ["## 7. Accuracy by cache codec: float16 vs gap8 top-10, sampled N = 32", ""]
+    for ds, d in acc["datasets"].items():
+        if "codecs" not in d:
+            continue
+        st, c = d["settings"], d["codecs"]
+        lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "
+                  f"`{st['teacher']}` ({st['teacher_epochs']} epochs, val top-1 {d['teacher']['val_top1']:.2f}%), "
+                  f"one teacher for every cache; a seed's runs share init, batch order and views, so differences are "
+                  f"paired. Checks: " + ", ".join(f"{k} = {v}" for k, v in d.get("checks", {}).items()) + ".", "",
+                  "| variant | seeds | top-1 % mean ± std | paired difference to float16 top-10, pp (mean ± std) |",
+                  "|---|---|---:|---:|"]
+        for name, r in c["variants"].items():
+            top1 = "–" if r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}"
+            if name == c["reference"]:
+                diff = "(reference)"
+            elif r.get("minus_float16_mean_pp") is None:
+                diff = "–"
+            else:
+                diff = (f"{r['minus_float16_mean_pp']:+.2f} ± {r['minus_float16_std_pp']:.2f} "
+                        f"(per seed {', '.join(f'{x:+.2f}' for x in r['minus_float16_pp'])})")
+            lines.append(f"| {r['label']} (`{name}`) | {', '.join(map(str, r['seeds']))} | {top1} | {diff} |")
+        lines.append("")
+    keys = [k for k in ("acc_gap8_minus_float16_pp", "acc_sampled_minus_float16_pp") if _number(acc.get(k))]
+    if keys:
+        lines += ["Flat keys (summary.json): " + ", ".join(f"`{k}` = {acc[k]:+.2f}" for k in keys) + ".", ""]
+    return lines
 
 
 def _accuracy_markdown(acc: dict, rel: Path) -> list[str]:

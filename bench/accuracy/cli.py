@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .plan import ALL_VARIANTS
 from .report import markdown
 from .study import run
 
@@ -16,6 +17,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=None, help="comma-separated: synth,digits (default: both; quick: synth)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; quick 1)")
     p.add_argument("--out", default="bench/results", help="where accuracy*.json / *.png go")
+    p.add_argument("--output", default=None,
+                   help="the results JSON's path instead of <out>/accuracy[_quick].json; plots go next to it, "
+                        "named after it (e.g. bench/results/accuracy_codecs.json)")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated: run only these, of {','.join(ALL_VARIANTS)} (default: the study's "
+                        "main variants and k sweep; the codec study: ce,kd_cache,kd_gap8,kd_sampled)")
     p.add_argument("--workdir", default="runs/accuracy", help="data, teachers, caches, student runs")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of cache builds")
     p.add_argument("--student-workers", type=int, default=0, help="DataLoader workers of teacher and student training")
@@ -45,8 +52,10 @@ def _print_summary(results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     datasets = args.datasets.split(",") if args.datasets else None
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     results = run(args.quick, datasets=datasets, seeds=args.seeds, out=args.out, workdir=args.workdir,
                   workers=args.workers, student_workers=args.student_workers, jobs=args.jobs, threads=args.threads,
-                  resume=args.resume, synth_epochs=args.synth_epochs, digits_epochs=args.digits_epochs)
+                  resume=args.resume, synth_epochs=args.synth_epochs, digits_epochs=args.digits_epochs,
+                  variants=variants, output=args.output)
     _print_summary(results)
     return 1 if results["failures"] else 0

@@ -13,8 +13,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..common import Clock, codec_for_k
-from .plan import RECIPE, STUDENT, TEACHER
+from ..common import Clock
+from .plan import RECIPE, STUDENT, TEACHER, cache_codec
 
 
 def log(msg: str) -> None:
@@ -112,8 +112,28 @@ def obtain_teacher(name: str, data: Path, work: Path, epochs: int, workers: int,
     return _find_or_train_teacher(name, data, work, epochs, workers)
 
 
-def build_cache(name: str, data: Path, work: Path, teacher: dict, k, epochs: int, workers: int) -> dict:
-    """Build (or extend to ``epochs``, or just find) the top-k cache of this teacher."""
+def cache_tag(codec) -> str:
+    """A cache's name in its path: "top10" / "full" for float16 values (where the study's caches
+    have always been), else with the values: "top10-gap8", "full-gap8", "sampled32"."""
+    if codec.name == "sampled":
+        return f"sampled{codec.k}"
+    tag = "full" if codec.name == "full" else f"top{codec.k}"
+    return tag if codec.values == "float16" else f"{tag}-{codec.values}"
+
+
+def views_digest(url: str, epochs: int) -> str:
+    """sha256 (12 hex) of the plan digests of every committed unit of ``epochs`` epochs: equal
+    for two caches exactly when their views (seeds and pairings) are the same."""
+    from logitcache.store import CacheReader
+
+    reader = CacheReader(url)
+    plans = [str((reader.commit(e, s) or {}).get("plan")) for e in range(epochs) for s in range(reader.num_shards)]
+    return _digest(plans)
+
+
+def build_cache(name: str, data: Path, work: Path, teacher: dict, cid, epochs: int, workers: int) -> dict:
+    """Build (or extend to ``epochs``, or just find) the cache ``cid`` (plan.cache_id: 1, 5, 10,
+    "full" for float16 top-k; "top10-gap8"; "sampled32") of this teacher."""
     from logitcache.build import build
     from logitcache.data.source import open_source
     from logitcache.store import CacheReader
@@ -121,23 +141,23 @@ def build_cache(name: str, data: Path, work: Path, teacher: dict, k, epochs: int
     from logitcache.views import create_recipe
 
     source = open_source(str(data), "train")
-    codec = codec_for_k(k, source.num_classes)
-    tag = "full" if codec.name == "full" else f"top{codec.k}"
+    codec = cache_codec(cid, source.num_classes)
+    tag = cache_tag(codec)
     url = str(work / name / "caches" / f"{Path(teacher['dir']).name}-{tag}.zarr")
     stats = Path(url + ".accuracy.json")  # how the build went, for reruns that reuse the cache
     have = CacheReader(url).epochs() if Path(url, "zarr.json").exists() else []
+    about = {"url": url, "codec": tag, "codec_name": codec.name, "k": codec.k, "values": codec.values}
     if set(range(epochs)) <= set(have):
         built = json.loads(stats.read_text()) if stats.exists() else {"wall_s": 0.0}
-        return {**built, "url": url, "codec": tag, "epochs": len(have), "reused": True}
+        return {**built, **about, "epochs": len(have), "views_digest": views_digest(url, epochs), "reused": True}
     log(f"{name}: building cache {tag} ({epochs} epochs) -> {url}")
     clock = Clock()
     report = build(source, dataset_name=name, teacher=Teacher(TEACHER, weights=teacher["weights"]),
                    recipe=create_recipe(RECIPE), codec=codec, url=url, epochs=list(range(epochs)), batch_size=128,
                    num_workers=workers, progress=False)
-    result = {"url": url, "codec": tag, "epochs": epochs, "views": report.views, "views_per_s": report.views_per_s,
-              **clock.read()}
+    result = {**about, "epochs": epochs, "views": report.views, "views_per_s": report.views_per_s, **clock.read()}
     stats.write_text(json.dumps(result, indent=2))
-    return {**result, "reused": False}
+    return {**result, "views_digest": views_digest(url, epochs), "reused": False}
 
 
 def train_student(name: str, data: Path, work: Path, variant: str, seed: int, epochs: int, extra: dict,

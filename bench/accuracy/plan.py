@@ -9,10 +9,17 @@ TEACHER, STUDENT, RECIPE = "resnet18", "test_resnet", "demo32"
 MAIN_K = 10
 SWEEP_K = (1, 5, 10, "full")
 CURVE_VARIANTS = ("ce", "kd_cache", "kd_online")
+#: draws per view of the sampled cache (``kd_sampled``)
+SAMPLED_N = 32
+#: the codec study's variants: the same top-10 cache with the library's default gap8 values,
+#: and a sampled N = 32 cache; paired against ``kd_cache`` (float16 top-10). Not in the full
+#: study's default runs: ``--variants ce,kd_cache,kd_gap8,kd_sampled`` runs them.
+CODEC_VARIANTS = ("kd_gap8", "kd_sampled")
+CODEC_REFERENCE = "kd_cache"
 
 VARIANT_LABELS = {
     "ce": "CE only",
-    "kd_cache": "vanilla KD, cache (top-10)",
+    "kd_cache": "vanilla KD, cache (top-10, float16)",
     "kd_online": "vanilla KD, online teacher",
     "mkd": "MKD (learned T), cache (top-10)",
     "dkd": "DKD, cache (top-10)",
@@ -20,8 +27,12 @@ VARIANT_LABELS = {
     "kd_top1": "vanilla KD, cache top-1",
     "kd_top5": "vanilla KD, cache top-5",
     "kd_full": "vanilla KD, cache full logits",
+    "kd_gap8": "vanilla KD, cache (top-10, gap8)",
+    "kd_sampled": f"vanilla KD T=1, cache (sampled, N={SAMPLED_N})",
 }
 MAIN_VARIANTS = ("ce", "kd_cache", "kd_online", "mkd", "dkd", "dist")
+SWEEP_VARIANTS = ("kd_top1", "kd_top5", "kd_full")
+ALL_VARIANTS = MAIN_VARIANTS + SWEEP_VARIANTS + CODEC_VARIANTS
 
 # (teacher epochs, student epochs) of the full study; --quick trains both for QUICK_EPOCHS
 FULL_EPOCHS = {"synth": (20, 10), "digits": (15, 15)}
@@ -37,7 +48,7 @@ class DatasetPlan:
     student_epochs: int  # also the cache's epochs
     seeds: list[int]
     sweep: bool  # the top-k sweep
-    variants: list[str] = field(default_factory=list)
+    variants: list[str] = field(default_factory=list)  # only these (--variants); empty: the study's default
 
 
 def dataset_plans(seeds: int, quick: bool = False) -> dict[str, DatasetPlan]:
@@ -49,8 +60,10 @@ def dataset_plans(seeds: int, quick: bool = False) -> dict[str, DatasetPlan]:
 
 
 def select_plans(quick: bool, datasets: list[str] | None, seeds: int | None, *, synth_epochs: int | None = None,
-                 digits_epochs: int | None = None, teacher_epochs: dict | None = None) -> dict[str, DatasetPlan]:
-    """The plans of ``datasets`` (default: synth when quick, else both) with the overrides applied."""
+                 digits_epochs: int | None = None, teacher_epochs: dict | None = None,
+                 variants: list[str] | None = None) -> dict[str, DatasetPlan]:
+    """The plans of ``datasets`` (default: synth when quick, else both) with the overrides applied;
+    ``variants``: run only these (the k sweep then runs only as far as they ask for it)."""
     if datasets is None:
         datasets = ["synth"] if quick else ["synth", "digits"]
     seeds = seeds if seeds is not None else (1 if quick else 3)
@@ -64,11 +77,32 @@ def select_plans(quick: bool, datasets: list[str] | None, seeds: int | None, *, 
         plans["digits"].student_epochs = digits_epochs
     for name, e in (teacher_epochs or {}).items():
         plans[name].teacher_epochs = e
+    if variants:
+        unknown = [v for v in variants if v not in ALL_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; use {', '.join(ALL_VARIANTS)}")
+        variants = list(dict.fromkeys(variants))
+        for plan in plans.values():
+            plan.variants = list(variants)
+            plan.sweep = any(v in SWEEP_VARIANTS for v in variants)
     return {n: plans[n] for n in datasets}
 
 
 def variants_for(plan: DatasetPlan, num_classes: int) -> tuple[list[str], dict, list]:
-    """The runs to make, which variant answers each k of the sweep, and the caches to build."""
+    """The runs to make, which variant answers each k of the sweep, and the caches to build
+    (:func:`cache_id` of each; the main top-10 float16 cache first: every run takes its views)."""
+    if plan.variants:  # --variants: exactly these; the k sweep has the ks they cover
+        variants = list(plan.variants)
+        if num_classes <= MAIN_K:  # digits: top-10 of 10 classes *is* the full cache
+            variants = list(dict.fromkeys("kd_cache" if v == "kd_full" else v for v in variants))
+        sweep = {}
+        for k in SWEEP_K:
+            v = ("kd_cache" if k == MAIN_K or (k == "full" and num_classes <= MAIN_K) else
+                 "kd_full" if k == "full" else f"kd_top{k}")
+            if plan.sweep and v in variants:
+                sweep[str(k)] = v
+        ks = list(dict.fromkeys([MAIN_K] + [cache_id(v) for v in variants]))
+        return variants, sweep, ks
     variants = list(MAIN_VARIANTS)
     sweep = {}
     if plan.sweep:
@@ -84,12 +118,43 @@ def variants_for(plan: DatasetPlan, num_classes: int) -> tuple[list[str], dict, 
 
 
 def cache_k(variant: str) -> int | str:
-    """The k of the cache ``variant`` learns from."""
+    """The k of the cache ``variant`` learns from (draws per view for ``kd_sampled``)."""
     if variant == "kd_full":
         return "full"
     if variant.startswith("kd_top"):
         return int(variant.removeprefix("kd_top"))
+    if variant == "kd_sampled":
+        return SAMPLED_N
     return MAIN_K
+
+
+def cache_values(variant: str) -> str:
+    """How the cache ``variant`` learns from stores its values: "float16" (the study's caches),
+    "gap8" (``kd_gap8``: the library's default) or "counts" (``kd_sampled``)."""
+    return {"kd_gap8": "gap8", "kd_sampled": "counts"}.get(variant, "float16")
+
+
+def cache_id(variant: str) -> int | str:
+    """The study's name of the cache ``variant`` learns from: its k (1, 5, 10, "full") for the
+    float16 caches, as ever; "top10-gap8" and "sampled32" for the codec study's."""
+    k, values = cache_k(variant), cache_values(variant)
+    if values == "float16":
+        return k
+    return f"sampled{k}" if values == "counts" else f"top{k}-{values}"
+
+
+def cache_codec(cid: int | str, num_classes: int):
+    """The CodecSpec of the cache :func:`cache_id` names (topk keeps k >= C as the full codec)."""
+    from logitcache.codec import create_codec
+
+    from ..common import codec_for_k
+
+    if isinstance(cid, str) and cid.startswith("sampled"):
+        return create_codec("sampled", num_classes, int(cid.removeprefix("sampled")))
+    if isinstance(cid, str) and cid.startswith("top"):
+        k, values = cid.removeprefix("top").split("-", 1)
+        return codec_for_k(int(k), num_classes, values=values)
+    return codec_for_k(cid, num_classes)
 
 
 def variant_config(variant: str, caches: dict, teacher: dict) -> dict:
@@ -97,7 +162,7 @@ def variant_config(variant: str, caches: dict, teacher: dict) -> dict:
     from logitcache.trainer.losses import LossConfig
     from logitcache.trainer.mkd import MKDConfig
 
-    main = caches[MAIN_K]["url"]
+    main = caches[MAIN_K]["url"]  # caches: cache_id -> build_cache's result
     if variant == "ce":
         return {"cache": main, "loss": LossConfig(kind="none")}
     if variant == "kd_cache":
@@ -111,6 +176,8 @@ def variant_config(variant: str, caches: dict, teacher: dict) -> dict:
         return {"cache": main, "loss": LossConfig(kind="dkd")}
     if variant == "dist":
         return {"cache": main, "loss": LossConfig(kind="dist", kd_weight=2.0)}
-    if variant.startswith("kd_top") or variant == "kd_full":
-        return {"cache": caches[cache_k(variant)]["url"], "loss": LossConfig(kind="kd")}
+    if variant.startswith("kd_top") or variant == "kd_full" or variant == "kd_gap8":
+        return {"cache": caches[cache_id(variant)]["url"], "loss": LossConfig(kind="kd")}
+    if variant == "kd_sampled":  # counts / N estimate the teacher at T = 1 only: the trainer refuses other T
+        return {"cache": caches[cache_id(variant)]["url"], "loss": LossConfig(kind="kd", temperature=1.0)}
     raise ValueError(f"unknown variant {variant!r}")

@@ -30,6 +30,12 @@ def markdown(data: dict) -> str:
             cells = [f"k={k}: {v['mean']:.2f} ± {v['std']:.2f}" + (" (= top-10 run)" if v["variant"] == "kd_cache" else "")
                      for k, v in sweep.items() if v["mean"] is not None]
             lines.append(f"{n} top-k sweep (vanilla KD from cache): " + "; ".join(cells) + ".")
+        codecs = data["datasets"][n].get("codecs")
+        if codecs:
+            cells = [f"{v}: {r['minus_float16_mean_pp']:+.2f} ± {r['minus_float16_std_pp']:.2f} pp"
+                     for v, r in codecs["variants"].items() if r.get("minus_float16_mean_pp") is not None]
+            lines.append(f"{n} paired difference to {codecs['reference']} (top-10 float16), same seeds: "
+                         + "; ".join(cells) + ".")
     lines.append(f"Teacher ({TEACHER}) val top-1: {teachers}.")
     return "\n".join(lines)
 
@@ -44,6 +50,8 @@ def _plot_k_sweep(ax, name: str, d: dict) -> None:
     ax.errorbar(xs, [d["k_sweep"][k]["mean"] for k in ks], yerr=[d["k_sweep"][k]["std"] for k in ks],
                 marker="o", capsize=4, label="vanilla KD from cache")
     for v, style in (("ce", "--"), ("kd_online", ":")):
+        if v not in d["variants"]:  # --variants without it
+            continue
         m, s = d["variants"][v]["mean"], d["variants"][v]["std"]
         if m is not None:
             line = ax.axhline(m, ls=style, color="grey" if v == "ce" else "tab:red",

@@ -49,11 +49,18 @@ def _progress(total: int):
     return on_done
 
 
-def _write(results: dict, out: str | Path, work: Path, quick: bool) -> None:
-    """``<out>/<stem>.json`` and the plots, and a copy of the JSON next to the runs it summarises."""
-    out = Path(out)
+def output_path(out: str | Path, quick: bool, output: str | Path | None = None) -> Path:
+    """Where the results JSON goes: ``output`` when given, else ``<out>/accuracy[_quick].json``."""
+    if output is not None:
+        return Path(output)
+    return Path(out) / ("accuracy_quick.json" if quick else "accuracy.json")
+
+
+def _write(results: dict, path: Path, work: Path) -> None:
+    """``path`` (``<stem>.json``) and the plots ``<stem>_*.png`` next to it, and a copy of the JSON
+    next to the runs it summarises."""
+    out, stem = path.parent, path.stem
     out.mkdir(parents=True, exist_ok=True)
-    stem = "accuracy_quick" if quick else "accuracy"
     results["plots"] = plot(results, out, prefix=stem)
     text = json.dumps(results, indent=2, allow_nan=False, default=str)
     (out / f"{stem}.json").write_text(text)
@@ -64,8 +71,14 @@ def run(quick: bool = False, *, datasets: list[str] | None = None, seeds: int | 
         out: str | Path | None = "bench/results", workdir: str | Path = "runs/accuracy", workers: int = 2,
         student_workers: int = 0, jobs: int = 2, threads: int = 1, resume: bool = False,
         synth_epochs: int | None = None, digits_epochs: int | None = None, teacher_epochs: dict | None = None,
-        limit_batches: int | None = None) -> dict:
+        limit_batches: int | None = None, variants: list[str] | None = None,
+        output: str | Path | None = None) -> dict:
     """Run the study; returns (and with ``out`` writes) the results dict.
+
+    ``variants``: run only these (plan.ALL_VARIANTS; e.g. the codec study's ``ce, kd_cache,
+    kd_gap8, kd_sampled``), with the same teacher, caches' views and seeds as the whole study.
+    ``output``: the results JSON's path (default ``<out>/accuracy.json``, quick
+    ``accuracy_quick.json``); plots go next to it, named after it.
 
     ``quick`` may also be a bench context with a ``.quick`` attribute. Parallelism (none of
     it changes a result: views and batches are functions of seeds only): ``jobs`` runs at a
@@ -75,7 +88,7 @@ def run(quick: bool = False, *, datasets: list[str] | None = None, seeds: int | 
     if hasattr(quick, "quick"):  # bench.run's context object
         quick = bool(quick.quick)
     plans = select_plans(quick, datasets, seeds, synth_epochs=synth_epochs, digits_epochs=digits_epochs,
-                         teacher_epochs=teacher_epochs)
+                         teacher_epochs=teacher_epochs, variants=variants)
     # quick: a full-study teacher already on disk beats a 2-epoch one
     prefer = {n: FULL_EPOCHS[n][0] for n in plans} if quick else {}
     work = Path(workdir)
@@ -93,7 +106,8 @@ def run(quick: bool = False, *, datasets: list[str] | None = None, seeds: int | 
         log(f"{n}: {asdict(p)}; runs: {layout[n]['variants']}")
     log(f"{len(tasks)} tasks, {jobs} at a time")
     done = schedule(tasks, jobs, threads, _progress(len(tasks)))
-    results: dict = {"name": "accuracy", "quick": quick, "environment": env,
+    path = output_path(out if out is not None else "bench/results", quick, output)
+    results: dict = {"name": "accuracy", "study": path.stem, "quick": quick, "environment": env,
                      "datasets": summarise_datasets(plans, datas, layout, done, limit_batches)}
     total = clock.read()  # the pool's processes (and their workers) are reaped by now
     env["load_avg_1min_end"] = os.getloadavg()[0]
@@ -101,5 +115,5 @@ def run(quick: bool = False, *, datasets: list[str] | None = None, seeds: int | 
     results["failures"] = [list(k) for k, r in done.items() if "error" in r]
     add_flat_keys(results)
     if out is not None:
-        _write(results, out, work, quick)
+        _write(results, path, work)
     return results

@@ -7,9 +7,14 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from .plan import CURVE_VARIANTS, MAIN_K, RECIPE, STUDENT, TEACHER, VARIANT_LABELS, DatasetPlan
+from .plan import (CODEC_REFERENCE, CODEC_VARIANTS, CURVE_VARIANTS, MAIN_K, RECIPE, SAMPLED_N, STUDENT, TEACHER,
+                   VARIANT_LABELS, DatasetPlan)
 
 HEADLINE_KEYS = ("acc_cache_minus_online_pp", "acc_kd_minus_ce_pp", "acc_ce_std_pp")
+#: the codec study's paired differences to float16 top-10 (``kd_cache``), per codec variant
+CODEC_NAMES = {"kd_gap8": "gap8", "kd_sampled": "sampled"}
+CODEC_KEYS = tuple(f"{pre}{CODEC_NAMES[v]}_minus_float16{post}" for v in CODEC_VARIANTS
+                   for pre, post in (("acc_", "_pp"), ("acc_", "_std_pp"), ("acc_", "_abs_pp"), ("paired_", "_pp")))
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -39,37 +44,82 @@ def _variant_runs(name: str, plan: DatasetPlan, variants: list[str], done: dict)
     return runs
 
 
+def _paired(runs: dict[str, dict], a: str, b: str) -> tuple[list[int], list[float]]:
+    """Seeds both ``a`` and ``b`` finished, and a - b of each (final val top-1, pp). Paired (same
+    seed): same init, batch order and views; only the teacher signal differs."""
+    if a not in runs or b not in runs:
+        return [], []
+    da = dict(zip(runs[a]["seeds"], runs[a]["top1"]))
+    db = dict(zip(runs[b]["seeds"], runs[b]["top1"]))
+    seeds = sorted(set(da) & set(db))
+    return seeds, [da[s] - db[s] for s in seeds]
+
+
 def _headline(runs: dict[str, dict]) -> dict:
-    # Paired (same seed) differences: same init and batch order, only the teacher signal differs.
     def paired(a: str, b: str) -> list[float]:
-        da = dict(zip(runs[a]["seeds"], runs[a]["top1"]))
-        db = dict(zip(runs[b]["seeds"], runs[b]["top1"]))
-        return [da[s] - db[s] for s in sorted(set(da) & set(db))]
+        return _paired(runs, a, b)[1]
 
     def diff(a: str, b: str) -> float | None:
-        if runs[a]["mean"] is None or runs[b]["mean"] is None:
+        if a not in runs or b not in runs or runs[a]["mean"] is None or runs[b]["mean"] is None:
             return None
         return runs[a]["mean"] - runs[b]["mean"]
 
-    return {
+    def std(v: str) -> float | None:
+        return runs[v]["std"] if v in runs else None
+
+    headline = {
         "acc_cache_minus_online_pp": diff("kd_cache", "kd_online"),
         "acc_kd_minus_ce_pp": diff("kd_cache", "ce"),
-        "acc_ce_std_pp": runs["ce"]["std"],
-        "acc_kd_std_pp": runs["kd_cache"]["std"],
-        "acc_online_std_pp": runs["kd_online"]["std"],
+        "acc_ce_std_pp": std("ce"),
+        "acc_kd_std_pp": std("kd_cache"),
+        "acc_online_std_pp": std("kd_online"),
         "paired_cache_minus_online_pp": paired("kd_cache", "kd_online"),
         "paired_kd_minus_ce_pp": paired("kd_cache", "ce"),
     }
+    for v in CODEC_VARIANTS:  # the codec study: mean and sample std of the paired differences
+        if v not in runs:
+            continue
+        name = CODEC_NAMES[v]
+        d = paired(v, CODEC_REFERENCE)
+        mean, sd = mean_std(d)
+        headline.update({f"acc_{name}_minus_float16_pp": mean, f"acc_{name}_minus_float16_std_pp": sd,
+                         f"acc_{name}_minus_float16_abs_pp": None if mean is None else abs(mean),
+                         f"paired_{name}_minus_float16_pp": d})
+    return headline
 
 
-def _checks(headline: dict, runs: dict[str, dict], n_seeds: int) -> dict:
+def _codec_table(runs: dict[str, dict]) -> dict | None:
+    """The codec study, per variant: seeds, final val top-1 per seed, mean +- std, and the paired
+    differences to ``kd_cache`` (float16 top-10) per seed with their mean +- std. None when no
+    codec variant ran."""
+    if not any(v in runs for v in CODEC_VARIANTS) or CODEC_REFERENCE not in runs:
+        return None
+    table = {}
+    for v, r in runs.items():
+        row = {"label": r["label"], "seeds": r["seeds"], "top1": r["top1"], "mean": r["mean"], "std": r["std"]}
+        if v != CODEC_REFERENCE:
+            seeds, d = _paired(runs, v, CODEC_REFERENCE)
+            mean, sd = mean_std(d)
+            row.update(paired_seeds=seeds, minus_float16_pp=d, minus_float16_mean_pp=mean, minus_float16_std_pp=sd)
+        table[v] = row
+    return {"reference": CODEC_REFERENCE, "sampled_draws": SAMPLED_N, "variants": table,
+            "note": "minus_float16: this variant's final val top-1 minus kd_cache's (top-10 float16 cache), same "
+                    "seed (same init, batch order and views); mean and sample std (ddof=1) over seeds, pp"}
+
+
+def _checks(headline: dict, runs: dict[str, dict], n_seeds: int, caches: dict) -> dict:
     checks = {}
-    if headline["acc_kd_minus_ce_pp"] is not None and n_seeds > 1:
+    if headline["acc_kd_minus_ce_pp"] is not None and n_seeds > 1 and headline["acc_kd_std_pp"] is not None:
         ce_std, kd_std = runs["ce"]["std"], runs["kd_cache"]["std"]
         checks["kd_beats_ce_by_more_than_ce_std"] = headline["acc_kd_minus_ce_pp"] > ce_std
         checks["kd_beats_ce_by_more_than_max_std"] = headline["acc_kd_minus_ce_pp"] > max(ce_std, kd_std)
     if headline["acc_cache_minus_online_pp"] is not None:
         checks["cache_online_within_0p5pp"] = abs(headline["acc_cache_minus_online_pp"]) <= 0.5
+    if headline.get("acc_gap8_minus_float16_abs_pp") is not None:
+        checks["gap8_float16_within_0p5pp"] = headline["acc_gap8_minus_float16_abs_pp"] <= 0.5
+    digests = {c.get("views_digest") for c in caches.values()}
+    if len(caches) > 1 and None not in digests:  # every cache holds the same views (same recipe and seeds)
+        checks["caches_same_views"] = len(digests) == 1
     return checks
 
 
@@ -91,7 +141,7 @@ def summarise(name: str, plan: DatasetPlan, data: Path, layout: dict, done: dict
     headline = _headline(runs)
     seed0 = plan.seeds[0]
     curves = {}
-    for v in CURVE_VARIANTS:
+    for v in CURVE_VARIANTS + CODEC_VARIANTS:
         r = done.get(("student", name, v, seed0), {})
         if "curve_top1" in r:
             curves[v] = r["curve_top1"]
@@ -107,7 +157,8 @@ def summarise(name: str, plan: DatasetPlan, data: Path, layout: dict, done: dict
         "variants": runs,
         "k_sweep": k_sweep,
         "headline": headline,
-        "checks": _checks(headline, runs, len(plan.seeds)),
+        **({"codecs": codecs} if (codecs := _codec_table(runs)) else {}),
+        "checks": _checks(headline, runs, len(plan.seeds), caches),
         "curves_seed0": curves,
         "time": {
             "teacher_wall_s": teacher.get("wall_s", 0.0),
@@ -154,12 +205,15 @@ def runtime(total: dict, done: dict) -> dict:
 
 def add_flat_keys(results: dict) -> None:
     """Copy each dataset's headline figures and checks to the top level (synth unprefixed,
-    others as ``<dataset>_<key>``): summary.json and README read them there."""
+    others as ``<dataset>_<key>``): summary.json and README read them there. Figures a subset
+    of variants (--variants) cannot give are left out; the codec study's (CODEC_KEYS) are added
+    when its variants ran."""
     for name, d in results["datasets"].items():
         if "headline" not in d:
             continue
         prefix = "" if name == "synth" else f"{name}_"
-        for key in HEADLINE_KEYS:
-            results[prefix + key] = d["headline"][key]
+        for key in HEADLINE_KEYS + CODEC_KEYS:
+            if d["headline"].get(key) is not None:
+                results[prefix + key] = d["headline"][key]
         for key, value in d["checks"].items():
             results.setdefault("checks", {})[prefix + key] = value
