@@ -165,14 +165,10 @@ def _fmt(v: float) -> str:
     return f"{v:.2e}" if 0 < abs(v) < 0.01 else f"{v:.3f}"
 
 
-def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    md_path = md_path or results.parent / "RESULTS.md"
-    data = load_results(results)
-    rel = Path("results") if md_path.parent == results.parent and results.name == "results" else Path(".")
-
+def _summary(results: Path, data: dict) -> tuple[dict, dict | None, dict | None, dict]:
+    """summary.json's content: every benchmark's numeric figures under ``<bench>.<key>``, the
+    headline figures under flat names, device and date, and the accuracy studies' keys.
+    Returns (summary, accuracy.json, accuracy_codecs.json, the codec study's figures)."""
     summary = {}
     for name, d in data.items():
         summary.update({f"{name}.{k}": v for k, v in d["summary"].items() if isinstance(v, (int, float))})
@@ -196,6 +192,53 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
         codec_summary = {k: codecs[k] for k in CODEC_SUMMARY_KEYS if _number(codecs.get(k))}
         summary.update({k: codec_summary[k] for k in CODEC_FLAT_KEYS if k in codec_summary})
         summary.update({f"accuracy_codecs.{k}": v for k, v in codec_summary.items()})
+    return summary, accuracy, codecs, codec_summary
+
+
+def _runs_markdown(data: dict) -> list[str]:
+    """RESULTS.md's table of the runs (device, mode, date, wall and CPU time, load) and versions."""
+    lines = ["| benchmark | device | mode | date | wall time | CPU time | load avg at end |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for name, d in data.items():
+        m = d["meta"]
+        mode = "tiny" if m.get("tiny") else "quick" if m["quick"] else "full"
+        load = m.get("load_avg_1min")
+        lines.append(f"| {name} | {m['device']}: {m['device_name']} ({m['cpu_count']} CPUs, "
+                     f"{m['torch_threads']} torch threads) | {mode} | {m['date']} | {m['wall_seconds']:.0f} s | "
+                     f"{m.get('cpu_seconds', float('nan')):.0f} s | {load if load is None else f'{load:.1f}'} |")
+    versions = next(iter(data.values()))["meta"]["versions"]
+    total = sum(d["meta"]["wall_seconds"] for d in data.values())
+    return lines + ["", f"Total wall time of these runs: {total / 60:.1f} min. CPU time counts this process and its "
+                        "finished children (DataLoader workers, subprocesses); a load average above the core count "
+                        "means other processes competed for the CPU and the timings are noisy.",
+                    "", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
+
+
+def _targets_markdown(figures: dict[str, dict]) -> list[str]:
+    """RESULTS.md's targets table: each TARGETS row whose figure was measured, and whether it is met."""
+    rows = []
+    for bench, key, target, op, what in TARGETS:
+        if bench in figures and _number(figures[bench].get(key)):
+            v = figures[bench][key]
+            ok = v >= target if op == ">=" else v <= target
+            cell = what.replace("|", "\\|")  # "|x|" would split the table's cells
+            rows.append(f"| {cell} | `{bench}.{key}` | {_fmt(v)} | {op} {_fmt(target)} | "
+                        f"{'yes' if ok else '**no**'} |")
+    if not rows:
+        return []
+    return ["## Targets", "", "| figure | key | measured | target | met |", "|---|---|---:|---:|---|", *rows, ""]
+
+
+def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Path:
+    """Regenerate summary.json, RESULTS.md (and its plots) and, for the committed results,
+    README's headline block, from every benchmark JSON in ``results``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    md_path = md_path or results.parent / "RESULTS.md"
+    data = load_results(results)
+    rel = Path("results") if md_path.parent == results.parent and results.name == "results" else Path(".")
+    summary, accuracy, codecs, codec_summary = _summary(results, data)
     (results / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     if results.resolve() == RESULTS_DIR.resolve():  # the committed results: README quotes them
         update_readme(summary)
@@ -213,36 +256,11 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
         "",
     ]
     if data:
-        lines += ["| benchmark | device | mode | date | wall time | CPU time | load avg at end |",
-                  "|---|---|---|---|---:|---:|---:|"]
-        for name, d in data.items():
-            m = d["meta"]
-            mode = "tiny" if m.get("tiny") else "quick" if m["quick"] else "full"
-            load = m.get("load_avg_1min")
-            lines.append(f"| {name} | {m['device']}: {m['device_name']} ({m['cpu_count']} CPUs, "
-                         f"{m['torch_threads']} torch threads) | {mode} | {m['date']} | {m['wall_seconds']:.0f} s | "
-                         f"{m.get('cpu_seconds', float('nan')):.0f} s | {load if load is None else f'{load:.1f}'} |")
-        versions = next(iter(data.values()))["meta"]["versions"]
-        total = sum(d["meta"]["wall_seconds"] for d in data.values())
-        lines += ["", f"Total wall time of these runs: {total / 60:.1f} min. CPU time counts this process and its "
-                      "finished children (DataLoader workers, subprocesses); a load average above the core count "
-                      "means other processes competed for the CPU and the timings are noisy.",
-                  "", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
-
-    rows = []
+        lines += _runs_markdown(data)
     figures = {name: d["summary"] for name, d in data.items()}
     if codec_summary:
         figures["accuracy_codecs"] = codec_summary
-    for bench, key, target, op, what in TARGETS:
-        if bench in figures and _number(figures[bench].get(key)):
-            v = figures[bench][key]
-            ok = v >= target if op == ">=" else v <= target
-            cell = what.replace("|", "\\|")  # "|x|" would split the table's cells
-            rows.append(f"| {cell} | `{bench}.{key}` | {_fmt(v)} | {op} {_fmt(target)} | "
-                        f"{'yes' if ok else '**no**'} |")
-    if rows:
-        lines += ["## Targets", "", "| figure | key | measured | target | met |", "|---|---|---:|---:|---|", *rows, ""]
-
+    lines += _targets_markdown(figures)
     for name, d in data.items():
         mod = importlib.import_module(f"bench.{name}")
         images = mod.plot(d, results)
