@@ -250,7 +250,17 @@ class CacheReader:
 
         Raises :class:`CorruptCacheError` naming cache, epoch, unit and array when a
         chunk is missing, truncated or altered, or metadata is unreadable."""
-        commit = self._commit_of(epoch, shard)
+        return self._read_checked(epoch, shard, self._commit_of(epoch, shard))
+
+    def _commit_of(self, epoch: int, shard: int) -> dict:
+        commit = self.commit(epoch, shard)
+        if commit is None:
+            raise CorruptCacheError(f"{self._where(epoch, shard)} is not committed (build incomplete; re-run "
+                                    f"the build to finish it)")
+        return commit
+
+    def _read_checked(self, epoch: int, shard: int, commit: dict) -> dict[str, np.ndarray]:
+        """:meth:`read_unit` given the unit's commit record (read once by the caller)."""
         try:
             group = self.root[unit_path(epoch, shard)]
         except Exception as e:  # noqa: BLE001 - absent or garbled metadata of a committed unit
@@ -270,18 +280,11 @@ class CacheReader:
                                     f"missing chunk); {REPAIR_HINT}")
         return out
 
-    def _commit_of(self, epoch: int, shard: int) -> dict:
-        commit = self.commit(epoch, shard)
-        if commit is None:
-            raise CorruptCacheError(f"{self._where(epoch, shard)} is not committed (build incomplete; re-run "
-                                    f"the build to finish it)")
-        return commit
-
     def read_rows(self, epoch: int, shard: int) -> tuple[dict[str, np.ndarray], str]:
         """One committed unit's teacher rows, sorted by sample index (row r = the shard's r-th
         sample), and its plan digest; every array checked. Any format."""
         commit = self._commit_of(epoch, shard)
-        arrays = self.read_unit(epoch, shard)
+        arrays = self._read_checked(epoch, shard, commit)
         d = self.manifest.dataset
         start, size = sum(d.shard_sizes[:shard]), d.shard_sizes[shard]
         if self.format_version < 3:
@@ -313,14 +316,16 @@ class CacheReader:
         """All views of ``epoch`` as teacher rows indexed by global sample index: units in
         shard order, each sorted by sample index, so concatenating them is the epoch."""
         units = self.read_units(epoch)
-        width = max((u["ids"].shape[1] for u, _ in units), default=0)
-        if self.manifest.codec.name != "sampled":
-            width = self.manifest.codec.k if self.manifest.codec.name == "topk" else 0
-        pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]))) if a.shape[1] < width else a  # noqa: E731
-        ids = np.concatenate([pad(u["ids"]) for u, _ in units]) if units else np.zeros((0, width), np.uint8)
-        values = (np.concatenate([pad(u["values"]) if u["values"].shape[1] < width else u["values"] for u, _ in units])
-                  if units else np.zeros((0, width), np.uint8))
-        tail = np.concatenate([u["tail"] for u, _ in units]) if units else np.zeros(0, np.float32)
+        # Sampled rows are as wide as their unit's most distinct ids: pad to the widest (a no-op
+        # for the other codecs, whose widths are fixed; full rows have no ids).
+        width = max(u["ids"].shape[1] for u, _ in units)
+
+        def cat(key: str) -> np.ndarray:
+            parts = [u[key] if u[key].shape[1] >= width else np.pad(u[key], ((0, 0), (0, width - u[key].shape[1])))
+                     for u, _ in units]
+            return np.concatenate(parts)
+
+        ids, values, tail = cat("ids"), cat("values"), np.concatenate([u["tail"] for u, _ in units])
         return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units])
 
 

@@ -10,6 +10,7 @@ from the recomputed logits with the same view seeds.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,9 +25,24 @@ if TYPE_CHECKING:
 NOISE_REL = 2.0**-20
 
 
-def _as_logits(codec: CodecSpec, r: torch.Tensor, rows: dict[str, np.ndarray]):
-    """(ids, cached logits c, cached tail_lse, floor of the reference, extra kept/tail slack),
-    float64, from teacher rows; ``r`` (n, C) the recomputed logits."""
+@dataclass
+class _Cached:
+    """Cached teacher rows in logit terms, float64: ``ids`` (n, k), kept logits ``c`` (n, k),
+    ``tail`` (n,) tail_lse (-inf without a tail); where the codec clips, the lowest value the
+    reference may take (``floor`` (n, k), ``fill_floor`` (n,), else None) and the extra absolute
+    slack of a kept logit and of the tail (half a gap step for quantised values)."""
+
+    ids: torch.Tensor
+    c: torch.Tensor
+    tail: torch.Tensor
+    floor: torch.Tensor | None = None
+    fill_floor: torch.Tensor | None = None
+    kept_abs: float = 0.0
+    tail_abs: float = 0.0
+
+
+def _as_logits(codec: CodecSpec, r: torch.Tensor, rows: dict[str, np.ndarray]) -> _Cached:
+    """The cached rows in logit terms (:class:`_Cached`); ``r`` (n, C) the recomputed logits."""
     n, c_ = r.shape
     values = torch.from_numpy(rows["values"].astype(np.float64))
     if codec.name == "full":
@@ -34,27 +50,30 @@ def _as_logits(codec: CodecSpec, r: torch.Tensor, rows: dict[str, np.ndarray]):
         ids, values = order, values.gather(1, order)
     else:
         ids = torch.from_numpy(rows["ids"].astype(np.int64))
+    no_tail = torch.full((n,), -math.inf)
     if not codec.quantised:
-        tail = torch.from_numpy(rows["tail"].astype(np.float64)) if codec.name == "topk" else torch.full((n,), -math.inf)
-        return ids, values, tail, None, 0.0, 0.0
+        return _Cached(ids, values, torch.from_numpy(rows["tail"].astype(np.float64)) if codec.name == "topk"
+                       else no_tail)
     top = r.amax(dim=1, keepdim=True)
     c = top - values * codec.gap_step
     reach = (2**codec.value_bits - 1) * codec.gap_step  # the largest gap one code (increase) can hold
+    half = codec.gap_step / 2
     if codec.name == "full":
-        return ids, c, torch.full((n,), -math.inf), (top - reach).expand_as(c), codec.gap_step / 2, 0.0
+        return _Cached(ids, c, no_tail, floor=(top - reach).expand_as(c), kept_abs=half)
     # a code is clipped to the previous one plus the largest increase: the reference is clipped there too
     floor = torch.cat([torch.full((n, 1), -math.inf, dtype=c.dtype), c[:, :-1] - reach], dim=1)
     fill = top[:, 0] - torch.from_numpy(rows["tail"].astype(np.float64)) * codec.gap_step
-    fill_floor = c[:, -1] - reach
-    return ids, c, fill + math.log(c_ - codec.k), (floor, fill_floor), codec.gap_step / 2, codec.gap_step / 2
+    return _Cached(ids, c, fill + math.log(c_ - codec.k), floor=floor, fill_floor=c[:, -1] - reach,
+                   kept_abs=half, tail_abs=half)
 
 
 def compare_logits(report: "VerifyReport", codec: CodecSpec, r: torch.Tensor, rows: dict[str, np.ndarray],
                    tol: float, atol: float, where: list[tuple[int, str]]) -> None:
     """Fill the error fields and reasons of ``report`` (topk and full codecs); r (n, C) float64."""
     C = codec.num_classes
-    ids, c, tail, floor, kept_abs, tail_abs = _as_logits(codec, r, rows)
-    floor, fill_floor = floor if isinstance(floor, tuple) else (floor, None)
+    cached = _as_logits(codec, r, rows)
+    ids, c, tail, floor, fill_floor = cached.ids, cached.c, cached.tail, cached.floor, cached.fill_floor
+    kept_abs, tail_abs = cached.kept_abs, cached.tail_abs
     k = ids.shape[1]
     report.atol = atol + kept_abs
     n = len(r)
