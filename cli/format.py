@@ -61,6 +61,18 @@ def _rows(pairs: list[tuple[str, str]]) -> str:
     return "\n".join(out)
 
 
+def _features_line(features: dict | None) -> str:
+    """The cache's teacher features (`build --features`), in words."""
+    if features is None:
+        return "none (logits only; `build --features` stores them for --kd projector)"
+    spec = features["spec"]
+    if features.get("basis_sha256"):
+        return (f"{features['label']}  D={spec['dim']}: PCA basis fitted on {features['fit_views']:,} views of the "
+                f"first epoch, {100 * features['explained']:.1f}% of their variance kept; sha256 "
+                f"{features['basis_sha256'][:12]}")
+    return f"{features['label']}  D={spec['dim']}: every dim stored"
+
+
 def format_stats(st: CacheStats) -> str:
     """The human-readable summary of a :class:`logitcache.cache_stats.CacheStats`."""
     d, c = st.dataset, st.codec
@@ -79,6 +91,7 @@ def format_stats(st: CacheStats) -> str:
                     f"fingerprint {d['fingerprint'][:12]}\n{d['url']}"),
         ("codec", f"{c['name']} {'N' if c['name'] == 'sampled' else 'k'}={c['k']} of {st.num_classes} classes  "
                   f"{c['values']} values, {c['id_bits']}-bit ids\nerror: {st.error_bound}"),
+        ("features", _features_line(st.features)),
         ("epochs", f"{len(st.epochs_complete)} complete: {format_ranges(st.epochs_complete)}"),
         ("units", f"committed/total per epoch  {units}"),
         ("views", f"{st.views:,} committed"),
@@ -125,7 +138,8 @@ def format_ls(summaries: list[CacheSummary]) -> str:
     rows = [head] + [
         (s.url, s.teacher, f"{s.dataset}/{s.split or 'all'}",
          f"{len(s.epochs_complete)} ({format_ranges(s.epochs_complete)})" if s.epochs_complete else "0",
-         f"{s.codec}{s.k}/{s.values}", f"{s.views:,}", format_bytes(s.bytes))
+         f"{s.codec}{s.k}/{s.values}" + (f"+feat:{s.features}" if s.features else ""), f"{s.views:,}",
+         format_bytes(s.bytes))
         for s in summaries
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

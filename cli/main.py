@@ -99,7 +99,8 @@ def _values(value_dtype: str | None, value_bits: int | None) -> str:
 
 
 def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
-                value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck, allow_view_drift) -> None:
+                value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck, allow_view_drift,
+                features, feature_dims, feature_dtype, feature_fit_views) -> None:
     """The body of ``build`` for one process: the whole build, or one rank of it when the
     environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
     from logitcache import distributed
@@ -115,19 +116,40 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
     source = open_source(data, split)
     t = Teacher(teacher, weights=teacher_weights, num_classes=source.num_classes, device=dev, compile=compile)
     spec = create_codec(codec, source.num_classes, topk, _values(value_dtype, value_bits))
+    feats = _feature_request(features, feature_dims, feature_dtype, feature_fit_views, t.feature_dim)
     name = _dataset_name(data)
-    url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec)}"
+    url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec, feats)}"
     ctx = distributed.init_from_env(dev)
     try:
         report = run_build(source, dataset_name=name, teacher=t, recipe=rec, codec=spec, url=url, epochs=epoch_list,
                            batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
                            barrier=ctx.barrier, progress=progress and ctx.rank == 0, recheck=recheck,
-                           allow_view_drift=allow_view_drift)
+                           allow_view_drift=allow_view_drift, features=feats)
     finally:
         ctx.close()
     who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else ""
     print(f"{who}cache {report.url}: {report.units_written} units written, {report.units_skipped} already committed, "
           f"{report.views} views in {report.seconds:.1f} s ({report.views_per_s:.1f} views/s)", flush=True)
+
+
+def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], fit_views: Optional[int],
+                     feature_dim: int):
+    """The FeatureRequest of `build --features ...` (None without --features); flags checked here."""
+    from logitcache.build_features import DEFAULT_FIT_VIEWS, FeatureRequest
+    from logitcache.feature_codec import create_feature_spec
+
+    if not features:
+        given = [f for f, v in (("--feature-dims", dims), ("--feature-dtype", dtype), ("--feature-fit-views", fit_views))
+                 if v is not None]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} without --features")
+        return None
+    try:
+        spec = create_feature_spec(feature_dim, dims if dims is not None else 256, dtype)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return FeatureRequest(dims=spec.rank if spec.rank is not None else "full", dtype=spec.dtype,
+                          fit_views=fit_views or DEFAULT_FIT_VIEWS)
 
 
 @app.command()
@@ -166,6 +188,16 @@ def build(
                                              "record, and rebuild the damaged ones."),
     allow_view_drift: bool = typer.Option(False, help="Add to a cache even when views rendered here differ from "
                                                       "those its teacher saw (library versions)."),
+    features: bool = typer.Option(False, help="Also store each view's pooled pre-logit teacher features "
+                                              "(for --kd projector)."),
+    feature_dims: Optional[str] = typer.Option(None, metavar="INTEGER|full", show_default="256",
+                                               help="Features: PCA components kept (a basis fitted on the first "
+                                                    "epoch), or full (every dim)."),
+    feature_dtype: Optional[str] = typer.Option(None, metavar="int8|float16|float32",
+                                                show_default="int8 with PCA, float16 for full",
+                                                help="Features: stored values (int8 with a per-view scale)."),
+    feature_fit_views: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="8192",
+                                                    help="Features: views of the first epoch the basis is fitted on."),
 ):
     """Run the teacher once over every augmented view and store compressed logits.
 
@@ -218,8 +250,53 @@ def _dataset_name(data: str) -> str:
 #: train flags that belong to the loss (LossConfig) and to MKD (MKDConfig), by field name.
 _LOSS_FLAGS = {"kd": "kind", "temperature": "temperature", "kd_weight": "kd_weight", "hard_weight": "hard_weight",
                "hard_loss": "hard_kind", "dkd_alpha": "dkd_alpha", "dkd_beta": "dkd_beta",
-               "dkd_warmup_epochs": "dkd_warmup_epochs", "dist_beta": "dist_beta", "dist_gamma": "dist_gamma"}
+               "dkd_warmup_epochs": "dkd_warmup_epochs", "dist_beta": "dist_beta", "dist_gamma": "dist_gamma",
+               "feature_weight": "feature_weight"}
 _MKD_FLAGS = {"mkd_meta_every": "meta_every", "mkd_meta_lr": "meta_lr", "mkd_predictor": "predictor"}
+_PROKT_FLAGS = {"prokt_lambda": "lam", "prokt_teacher_lr": "teacher_lr"}
+
+
+def _train_settings(flags: dict, settings: dict) -> dict:
+    """``train``'s settings: the --config file's ``settings`` with the flags given on top; the
+    loss, MKD and ProKT flags go to their tables (``--kd mkd`` / ``--kd prokt`` are vanilla KD
+    plus an ``mkd`` / ``prokt`` table; ProKT turns the online teacher on)."""
+    from logitcache.errors import LogitcacheError
+
+    loss = dict(settings.get("loss") or {})
+    mkd = settings.get("mkd")
+    prokt = settings.get("prokt")
+    for flag, name in _LOSS_FLAGS.items():
+        if flags[flag] is not None:
+            loss[name] = flags[flag]
+    if loss.get("kind") == "mkd":  # MKD = vanilla KD with learned temperatures
+        loss["kind"] = "kd"
+        mkd = dict(mkd or {})
+    for flag, name in _MKD_FLAGS.items():
+        if flags[flag] is not None:
+            mkd = dict(mkd or {})
+            mkd[name] = flags[flag]
+    if loss.get("kind") == "prokt":  # ProKT = vanilla KD from a teacher trained along
+        loss["kind"] = "kd"
+        prokt = dict(prokt or {})
+    for flag, name in _PROKT_FLAGS.items():
+        if flags[flag] is not None:
+            prokt = dict(prokt or {})
+            prokt[name] = flags[flag]
+    if prokt is not None and flags["online_teacher"] is None:  # ProKT trains the teacher: online only
+        settings["online_teacher"] = True
+    renamed = {"workers": "num_workers"}
+    skip = {"config", "data", *(_LOSS_FLAGS), *(_MKD_FLAGS), *(_PROKT_FLAGS)}
+    for flag, value in flags.items():
+        if flag not in skip and value is not None:
+            settings[renamed.get(flag, flag)] = value
+    if flags["data"] is not None:
+        settings["data"] = flags["data"]
+    if "data" not in settings:
+        raise LogitcacheError("train needs --data (or `data:` in the --config file)")
+    settings["loss"] = loss
+    settings["mkd"] = mkd
+    settings["prokt"] = prokt
+    return settings
 
 
 @app.command()
@@ -232,8 +309,11 @@ def train(
                                         help="Cache URL."),
     cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
                                              help="Where named caches live."),
-    kd: Optional[str] = typer.Option(None, metavar="kd|mkd|dkd|dist|none", show_default="kd",
-                                     help="Distillation term: vanilla KD, KD with learned temperatures, DKD, DIST or none."),
+    kd: Optional[str] = typer.Option(None, metavar="kd|mkd|prokt|projector|dkd|dist|none", show_default="kd",
+                                     help="Distillation term: vanilla KD, KD with learned temperatures, KD from a "
+                                          "teacher trained along (ProKT; online teacher, no cache), KD plus projector "
+                                          "feature distillation (a cache built with --features, or the online "
+                                          "teacher), DKD, DIST or none."),
     temperature: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="KD temperature."),
     kd_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="Weight of the distillation term."),
     hard_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="Weight of the hard-label loss."),
@@ -243,12 +323,18 @@ def train(
     dkd_warmup_epochs: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.0", help="DKD: linear warm-up, in epochs."),
     dist_beta: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="DIST: weight of the inter-class relation."),
     dist_gamma: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="DIST: weight of the intra-class relation."),
+    feature_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0",
+                                                   help="Projector: weight of the feature distance."),
     mkd_meta_every: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="10", help="MKD: a meta step every N student steps."),
     mkd_meta_lr: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.01", help="MKD: learning rate of the temperatures."),
     meta_fraction: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.05",
                                                   help="MKD: share of training samples held out as the meta split."),
     mkd_predictor: Optional[bool] = typer.Option(None, "--mkd-predictor/--no-mkd-predictor", show_default="no",
                                                  help="MKD: per-sample temperatures from a small network."),
+    prokt_lambda: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.4",
+                                                 help="ProKT: weight of the teacher's pull towards the student, in [0, 1]."),
+    prokt_teacher_lr: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.1 x --lr",
+                                                     help="ProKT: peak learning rate of the teacher."),
     online_teacher: Optional[bool] = typer.Option(None, "--online-teacher/--no-online-teacher", show_default="no",
                                                   help="Run the teacher on the views instead of reading the cache."),
     teacher: Optional[str] = typer.Option(None, metavar="NAME", show_default="the cache's teacher", help="Online teacher."),
@@ -287,39 +373,15 @@ def train(
                                                help="Write TensorBoard logs."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default="yes", help="Show a progress bar."),
 ):
-    """Train a student from cached teacher logits (no teacher weights are loaded).
+    """Train a student from cached teacher logits (and features), loading no teacher weights.
 
-    Under torchrun, every rank trains on its slice of the same global batches (DDP)."""
+    `--online-teacher` runs the teacher on the same views instead; `--kd prokt` trains one
+    along with the student (online only). Under torchrun, every rank trains on its slice of the same global batches (DDP)."""
     flags = dict(locals())  # first: only the parameters
-    from logitcache.errors import LogitcacheError
     from logitcache.trainer.config import load_config, make_config
     from logitcache.trainer.train import train as run_train
 
-    settings = load_config(config) if config else {}
-    loss = dict(settings.get("loss") or {})
-    mkd = settings.get("mkd")
-    for flag, name in _LOSS_FLAGS.items():
-        if flags[flag] is not None:
-            loss[name] = flags[flag]
-    if loss.get("kind") == "mkd":  # MKD = vanilla KD with learned temperatures
-        loss["kind"] = "kd"
-        mkd = dict(mkd or {})
-    for flag, name in _MKD_FLAGS.items():
-        if flags[flag] is not None:
-            mkd = dict(mkd or {})
-            mkd[name] = flags[flag]
-    renamed = {"workers": "num_workers"}
-    skip = {"config", "data", *(_LOSS_FLAGS), *(_MKD_FLAGS)}
-    for flag, value in flags.items():
-        if flag not in skip and value is not None:
-            settings[renamed.get(flag, flag)] = value
-    if data is not None:
-        settings["data"] = data
-    if "data" not in settings:
-        raise LogitcacheError("train needs --data (or `data:` in the --config file)")
-    settings["loss"] = loss
-    settings["mkd"] = mkd
-    summary = run_train(make_config(settings))
+    summary = run_train(make_config(_train_settings(flags, load_config(config) if config else {})))
     if summary:
         print(f"final val top-1 {summary['final_top1']:.2f}%  top-5 {summary['final_top5']:.2f}%  -> "
               f"{summary['weights']}")

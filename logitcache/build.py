@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .build_features import BuildFeatures, FeatureRequest, adopt_features, prepare_features
 from .canary import canary_of, check_canary
 from .codec import CodecSpec, ValueRangeError, encode
 from .errors import BadLogitsError, CorruptCacheError, LogitcacheError
@@ -37,9 +38,11 @@ def cache_root(flag: str | None = None) -> str:
     return os.path.expanduser(root) if "://" not in root else root
 
 
-def default_cache_name(dataset: str, split: str | None, teacher: str, recipe: Recipe, codec: CodecSpec) -> str:
+def default_cache_name(dataset: str, split: str | None, teacher: str, recipe: Recipe, codec: CodecSpec,
+                       features: FeatureRequest | None = None) -> str:
     short = teacher.split(".")[0]
-    return f"{dataset}-{split or 'all'}-{short}-{codec.name}{codec.k}-{codec.values}-{recipe.digest()[:8]}.zarr"
+    feat = f"-feat{features.dims}{features.dtype or ''}" if features is not None else ""
+    return f"{dataset}-{split or 'all'}-{short}-{codec.name}{codec.k}-{codec.values}{feat}-{recipe.digest()[:8]}.zarr"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -133,6 +136,7 @@ def build(
     storage_options: dict | None = None,
     recheck: bool = False,
     allow_view_drift: bool = False,
+    features: FeatureRequest | None = None,
 ) -> BuildReport:
     """Build (or finish, or extend) the cache at ``url``. See the module docstring.
 
@@ -143,6 +147,7 @@ def build(
     ``recheck`` reads every committed unit back and rebuilds those that fail their checksums.
     Adding to a cache first renders one committed unit's canary views again and refuses when
     they differ from what the teacher saw (logitcache/canary.py), unless ``allow_view_drift``.
+    ``features``: also store each view's pooled teacher features (logitcache/build_features.py).
     """
     if codec.num_classes != source.num_classes:
         raise LogitcacheError(f"codec has {codec.num_classes} classes, dataset has {source.num_classes}")
@@ -156,13 +161,23 @@ def build(
         recipe=recipe, dataset=dataset_info(source, dataset_name), codec=codec, num_classes=source.num_classes,
         build_env=teacher.runtime(),
     )
+    if num_workers is None:
+        num_workers = default_workers(teacher.device)
+    feats = None
     if rank == 0:
-        writer = CacheWriter(url, manifest, storage_options)
+        if features is not None:
+            feats = prepare_features(features, teacher, source, recipe, url=url, storage_options=storage_options,
+                                     first_epoch=epochs[0], batch_size=batch_size, num_workers=num_workers)
+            manifest.features = feats.entry
+        writer = CacheWriter(url, manifest, storage_options, basis=feats.basis if feats else None)
         check_views_of(CacheReader(url, storage_options), source, allow_drift=allow_view_drift)
         writer.prepare_epochs(epochs)
     if barrier is not None:
         barrier()
     if rank != 0:
+        if features is not None:
+            feats = adopt_features(url, storage_options)
+            manifest.features = feats.entry
         writer = CacheWriter(url, manifest, storage_options)
 
     report = BuildReport(url=url)
@@ -170,14 +185,13 @@ def build(
     t0 = time.perf_counter()
     for u in np.flatnonzero(units.unit_views == 0):  # an empty data shard has no batches: commit it now
         empty = encode(codec, torch.zeros(0, codec.num_classes), np.zeros(0, np.uint64))
+        empty.update(feats.empty() if feats else {})
         writer.write_unit(int(units.epochs[u]), int(units.shards[u]), empty, plan_digest(np.zeros(0), np.zeros(0)))
         report.units_written += 1
-    if num_workers is None:
-        num_workers = default_workers(teacher.device)
     if len(units):
         loader = create_batch_loader(BatchDataset(source, recipe, units), num_workers=num_workers,
                                      pin_memory=teacher.device.type == "cuda")
-        _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report), progress)
+        _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report, feats), progress)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -238,6 +252,7 @@ class _Sink:
     writer: CacheWriter
     source: object
     report: BuildReport
+    features: BuildFeatures | None = None
 
 
 def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) -> None:
@@ -251,15 +266,21 @@ def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) ->
             where = f"{sink.writer.url} {unit_path(epoch, shard)}, shard {sink.source.shards[shard].name}"
             if u not in canaries:
                 canaries[u] = canary_of(batch["images"], batch["index"])
-            logits = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std)
+            if sink.features is not None:
+                logits, feats = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std, features=True)
+            else:
+                logits, feats = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std), None
             index = batch["index"].numpy()
-            check_logits(logits, sink.codec.num_classes, [sink.source.key(int(i)) for i in index], where)
+            keys = [sink.source.key(int(i)) for i in index]
+            check_logits(logits, sink.codec.num_classes, keys, where)
             seeds = batch["seed"].numpy().view(np.uint64)
             try:
                 rows = encode(sink.codec, logits, seeds)
             except ValueRangeError as e:
                 raise BadLogitsError(f"{e} (--value-dtype float32; {where})") from None
             rows.update(index=index, seed=seeds, partner=batch["partner"].numpy())
+            if feats is not None:
+                rows.update(sink.features.encode(feats, keys, where))
             pending.setdefault(u, []).append(rows)
             remaining[u] -= len(index)
             sink.report.views += len(index)
@@ -275,8 +296,8 @@ def _write_unit(sink: _Sink, epoch: int, shard: int, parts: list[dict], canary: 
     order = np.argsort(whole["index"], kind="stable")
     start = sink.source.shards[shard].start
     plan = plan_digest(whole["seed"][order], whole["partner"][order] - start)
-    sink.writer.write_unit(epoch, shard, {k: whole[k][order] for k in ("ids", "values", "tail")}, plan,
-                           canary=canary)
+    stored = [k for k in whole if k not in ("index", "seed", "partner")]
+    sink.writer.write_unit(epoch, shard, {k: whole[k][order] for k in stored}, plan, canary=canary)
     sink.report.units_written += 1
 
 

@@ -119,6 +119,7 @@ class CacheSummary:
     epochs_complete: list[int]
     views: int
     bytes: int | None
+    features: str | None = None  # `build --features`: e.g. "pca256/int8"; None: logits only
 
 
 @dataclass
@@ -152,6 +153,7 @@ class CacheStats:
     max_entropy: float  # log(C), for reference
     mean_top1_prob: float | None  # mean teacher probability of its top-1 class
     mean_tail_mass: float | None  # mean probability outside the kept top-k
+    features: dict | None = None  # the manifest's features entry (label, spec, basis sha256, explained)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -169,6 +171,7 @@ def summarize_cache(url: str, storage_options: dict | None = None, with_bytes: b
         num_classes=m.num_classes, epochs_complete=complete,
         views=sum(n for units in committed.values() for n in units.values()),
         bytes=storage_bytes(url, storage_options) if with_bytes else None,
+        features=m.features["label"] if m.features else None,
     )
 
 
@@ -214,5 +217,5 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
         top1_agreement=100.0 * sums.agree / sums.labelled if sums.labelled else None,
         mean_entropy=sums.entropy / views if views else None, max_entropy=math.log(C),
         mean_top1_prob=sums.top1_prob / views if views else None,
-        mean_tail_mass=sums.tail_mass / views if views else None,
+        mean_tail_mass=sums.tail_mass / views if views else None, features=m.features,
     )

@@ -81,6 +81,10 @@ class Manifest:
     library_versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     build_env: dict = field(default_factory=dict)  # Teacher.runtime(): device, precision, ... (informative)
+    # `build --features`: {"spec": FeatureSpec.to_json(), "label": "pca256/int8", "basis_sha256": str | None,
+    # "explained": float | None, "fit_views": int}
+    # (logitcache/feature_codec.py); None: the cache holds logits only.
+    features: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -96,6 +100,7 @@ class Manifest:
             "library_versions": self.library_versions,
             "created": self.created,
             "build_env": self.build_env,
+            **({"features": self.features} if self.features is not None else {}),
         }
 
     @classmethod
@@ -117,6 +122,7 @@ class Manifest:
             library_versions=d.get("library_versions", {}),
             created=d.get("created", ""),
             build_env=d.get("build_env", {}),
+            features=d.get("features"),
         )
 
     def identity(self) -> dict:
@@ -128,15 +134,44 @@ class Manifest:
             "dataset_fingerprint": self.dataset.fingerprint,
             "codec": self.codec.to_dict(),
             "num_classes": self.num_classes,
+            "features": self.feature_identity(),
         }
+
+    def feature_identity(self) -> dict | None:
+        """What must match for two builds' features to share a cache: their spec and basis."""
+        if self.features is None:
+            return None
+        return {"spec": self.features["spec"], "basis_sha256": self.features.get("basis_sha256")}
+
+    @property
+    def feature_spec(self):
+        """The cache's :class:`logitcache.feature_codec.FeatureSpec`, or None without features."""
+        from .feature_codec import FeatureSpec
+
+        return FeatureSpec.from_json(self.features["spec"]) if self.features is not None else None
 
     def check_same_build(self, other: "Manifest", where: str) -> None:
         """Raise :class:`CacheMismatchError` naming every field that differs."""
         mine, theirs = self.identity(), other.identity()
         diffs = [k for k in mine if mine[k] != theirs[k]]
+        if diffs == ["features"]:
+            raise CacheMismatchError(_feature_mismatch(other.features, self.features, where))
         if diffs:
             detail = "; ".join(f"{k}: cache has {theirs[k]!r}, this build has {mine[k]!r}" for k in diffs)
             raise CacheMismatchError(f"cache {where} was built differently ({detail}). Use another --out.")
+
+
+def _feature_mismatch(cached: dict | None, asked: dict | None, where: str) -> str:
+    """The one line for a build whose features differ from the cache's (logits otherwise the same)."""
+    if cached is None:
+        return (f"cache {where} was built without --features; features cannot be added to its committed epochs "
+                f"(their units are written whole). Build a new cache with --features (another --out)")
+    label = cached.get("label", cached["spec"])
+    if asked is None:
+        return f"cache {where} was built with --features ({label}); add --features to extend it, or use another --out"
+    return (f"cache {where} holds features {label} (basis {str(cached.get('basis_sha256'))[:12]}); this build asks "
+            f"for {asked.get('label', asked['spec'])}: use the cache's --feature-dims/--feature-dtype or "
+            f"another --out")
 
 
 def check_serves(manifest: Manifest, *, fingerprint: str, num_classes: int, where: str) -> None:

@@ -11,6 +11,8 @@ array.
 Layout (docs/FORMAT.md has the reader's view)::
 
     <cache>/zarr.json                         attrs {"logitcache": manifest}
+    <cache>/features/mean, components         (`build --features` with a basis) the PCA basis,
+                                              written before the manifest; its sha256 is in it
     <cache>/epochs/<EEEE>/units/<SSSSS>/      arrays of one unit
     <cache>/epochs/<EEEE>/commits/<SSSSS>/    (format 2) a group whose attrs {"commit": {...}}
                                               mark the unit committed; one listing of
@@ -30,7 +32,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from .errors import CacheNotFoundError, CorruptCacheError
+from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError
 from .manifest import ATTR_KEY, Manifest
 from .unit_layout import legacy_rows, stored_arrays, unpack_unit
 
@@ -186,6 +188,8 @@ class EpochArrays:
 
     Shapes: ``ids``, ``values`` (N, k) (sampled: k = the most distinct ids of a row, 0-padded);
     ``tail`` (N,); ``plans``: each unit's plan digest (logitcache/unit_layout.py), shard order.
+    With features read (``load_epoch(..., features=True)``): ``feat`` (N, w) and, for int8
+    features, ``feat_scale`` (N,) (logitcache/feature_codec.py); else None.
     """
 
     epoch: int
@@ -193,6 +197,8 @@ class EpochArrays:
     values: np.ndarray
     tail: np.ndarray
     plans: list[str]
+    feat: np.ndarray | None = None
+    feat_scale: np.ndarray | None = None
 
     @property
     def num_views(self) -> int:
@@ -209,6 +215,7 @@ class CacheReader:
         self.storage_options = storage_options
         self.root = open_group(url, mode="r", storage_options=storage_options)
         self.manifest = _read_manifest(self.root, url)
+        self._basis = None
 
     @property
     def num_shards(self) -> int:
@@ -242,8 +249,27 @@ class CacheReader:
 
     @property
     def array_names(self) -> tuple[str, ...]:
-        """The arrays of every unit of this cache (they depend on its format and codec)."""
+        """The arrays of every unit of this cache (they depend on its format, codec and features)."""
+        return stored_arrays(self.manifest.codec, self.format_version, self.manifest.feature_spec)
+
+    @property
+    def has_features(self) -> bool:
+        return self.manifest.features is not None
+
+    def _names(self, features: bool) -> tuple[str, ...]:
+        """The arrays to read: all of them, or all but the features."""
+        if features:
+            return self.array_names
         return stored_arrays(self.manifest.codec, self.format_version)
+
+    def feature_basis(self):
+        """The cache's feature basis (:class:`logitcache.feature_codec.FeatureBasis`), checked
+        against the manifest's sha256, or None for full features; read once per reader."""
+        from .feature_store import read_basis
+
+        if self._basis is None and self.has_features and self.manifest.feature_spec.rank is not None:
+            self._basis = read_basis(self.root, self.manifest, self.url)
+        return self._basis
 
     def read_unit(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
         """Every stored array of one committed unit, checked against its commit record.
@@ -259,15 +285,16 @@ class CacheReader:
                                     f"the build to finish it)")
         return commit
 
-    def _read_checked(self, epoch: int, shard: int, commit: dict) -> dict[str, np.ndarray]:
-        """:meth:`read_unit` given the unit's commit record (read once by the caller)."""
+    def _read_checked(self, epoch: int, shard: int, commit: dict, features: bool = True) -> dict[str, np.ndarray]:
+        """:meth:`read_unit` given the unit's commit record (read once by the caller);
+        ``features=False`` leaves a feature cache's feature arrays unread."""
         try:
             group = self.root[unit_path(epoch, shard)]
         except Exception as e:  # noqa: BLE001 - absent or garbled metadata of a committed unit
             raise CorruptCacheError(f"{self._where(epoch, shard)}: unit metadata is missing or unreadable "
                                     f"({type(e).__name__}); {REPAIR_HINT}") from None
         out = {}
-        for key in self.array_names:
+        for key in self._names(features):
             try:
                 z = group[key]
                 out[key] = z[...] if z.size and commit["n"] else np.zeros((0,) + z.shape[1:], z.dtype)
@@ -280,11 +307,12 @@ class CacheReader:
                                     f"missing chunk); {REPAIR_HINT}")
         return out
 
-    def read_rows(self, epoch: int, shard: int) -> tuple[dict[str, np.ndarray], str]:
+    def read_rows(self, epoch: int, shard: int, features: bool = False) -> tuple[dict[str, np.ndarray], str]:
         """One committed unit's teacher rows, sorted by sample index (row r = the shard's r-th
-        sample), and its plan digest; every array checked. Any format."""
+        sample), and its plan digest; every array read is checked. Any format. ``features``:
+        also the unit's ``feat`` (and ``feat_scale``) rows (a feature cache only)."""
         commit = self._commit_of(epoch, shard)
-        arrays = self._read_checked(epoch, shard, commit)
+        arrays = self._read_checked(epoch, shard, commit, features)
         d = self.manifest.dataset
         start, size = sum(d.shard_sizes[:shard]), d.shard_sizes[shard]
         if self.format_version < 3:
@@ -302,7 +330,7 @@ class CacheReader:
             raise CorruptCacheError(f"{self._where(epoch, shard)}: {e}; {REPAIR_HINT}") from None
         return rows, str(commit.get("plan"))
 
-    def read_units(self, epoch: int) -> list[tuple[dict[str, np.ndarray], str]]:
+    def read_units(self, epoch: int, features: bool = False) -> list[tuple[dict[str, np.ndarray], str]]:
         """Every unit of ``epoch`` as :meth:`read_rows`, in shard order, read by up to
         ``IO_THREADS`` threads.
 
@@ -310,12 +338,16 @@ class CacheReader:
         chunk request per array), so overlapping them cuts the time on a local disk and
         divides it by the thread count on object storage."""
         with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, self.num_shards))) as pool:
-            return list(pool.map(lambda s: self.read_rows(epoch, s), range(self.num_shards)))
+            return list(pool.map(lambda s: self.read_rows(epoch, s, features), range(self.num_shards)))
 
-    def load_epoch(self, epoch: int) -> EpochArrays:
+    def load_epoch(self, epoch: int, features: bool = False) -> EpochArrays:
         """All views of ``epoch`` as teacher rows indexed by global sample index: units in
-        shard order, each sorted by sample index, so concatenating them is the epoch."""
-        units = self.read_units(epoch)
+        shard order, each sorted by sample index, so concatenating them is the epoch.
+        ``features``: the teacher features too (a feature cache only; else an error)."""
+        if features and not self.has_features:
+            raise CacheMismatchError(f"cache {self.url} holds no teacher features; build one with "
+                                     f"`logitcache build --features`")
+        units = self.read_units(epoch, features)
         # Sampled rows are as wide as their unit's most distinct ids: pad to the widest (a no-op
         # for the other codecs, whose widths are fixed; full rows have no ids).
         width = max(u["ids"].shape[1] for u, _ in units)
@@ -326,7 +358,8 @@ class CacheReader:
             return np.concatenate(parts)
 
         ids, values, tail = cat("ids"), cat("values"), np.concatenate([u["tail"] for u, _ in units])
-        return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units])
+        feat = {k: np.concatenate([u[k] for u, _ in units]) for k in ("feat", "feat_scale") if k in units[0][0]}
+        return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units], **feat)
 
 
 @dataclass

@@ -234,15 +234,45 @@ class Teacher:
                 "precision": "bf16 autocast" if dev.type == "cuda" else "float32",
                 "compile": self.compiled, "torch_threads": torch.get_num_threads()}
 
+    @property
+    def feature_dim(self) -> int:
+        """D: the width of the pooled pre-logit features (:meth:`__call__` with ``features``)."""
+        return pre_logits_dim(_unwrapped(self.model))
+
     @torch.inference_mode()
-    def __call__(self, views: torch.Tensor, src_mean, src_std) -> torch.Tensor:
-        """Logits (B, C) float32 for views (B, 3, H, W) normalised with (src_mean, src_std)."""
+    def __call__(self, views: torch.Tensor, src_mean, src_std, *, features: bool = False):
+        """Logits (B, C) float32 for views (B, 3, H, W) normalised with (src_mean, src_std);
+        with ``features``, (logits, pooled pre-logit features (B, D) float32)."""
         x = adapt_views(views.to(self.device, non_blocking=True), src_mean, src_std, self.io)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            if not features:
                 return self.model(x).float()
-        return self.model(x).float()
+            logits, feats = logits_and_features(_unwrapped(self.model), x)
+            return logits.float(), feats.float()
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The timm model under torch.compile's wrapper (its forward_features/forward_head)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def pre_logits_dim(model: torch.nn.Module) -> int:
+    """Width of a timm model's pooled pre-logit features (``forward_head(..., pre_logits=True)``)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def logits_and_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm model's (logits (B, C), pooled pre-logit features (B, D)) from one trunk pass:
+    ``forward_features``, then ``forward_head(pre_logits=True)``, then the classifier on those
+    features (what ``forward_head`` does after its pre-logits: dropout is inside them)."""
+    trunk = model.forward_features(x)
+    feats = model.forward_head(trunk, pre_logits=True)
+    head = model.get_classifier()
+    if not isinstance(head, torch.nn.Module):
+        raise ValueError(f"{type(model).__name__}: its classifier is not one module; features are not supported")
+    return head(feats), feats
 
 
 def check_logits(logits: torch.Tensor, num_classes: int, keys: list[str], where: str) -> None:

@@ -20,6 +20,10 @@ full fp    values ((n, C) float)      the logits, in class order
 sampled    unique (uint8/16, (n,))    distinct classes drawn per row, u_r
 sampled    ids (uint8, stream)        sum(u_r) class ids, row by row, ascending
 sampled    counts (uint8, stream)     sum(u_r) draw counts minus 1, of ceil(log2 N) bits
+features   feat ((n, w) int8/f16/f32) `build --features`: each view's teacher feature, as
+                                      w basis coefficients or all D dims
+                                      (logitcache/feature_codec.py)
+features   feat_scale (float32, (n,)) int8 features only: the per-view scale
 =========  =========================  ==================================================
 
 Formats 1 and 2 stored eight arrays per unit in build order (docs/FORMAT.md);
@@ -39,10 +43,19 @@ LEGACY_ARRAYS = ("sample_index", "view_seed", "label", "partner_index", "mix_lam
                  "tail_lse")
 
 
-def stored_arrays(spec: CodecSpec, format_version: int) -> tuple[str, ...]:
-    """Names of a unit's arrays, in the order they are written."""
+#: The arrays a feature cache adds to every unit (``feat_scale`` with int8 features only).
+FEATURE_ARRAYS = ("feat", "feat_scale")
+
+
+def stored_arrays(spec: CodecSpec, format_version: int, features=None) -> tuple[str, ...]:
+    """Names of a unit's arrays, in the order they are written; ``features`` is the cache's
+    :class:`logitcache.feature_codec.FeatureSpec` (None: logits only)."""
     if format_version < 3:
         return LEGACY_ARRAYS
+    return _logit_arrays(spec) + (tuple(features.stored_arrays()) if features is not None else ())
+
+
+def _logit_arrays(spec: CodecSpec) -> tuple[str, ...]:
     if spec.name == "sampled":
         return ("unique", "ids", "counts")
     if spec.name == "full":
@@ -51,7 +64,13 @@ def stored_arrays(spec: CodecSpec, format_version: int) -> tuple[str, ...]:
 
 
 def pack_unit(spec: CodecSpec, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Teacher rows (sorted by sample index; see logitcache/codec.py) -> format 3 arrays."""
+    """Teacher rows (sorted by sample index; see logitcache/codec.py) -> format 3 arrays.
+    Feature arrays (``feat``, ``feat_scale``), when present, are stored as they are."""
+    features = {k: np.ascontiguousarray(rows[k]) for k in FEATURE_ARRAYS if k in rows}
+    return {**_pack_logits(spec, rows), **features}
+
+
+def _pack_logits(spec: CodecSpec, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ids, values, tail = rows["ids"], rows["values"], rows["tail"]
     if spec.name == "sampled":
         present = values > 0
@@ -70,9 +89,18 @@ def pack_unit(spec: CodecSpec, rows: dict[str, np.ndarray]) -> dict[str, np.ndar
 
 
 def unpack_unit(spec: CodecSpec, arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """Format 3 arrays of ``n`` rows -> teacher rows (``ids``, ``values``, ``tail``).
+    """Format 3 arrays of ``n`` rows -> teacher rows (``ids``, ``values``, ``tail``, and the
+    feature arrays when read).
 
     Raises ``ValueError`` when the arrays hold fewer values than ``n`` rows need."""
+    features = {k: arrays[k] for k in FEATURE_ARRAYS if k in arrays}
+    for key, arr in features.items():
+        if len(arr) != n:
+            raise ValueError(f"array {key} holds {len(arr)} rows, not {n}")
+    return {**_unpack_logits(spec, arrays, n), **features}
+
+
+def _unpack_logits(spec: CodecSpec, arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     c, k = spec.num_classes, spec.k
     if spec.name == "sampled":
         unique = arrays["unique"].astype(np.int64)

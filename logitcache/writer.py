@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import CacheMismatchError
+from .feature_store import BASIS_GROUP, write_basis
 from .manifest import ATTR_KEY, Manifest
 from .store import COMPRESSOR, IO_THREADS, commit_record, committed_units_of, epoch_path, open_group
 from .unit_layout import pack_unit
@@ -21,15 +22,19 @@ class CacheWriter:
     Units are written in the current format only: a cache of an earlier format still reads
     and trains, but adding to it is refused (build a new cache)."""
 
-    def __init__(self, url: str, manifest: Manifest, storage_options: dict | None = None):
+    def __init__(self, url: str, manifest: Manifest, storage_options: dict | None = None, basis=None):
+        """``basis``: a new feature cache's :class:`logitcache.feature_codec.FeatureBasis`,
+        written before the manifest (which records its sha256); unused when the cache exists."""
         self.url = url
         self.manifest = manifest
         self.storage_options = storage_options
         self.root = open_group(url, mode="a", storage_options=storage_options)
         existing = self.root.attrs.asdict().get(ATTR_KEY)
         if existing is None:
-            if list(self.root.keys()):
+            if set(self.root.keys()) - {BASIS_GROUP}:  # a killed build may have left its basis only
                 raise CacheMismatchError(f"{url} holds other data and no logitcache manifest; refusing to write there")
+            if basis is not None:
+                write_basis(self.root, basis)
             self.root.attrs[ATTR_KEY] = manifest.to_dict()
             self.format_version = manifest.format_version
         else:
@@ -79,7 +84,8 @@ class CacheWriter:
         """
         n = len(rows["tail"])
         size = self.manifest.dataset.shard_sizes[shard]
-        if n != size or any(len(rows[k]) != n for k in ("ids", "values")):
+        expected = ("ids", "values", *(self.manifest.feature_spec.stored_arrays() if self.manifest.features else ()))
+        if n != size or any(k not in rows or len(rows[k]) != n for k in expected):
             raise ValueError(f"unit {shard} needs {size} rows (its shard's samples), got "
                              f"{ {k: len(v) for k, v in rows.items()} }")
         arrays = pack_unit(self.manifest.codec, rows)

@@ -280,7 +280,7 @@ def test_documented_fields_match_a_real_cache(built_cache):
     text = FORMAT_MD.read_text()
     manifest_section = text.split("## Root attributes", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)` \|", manifest_section, re.M))
-    assert documented == set(DocReader(built_cache).manifest)
+    assert documented == set(DocReader(built_cache).manifest) | {"features"}  # features: feature caches only
     units_section = text.split("## Units", 1)[1].split("### Commit", 1)[0]
     rows = re.findall(r"^\| (\w+)[^|]* \| `(\w+)` \|", units_section, re.M)
     from logitcache.codec import create_codec
@@ -295,6 +295,12 @@ def test_documented_fields_match_a_real_cache(built_cache):
     for name in ("full", "sampled"):
         assert tuple(dict.fromkeys(documented[name])) == DOC_ARRAYS[name], name
         assert stored_arrays(create_codec(name, 16), 3) == DOC_ARRAYS[name]
+    from logitcache.feature_codec import create_feature_spec
+
+    feature_rows = text.split("### Teacher features", 1)[1].split("The basis is", 1)[0]
+    assert set(re.findall(r"^\| [^|]+ \| `(\w+)` \|", feature_rows, re.M)) == {"feat", "feat_scale"}
+    assert stored_arrays(create_codec("topk", 16), 3, create_feature_spec(96, 24))[-2:] == ("feat", "feat_scale")
+    assert stored_arrays(create_codec("topk", 16), 3, create_feature_spec(96, "full"))[-1:] == ("feat",)
 
 
 def _example_snippet() -> str:

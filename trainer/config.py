@@ -10,6 +10,7 @@ from logitcache.errors import ConfigError
 
 from .losses import LossConfig
 from .mkd import MKDConfig
+from .prokt import ProKTConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +44,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     mkd: MKDConfig | None = None  # meta-learned temperatures (vanilla KD loss with learnable T)
     meta_fraction: float = 0.05  # MKD: training samples held out as the meta split
+    prokt: ProKTConfig | None = None  # ProKT: a teacher trained along with the student (online only)
     online_teacher: bool = False  # run the teacher on the views instead of reading the cache
     teacher: str | None = None  # online teacher name (default: the cache's teacher)
     teacher_weights: str | None = None
@@ -69,7 +71,7 @@ SCHEDULERS = ("constant", "cosine", "multistep", "plateau", "poly", "rsqrt", "st
 
 def load_config(path: str | Path) -> dict:
     """A run's settings from YAML (.yaml/.yml) or TOML (.toml): TrainConfig's field names,
-    with ``loss:`` and ``mkd:`` as nested tables."""
+    with ``loss:``, ``mkd:`` and ``prokt:`` as nested tables."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -95,7 +97,7 @@ def load_config(path: str | Path) -> dict:
 
 
 def make_config(settings: dict) -> TrainConfig:
-    """TrainConfig from a flat dict whose ``loss``/``mkd`` entries may be dicts; every name
+    """TrainConfig from a flat dict whose ``loss``/``mkd``/``prokt`` entries may be dicts; every name
     (student, optimiser, scheduler, loss kind, device) and size checked before anything is built."""
     settings = dict(settings)
     try:
@@ -103,6 +105,8 @@ def make_config(settings: dict) -> TrainConfig:
             settings["loss"] = _make(LossConfig, settings["loss"], "loss")
         if isinstance(settings.get("mkd"), dict):
             settings["mkd"] = _make(MKDConfig, settings["mkd"], "mkd")
+        if isinstance(settings.get("prokt"), dict):
+            settings["prokt"] = _make(ProKTConfig, settings["prokt"], "prokt")
         cfg = _make(TrainConfig, settings, "")
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -143,8 +147,27 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--lr must be > 0, not {cfg.lr}")
     if cfg.mkd is not None and not 0 < cfg.meta_fraction < 1:
         raise ConfigError(f"--meta-fraction must be in (0, 1), not {cfg.meta_fraction}")
+    if cfg.prokt is not None:
+        check_prokt(cfg)
+    if cfg.loss.kind == "projector" and cfg.mkd is not None:
+        raise ConfigError("--kd projector and MKD (learned temperatures) cannot be combined; choose one")
     if cfg.device != "auto":
         try:
             torch.device(cfg.device)
         except RuntimeError:
             raise ConfigError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def check_prokt(cfg: TrainConfig) -> None:
+    """ProKT trains its teacher every step: online teacher only, vanilla KD, no MKD."""
+    if cfg.cache:
+        raise ConfigError("--kd prokt trains the teacher at every step, so logits cached from the frozen teacher "
+                          "cannot serve it: run without --cache, with --teacher NAME and --teacher-weights FILE")
+    if not cfg.online_teacher:
+        raise ConfigError("--kd prokt trains the teacher along with the student: it needs the online teacher "
+                          "(online_teacher: true, with --teacher NAME and --teacher-weights FILE)")
+    if cfg.mkd is not None:
+        raise ConfigError("--kd prokt and MKD (learned temperatures) cannot be combined; choose one")
+    if cfg.loss.kind != "kd":
+        raise ConfigError(f"--kd prokt distils with vanilla KD from the trained teacher; it cannot be combined "
+                          f"with loss kind {cfg.loss.kind!r}")

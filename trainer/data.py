@@ -39,6 +39,10 @@ class CachedRows:
             out["ids"] = torch.from_numpy(a.ids.take(idx, axis=0))
             out["values"] = torch.from_numpy(a.values.take(idx, axis=0))
             out["tail"] = torch.from_numpy(a.tail.take(idx))
+            if a.feat is not None:  # features were read: the run distils them
+                out["feat"] = torch.from_numpy(a.feat.take(idx, axis=0))
+                if a.feat_scale is not None:
+                    out["feat_scale"] = torch.from_numpy(a.feat_scale.take(idx))
         return out
 
 

@@ -83,8 +83,10 @@ class RunInputs:
         """Student epoch ``epoch`` from batch ``first_batch`` on: this rank's slice of every global
         batch, each with its cached rows (none with an online teacher)."""
         view_epoch = self.view_epoch(epoch)
-        arrays = self.reader.load_epoch(view_epoch) if self.reader is not None else None
-        rows = CachedRows(arrays if not cfg.online_teacher else None, self.labels, self.train_src)
+        arrays = None
+        if self.reader is not None and not cfg.online_teacher:
+            arrays = self.reader.load_epoch(view_epoch, features=reads_features(cfg))
+        rows = CachedRows(arrays, self.labels, self.train_src)
         return create_train_loader(
             self.train_src, self.recipe, view_epoch, self.train_groups(view_epoch), rows,
             batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, num_workers=cfg.num_workers,
@@ -110,6 +112,10 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
         check_serves(reader.manifest, fingerprint=train_src.fingerprint(), num_classes=train_src.num_classes, where=url)
         if not cfg.online_teacher:
             _check_codec_serves(cfg, reader.manifest.codec, url)
+            if reads_features(cfg) and not reader.has_features:
+                raise LogitcacheError(f"--kd projector needs the teacher's features, and cache {url} holds logits "
+                                      f"only: build a cache with `logitcache build --features`, or add "
+                                      f"--online-teacher")
         recipe = reader.manifest.recipe
         view_epochs = _cached_epochs(cfg, reader, url)
         check_views_of(reader, train_src, view_epochs[:1], allow_drift=cfg.allow_view_drift)
@@ -127,6 +133,11 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
     return RunInputs(train_src, val_src, reader, recipe, view_epochs, held_out,
                      steps_per_epoch=_steps_per_epoch(cfg, n_groups, gs), labels=train_src.labels(),
                      epochs_needed=cfg.epochs)
+
+
+def reads_features(cfg: TrainConfig) -> bool:
+    """Whether the run's loss needs the teacher's features (projector distillation)."""
+    return cfg.loss.kind == "projector"
 
 
 def _check_codec_serves(cfg: TrainConfig, codec: CodecSpec, url: str) -> None:

@@ -15,11 +15,13 @@ from logitcache.distributed import DistContext
 
 from .checkpoint import StopFlag, TrainingStopped, save_checkpoint
 from .metrics_log import Logger
+from .prokt import PROKT_TERMS
 from .step import StepSpec, StudentParts, train_step
 
 #: ``on_step(info)``: called on every rank after every optimiser step with ``info`` =
-#: ``{"step", "epoch", "batch", "row", "model", "ema", "teacher", "mkd"}`` (``row`` is what
-#: steps.jsonl gets; ``teacher`` is None in cached mode). For tests and monitoring.
+#: ``{"step", "epoch", "batch", "row", "model", "ema", "teacher", "mkd", "prokt"}`` (``row`` is
+#: what steps.jsonl gets; ``teacher`` is None in cached mode and with ProKT, whose trained
+#: teacher is ``prokt``). For tests and monitoring.
 StepCallback = Callable[[dict], None]
 
 #: The step terms an epoch's metrics row averages.
@@ -82,6 +84,13 @@ def train_one_epoch(run: Run, loader, epoch: int, tally: EpochTally) -> float:
     logged means to ``tally``; returns the seconds it took. ``run.pos.step`` advances."""
     parts, pos, env = run.parts, run.pos, run.env
     keys = [*EPOCH_TERMS] + (["t_teacher", "t_student"] if parts.mkd is not None else [])
+    if parts.projector is not None:  # the projector's distance: in the step rows and the epoch's means
+        keys.append("feature")
+        tally.sums.setdefault("feature", 0.0)
+    if parts.prokt is not None:  # the trained teacher's terms: in the step rows and the epoch's means
+        keys += PROKT_TERMS
+        for k in PROKT_TERMS:
+            tally.sums.setdefault(k, 0.0)
     first_batch = pos.batch
     parts.train_model.train()
     t0 = time.perf_counter()
@@ -92,11 +101,15 @@ def train_one_epoch(run: Run, loader, epoch: int, tally: EpochTally) -> float:
         pos.step += 1
         tally.n_batches += 1
         parts.scheduler.step_update(pos.step)
+        if parts.prokt is not None:
+            parts.prokt.step_update(pos.step)
         # One collective (and one device sync) per step: the logged means and the stop flag.
         values = torch.stack([result.loss.detach(), *(result.terms[k].detach() for k in keys[1:]),
                               torch.tensor(float(run.stop.stop), device=result.loss.device)])
         *means, stop_any = env.means(values)
         row = {"epoch": epoch, **dict(zip(keys, means)), "lr": parts.optimizer.param_groups[0]["lr"]}
+        if parts.prokt is not None:
+            row["teacher_lr"] = parts.prokt.current_lr()
         if result.meta is not None:
             row["meta_loss"] = result.meta["meta_loss"]
         run.log.step(pos.step, **row)
@@ -105,7 +118,7 @@ def train_one_epoch(run: Run, loader, epoch: int, tally: EpochTally) -> float:
         tally.epoch_images += global_views
         if run.on_step is not None:
             run.on_step({"step": pos.step, "epoch": epoch, "batch": b, "row": row, "model": parts.model,
-                         "ema": parts.ema, "teacher": parts.teacher, "mkd": parts.mkd})
+                         "ema": parts.ema, "teacher": parts.teacher, "mkd": parts.mkd, "prokt": parts.prokt})
         if stop_any > 0:  # SIGTERM on any rank: every rank stops after the same step
             pos.train_seconds += time.perf_counter() - t0
             _stop(run, epoch, b + 1, tally)
@@ -117,7 +130,8 @@ def _stop(run: Run, epoch: int, next_batch: int, tally: EpochTally) -> None:
     parts, pos = run.parts, run.pos
     if run.env.main:
         save_checkpoint(run.out, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
-                        ema=parts.ema, mkd=parts.mkd, epoch=epoch, batch=next_batch, step=pos.step,
+                        ema=parts.ema, mkd=parts.mkd, prokt=parts.prokt, projector=parts.projector, epoch=epoch,
+                        batch=next_batch, step=pos.step,
                         images_seen=pos.images_seen + tally.epoch_images, train_seconds=pos.train_seconds,
                         epoch_sums=tally.state())
     run.env.barrier()  # no rank exits (and gets the others killed) before the checkpoint exists

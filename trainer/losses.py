@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 HARD_KINDS = ("ce", "bce")
-KINDS = ("kd", "dkd", "dist", "none")
+KINDS = ("kd", "dkd", "dist", "projector", "none")
 
 # DIST's Pearson correlation: eps added to the product of norms (as in the authors' code),
 # so a constant row/column (zero variance) gives correlation 0 instead of NaN.
@@ -276,8 +276,9 @@ class LossConfig:
     factor (1 for the other kinds).
 
     Attributes:
-        kind: distillation term: ``"kd"`` (vanilla KD), ``"dkd"``, ``"dist"``, or ``"none"``
-            (plain supervised training, no teacher).
+        kind: distillation term: ``"kd"`` (vanilla KD), ``"dkd"``, ``"dist"``, ``"projector"``
+            (vanilla KD plus ``feature_weight`` x the projector feature distance, added by the
+            training step: trainer/projector.py), or ``"none"`` (plain supervised training).
         temperature: T for kd / dkd, tau for dist.
         kd_weight: weight of the distillation term. The DIST paper uses 2.0
             (``CE + 2 L_DIST``); VanillaKD and DKD use 1.0.
@@ -286,6 +287,7 @@ class LossConfig:
         dkd_alpha, dkd_beta: DKD weights of TCKD and NCKD.
         dkd_warmup_epochs: DKD linear warm-up length in epochs (0 = none).
         dist_beta, dist_gamma: DIST weights of the inter- and intra-class relations.
+        feature_weight: projector: weight of the feature distance.
     """
 
     kind: str = "kd"
@@ -298,6 +300,7 @@ class LossConfig:
     dkd_warmup_epochs: float = 0.0
     dist_beta: float = 1.0
     dist_gamma: float = 1.0
+    feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -341,7 +344,7 @@ def distill_loss(
     # Cached logits may be stored in half precision; compute in the student's dtype.
     teacher_logits = teacher_logits.to(student_logits.dtype)
     factor = 1.0
-    if cfg.kind == "kd":
+    if cfg.kind in ("kd", "projector"):
         term = kd_loss(student_logits, teacher_logits, cfg.temperature)
     elif cfg.kind == "dkd":
         term = dkd_loss(

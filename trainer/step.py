@@ -4,6 +4,10 @@ In order: images to the device; mixed, smoothed label targets (B, C); teacher lo
 rebuilt from the cached top-k rows (one scatter) or from the online teacher; MKD's meta
 step when one is due; the student's forward and loss; backward, clipping, optimiser step
 and EMA update. The order is part of the run's RNG stream: a resumed run depends on it.
+
+ProKT (``parts.prokt``): the student's forward first; one step of the trained teacher
+towards the labels and the student's (detached) logits; the updated teacher's logits (eval
+mode, no grad); then the student's loss on the same forward's logits, as above.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from timm.data.mixup import one_hot
 from timm.utils import ModelEmaV3
 
 from logitcache.codec import CodecSpec, decode
+from logitcache.feature_codec import FeatureSpec, decode_features
 from logitcache.teacher import Teacher
 from logitcache.views import Recipe
 
 from .config import TrainConfig
 from .losses import distill_loss
 from .mkd import MetaTemperatureLearner, mkd_loss
+from .projector import FeatureStudent, projector_distance
+from .prokt import PROKT_TERMS, ProKTTeacher
 
 
 def smoothed_targets(label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Tensor, num_classes: int,
@@ -46,7 +53,13 @@ class StudentParts:
     scheduler: object  # a timm scheduler (step_update per step, step per epoch)
     ema: ModelEmaV3 | None
     mkd: MetaTemperatureLearner | None
-    teacher: Teacher | None  # online mode only
+    teacher: Teacher | None  # online mode only (None with ProKT, whose trained copy replaces it)
+    prokt: ProKTTeacher | None = None  # ProKT: the teacher trained along with the student
+    projector: FeatureStudent | None = None  # --kd projector: the student with its projector (train_model wraps it)
+
+    def trained_parameters(self):
+        """What the optimiser steps (and --clip-grad clips): the student's, and the projector's."""
+        return (self.projector if self.projector is not None else self.model).parameters()
 
 
 @dataclass
@@ -61,6 +74,12 @@ class StepSpec:
     world_size: int
     meta_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None  # MKD: (images, labels) of the meta split
     codec: CodecSpec | None = None  # the cache's: how its teacher rows decode (None: online teacher)
+    features: FeatureSpec | None = None  # --kd projector from a cache: how its feature rows decode
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None  # ... and its basis (mean, components) on the device
+
+    @property
+    def needs_teacher_features(self) -> bool:
+        return self.cfg.loss.kind == "projector"
 
     @property
     def needs_teacher_logits(self) -> bool:
@@ -76,8 +95,13 @@ class StepResult:
     """A step's loss and logged terms (this rank's share of the global mean), and MKD's meta stats."""
 
     loss: torch.Tensor  # 0-d
-    terms: dict[str, torch.Tensor]  # "hard", "kd" (+ "t_teacher", "t_student" with MKD), 0-d
+    terms: dict[str, torch.Tensor]  # "hard", "kd" (+ "t_teacher", "t_student" with MKD;
+    #                                   "teacher_hard", "teacher_constraint" with ProKT), 0-d
     meta: dict[str, float] | None  # MKD meta step's stats when one ran
+
+
+#: Terms scaled by this rank's share of the global batch (batch means, and the projector's distance).
+_SHARED_TERMS = ("hard", "kd", "feature", *PROKT_TERMS)
 
 
 def train_step(spec: StepSpec, parts: StudentParts, batch: dict, *, epoch: int, batch_index: int, step: int,
@@ -90,47 +114,97 @@ def train_step(spec: StepSpec, parts: StudentParts, batch: dict, *, epoch: int, 
         x = x.contiguous(memory_format=torch.channels_last)
     target = smoothed_targets(batch["label"].to(device), batch["partner_label"].to(device),
                               batch["lam"].to(device), spec.num_classes, cfg.label_smoothing)
-    teacher_logits = _teacher_logits(spec, parts.teacher, batch, x)
-    meta = None
-    if parts.mkd is not None and parts.mkd.should_step(step):
-        x_meta, y_meta = next(spec.meta_batches)
-        meta = parts.mkd.meta_step(parts.model, x, teacher_logits, target, x_meta.to(device), y_meta.to(device),
-                                   student_lr=parts.optimizer.param_groups[0]["lr"], loss_cfg=cfg.loss)
-    loss, terms = _loss(spec, parts, x, teacher_logits, target, epoch + batch_index / spec.steps_per_epoch)
     # This rank's share of the global batch (1 unless a mixing recipe left a group of one
     # view): DDP averages gradients over ranks, so the average is the gradient of the mean
     # over the global batch; logged values are global means too.
     share = len(x) * spec.world_size / global_views
+    frac_epoch = epoch + batch_index / spec.steps_per_epoch
+    meta = None
+    if parts.prokt is not None:
+        loss, terms = _prokt_loss(spec, parts, x, target, frac_epoch, share)
+    else:
+        teacher_logits, teacher_feats = _teacher_outputs(spec, parts.teacher, batch, x)
+        if parts.mkd is not None and parts.mkd.should_step(step):
+            x_meta, y_meta = next(spec.meta_batches)
+            meta = parts.mkd.meta_step(parts.model, x, teacher_logits, target, x_meta.to(device),
+                                       y_meta.to(device), student_lr=parts.optimizer.param_groups[0]["lr"],
+                                       loss_cfg=cfg.loss)
+        if parts.projector is not None:
+            loss, terms = _projector_loss(spec, parts, x, teacher_logits, teacher_feats, target, frac_epoch)
+        else:
+            loss, terms = _loss(spec, parts, x, teacher_logits, target, frac_epoch)
     if share != 1.0:
         loss = loss * share
-        terms = {k: (v * share if k in ("hard", "kd") else v) for k, v in terms.items()}
+        terms = {k: (v * share if k in _SHARED_TERMS else v) for k, v in terms.items()}
     parts.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad:
-        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.clip_grad)
+        torch.nn.utils.clip_grad_norm_(parts.trained_parameters(), cfg.clip_grad)
     parts.optimizer.step()
     if parts.ema is not None:
         parts.ema.update(parts.model, step=step)
     return StepResult(loss, terms, meta)
 
 
-def _teacher_logits(spec: StepSpec, teacher: Teacher | None, batch: dict, x: torch.Tensor) -> torch.Tensor | None:
-    """(B, C) float teacher logits of the views ``x``, or None when the loss needs none."""
+def _teacher_outputs(spec: StepSpec, teacher: Teacher | None, batch: dict,
+                     x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The teacher's (B, C) float logits of the views ``x`` (None when the loss needs none) and,
+    for --kd projector, its (B, D) pooled features (else None): from the online teacher's one
+    forward, or decoded from the cached rows on the device."""
+    feats = None
     if teacher is not None:
         # The teacher answers under inference_mode; the clone (made outside it) is an
         # ordinary tensor that autograd may save (MKD differentiates logits / T).
-        return teacher(x, spec.recipe.mean, spec.recipe.std).clone()
-    if spec.needs_teacher_logits:
-        return decode(spec.codec, *(batch[k].to(spec.device, non_blocking=True) for k in ("ids", "values", "tail")))
-    return None
+        if spec.needs_teacher_features:
+            logits, feats = teacher(x, spec.recipe.mean, spec.recipe.std, features=True)
+            return logits.clone(), feats.clone()
+        return teacher(x, spec.recipe.mean, spec.recipe.std).clone(), None
+    if not spec.needs_teacher_logits:
+        return None, None
+    dev = spec.device
+    logits = decode(spec.codec, *(batch[k].to(dev, non_blocking=True) for k in ("ids", "values", "tail")))
+    if spec.needs_teacher_features:
+        scale = batch["feat_scale"].to(dev, non_blocking=True) if "feat_scale" in batch else None
+        feats = decode_features(spec.features, spec.basis, batch["feat"].to(dev, non_blocking=True), scale)
+    return logits, feats
+
+
+def _projector_loss(spec: StepSpec, parts: StudentParts, x: torch.Tensor, teacher_logits: torch.Tensor,
+                    teacher_feats: torch.Tensor, target: torch.Tensor,
+                    frac_epoch: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """--kd projector: one forward of the student with its projector; ``cfg.loss`` (hard label +
+    KD on the logits) plus ``feature_weight`` x the projector distance to the teacher's (B, D)
+    features (trainer/projector.py). Terms: "hard", "kd", "feature"."""
+    with spec.autocast():
+        logits, projected = parts.train_model(x)
+    loss, terms = distill_loss(spec.cfg.loss, logits.float(), teacher_logits, target, epoch=frac_epoch)
+    distance = projector_distance(projected.float(), teacher_feats)
+    return loss + spec.cfg.loss.feature_weight * distance, {**terms, "feature": distance}
+
+
+def _prokt_loss(spec: StepSpec, parts: StudentParts, x: torch.Tensor, target: torch.Tensor, frac_epoch: float,
+                share: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ProKT: the student's forward (B, C); one teacher step towards ``target`` (B, C) and the
+    detached student logits; the student's ``cfg.loss`` on the updated teacher's logits. The
+    terms hold the student's ("hard", "kd") and the teacher's ("teacher_hard", "teacher_constraint")."""
+    logits = _student_logits(spec, parts, x)
+    teacher_terms = parts.prokt.update(x, logits.detach(), target, weight=share)
+    teacher_logits = parts.prokt.targets(x)
+    loss, terms = distill_loss(spec.cfg.loss, logits, teacher_logits, target, epoch=frac_epoch)
+    return loss, {**terms, **teacher_terms}
+
+
+def _student_logits(spec: StepSpec, parts: StudentParts, x: torch.Tensor) -> torch.Tensor:
+    """The student's forward on ``x``: (B, C) float32 logits, attached to the graph."""
+    with spec.autocast():
+        logits = parts.train_model(x)
+    return logits.float()
 
 
 def _loss(spec: StepSpec, parts: StudentParts, x: torch.Tensor, teacher_logits: torch.Tensor | None,
           target: torch.Tensor, frac_epoch: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The student's forward and its loss: MKD's KD at the learned temperatures, or ``cfg.loss``."""
-    with spec.autocast():
-        logits = parts.train_model(x)
-    logits = logits.float()
+    logits = _student_logits(spec, parts, x)
     if parts.mkd is None:
         return distill_loss(spec.cfg.loss, logits, teacher_logits, target, epoch=frac_epoch)
     t_t, t_s = parts.mkd.kd_temperatures(logits.detach(), teacher_logits)

@@ -16,6 +16,13 @@ MKD (``cfg.mkd``): every ``meta_every`` steps :class:`logitcache.trainer.mkd.Met
 updates the KD temperatures on a meta batch held out from the *training* split
 (``meta_fraction``); the step's loss uses the current temperatures, which steps.jsonl
 records every step (``t_teacher``, ``t_student``; ``meta_loss`` on meta steps).
+
+ProKT (``cfg.prokt``, online teacher only): :class:`logitcache.trainer.prokt.ProKTTeacher`, a
+trainable copy of the online teacher, takes one step every step before the student, and
+the student distils from the updated teacher; steps.jsonl records the teacher's terms
+(``teacher_hard``, ``teacher_constraint``) and ``teacher_lr``; the checkpoint holds the
+teacher (weights, optimiser, schedule) and the run ends by writing it to
+``<out>/prokt_teacher.safetensors``.
 """
 
 from __future__ import annotations
@@ -37,13 +44,15 @@ from logitcache.store import CacheReader
 from logitcache.teacher import Teacher
 
 from .checkpoint import StopFlag, TrainingStopped, load_checkpoint, save_checkpoint, save_student
-from .config import TrainConfig
+from .config import TrainConfig, check_prokt
 from .data import create_eval_loader
 from .evaluate import evaluate
 from .inputs import RunInputs, open_inputs
 from .loop import EpochTally, Position, Run, StepCallback, train_one_epoch
 from .metrics_log import Logger, read_rows
 from .mkd import MetaTemperatureLearner
+from .projector import FeatureStudent
+from .prokt import ProKTTeacher
 from .step import StepSpec, StudentParts
 
 __all__ = ["train"]
@@ -72,6 +81,8 @@ def _train(cfg: TrainConfig, env: DistContext, on_step: StepCallback | None) -> 
     if cfg.mkd is not None and cfg.loss.kind != "kd":
         raise LogitcacheError(f"MKD learns the temperatures of vanilla KD; it cannot be combined with "
                               f"--kd {cfg.loss.kind}")
+    if cfg.prokt is not None:
+        check_prokt(cfg)  # also for configs made without make_config
     inputs = open_inputs(cfg, env.world_size)
     if env.main and cfg.progress:
         print(inputs.epochs_note(), flush=True)
@@ -81,11 +92,13 @@ def _train(cfg: TrainConfig, env: DistContext, on_step: StepCallback | None) -> 
     state = None
     if cfg.resume:
         state = load_checkpoint(out, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
-                                ema=parts.ema, mkd=parts.mkd)
+                                ema=parts.ema, mkd=parts.mkd, prokt=parts.prokt,
+                                projector=parts.projector)
     # The meta stream is a function of the meta-batch number: a resumed run continues it.
     meta_batches = inputs.meta_batches(cfg, start=parts.mkd.num_meta_steps) if parts.mkd is not None else None
     spec = StepSpec(cfg, env.device, inputs.num_classes, inputs.recipe, inputs.steps_per_epoch, env.world_size,
-                    meta_batches, inputs.reader.manifest.codec if inputs.reader is not None else None)
+                    meta_batches, inputs.reader.manifest.codec if inputs.reader is not None else None,
+                    **_cached_features(cfg, inputs.reader, env.device))
     log = Logger(out, env.main, cfg.tensorboard, resume_from=state)
     eval_loader = create_eval_loader(inputs.val_src, inputs.recipe, num_workers=cfg.num_workers)
     run = Run(spec, parts, env, log, StopFlag(), out, Position.from_state(state) if state else Position(), on_step)
@@ -113,28 +126,72 @@ def _create_parts(cfg: TrainConfig, inputs: RunInputs, env: DistContext) -> Stud
     model = timm.create_model(cfg.student, pretrained=False, num_classes=num_classes, **cfg.model_kwargs).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher = None
+    teacher = prokt = None
     if cfg.online_teacher:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leaves the RNG alone
             teacher = _create_online_teacher(cfg, inputs.reader, num_classes, device)
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+            if cfg.prokt is not None:  # a trainable copy replaces the frozen teacher, which is let go
+                prokt = ProKTTeacher(cfg.prokt, teacher, cfg, mean=inputs.recipe.mean, std=inputs.recipe.std,
+                                     steps_per_epoch=inputs.steps_per_epoch, autocast=_autocast(cfg, device),
+                                     world_size=env.world_size)
+                teacher = None
+    projector = None
+    if cfg.loss.kind == "projector":  # created after the student (and outside fork_rng): the same init cached or online
+        projector = FeatureStudent(model, _teacher_feature_dim(teacher, inputs.reader)).to(device)
+        projector.source = feature_source(cfg, inputs.reader)
+    trained = projector if projector is not None else model
+    optimizer = create_optimizer_v2(trained, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
                                        warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01,
                                        step_on_epochs=False, updates_per_epoch=inputs.steps_per_epoch)
     ema = timm.utils.ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     mkd = MetaTemperatureLearner(cfg.mkd, num_classes, device) if cfg.mkd is not None else None
-    train_model = model
+    train_model = trained
     if env.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            trained, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    return StudentParts(model, train_model, optimizer, scheduler, ema, mkd, teacher)
+    return StudentParts(model, train_model, optimizer, scheduler, ema, mkd, teacher, prokt, projector)
+
+
+def _teacher_feature_dim(teacher: Teacher | None, reader: CacheReader | None) -> int:
+    """D, the width of the teacher features the projector maps to: the online teacher's, else the cache's."""
+    return teacher.feature_dim if teacher is not None else reader.manifest.feature_spec.dim
+
+
+def feature_source(cfg: TrainConfig, reader: CacheReader | None) -> dict | None:
+    """Where --kd projector's teacher features come from (a resumed run must read the same
+    feature space): the cache's teacher and feature basis, or the online teacher."""
+    if cfg.loss.kind != "projector":
+        return None
+    if cfg.online_teacher:
+        return {"online_teacher": cfg.teacher or reader.manifest.teacher, "weights": str(cfg.teacher_weights)}
+    f = reader.manifest.features
+    return {"teacher": reader.manifest.teacher, "teacher_weights_sha256": reader.manifest.teacher_weights_sha256,
+            "features": f["label"], "basis_sha256": f.get("basis_sha256")}
+
+
+def _cached_features(cfg: TrainConfig, reader: CacheReader | None, device: torch.device) -> dict:
+    """StepSpec's ``features`` and ``basis`` when --kd projector reads them from the cache."""
+    if cfg.loss.kind != "projector" or cfg.online_teacher:
+        return {}
+    basis = reader.feature_basis()
+    return {"features": reader.manifest.feature_spec, "basis": basis.to_torch(device) if basis is not None else None}
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """The step's autocast (bf16 on CUDA when ``amp``), as a factory of context managers."""
+    return lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
 
 
 def _create_online_teacher(cfg: TrainConfig, reader: CacheReader | None, num_classes: int,
                            device: torch.device) -> Teacher:
     name = cfg.teacher or (reader.manifest.teacher if reader is not None else None)
+    if name is None and cfg.prokt is not None:
+        raise LogitcacheError("--kd prokt needs --teacher NAME (the teacher it trains; its weights from "
+                              "--teacher-weights FILE or timm's pretrained ones)")
     if name is None:
         raise LogitcacheError("--online-teacher needs --teacher NAME (or a cache that names its teacher)")
     return Teacher(name, weights=cfg.teacher_weights, num_classes=num_classes, device=device)
@@ -147,6 +204,8 @@ def _end_epoch(run: Run, inputs: RunInputs, eval_loader, epoch: int, tally: Epoc
     pos.train_seconds += seconds
     pos.images_seen += tally.epoch_images
     parts.scheduler.step(epoch + 1)
+    if parts.prokt is not None:
+        parts.prokt.step_epoch(epoch + 1)
     pos.epoch, pos.batch = epoch + 1, 0
     row = {"epoch": epoch, "view_epoch": inputs.view_epoch(epoch), "step": pos.step, **tally.means(),
            "lr": parts.optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
@@ -160,14 +219,21 @@ def _end_epoch(run: Run, inputs: RunInputs, eval_loader, epoch: int, tally: Epoc
             row.update(val_top1_ema=ema_metrics["top1"], val_top5_ema=ema_metrics["top5"])
         if parts.mkd is not None:
             row.update(parts.mkd.current())
+        if parts.prokt is not None:
+            row["teacher_lr"] = parts.prokt.current_lr()
         run.log.epoch(**row)
         save_checkpoint(run.out, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
-                        ema=parts.ema, mkd=parts.mkd, epoch=pos.epoch, batch=0, step=pos.step,
-                        images_seen=pos.images_seen, train_seconds=pos.train_seconds)
+                        ema=parts.ema, mkd=parts.mkd, prokt=parts.prokt, projector=parts.projector, epoch=pos.epoch,
+                        batch=0, step=pos.step, images_seen=pos.images_seen, train_seconds=pos.train_seconds)
         if cfg.progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.3f}  val top-1 {row['val_top1']:.2f}%  "
                   f"top-5 {row['val_top5']:.2f}%  {row['images_per_s']:.0f} img/s", flush=True)
     run.env.barrier()
+
+
+def _kd_name(cfg: TrainConfig) -> str:
+    """The run's distillation as ``--kd`` names it: mkd and prokt are vanilla KD plus their tables."""
+    return "mkd" if cfg.mkd is not None else "prokt" if cfg.prokt is not None else cfg.loss.kind
 
 
 def _summary(run: Run, inputs: RunInputs, t_start: float) -> dict:
@@ -178,7 +244,7 @@ def _summary(run: Run, inputs: RunInputs, t_start: float) -> dict:
         save_student(parts.ema.module, out / "model_ema.safetensors", cfg.student, inputs.num_classes, inputs.recipe)
     epochs_logged = read_rows(out / "metrics.jsonl")
     summary = {
-        "student": cfg.student, "kd": "mkd" if cfg.mkd is not None else cfg.loss.kind,
+        "student": cfg.student, "kd": _kd_name(cfg),
         "online_teacher": cfg.online_teacher, "cache": inputs.reader.url if inputs.reader else None,
         "world_size": run.env.world_size, "epochs": cfg.epochs,
         "final_top1": epochs_logged[-1]["val_top1"], "final_top5": epochs_logged[-1]["val_top5"],
@@ -189,5 +255,8 @@ def _summary(run: Run, inputs: RunInputs, t_start: float) -> dict:
     }
     if parts.mkd is not None:
         summary.update(parts.mkd.current())
+    if parts.prokt is not None:
+        parts.prokt.save_weights(out / "prokt_teacher.safetensors", inputs.num_classes)
+        summary["prokt_teacher_weights"] = str(out / "prokt_teacher.safetensors")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

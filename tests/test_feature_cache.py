@@ -1,0 +1,133 @@
+"""Feature caches (`build --features`): what is stored matches the teacher's features within
+the codec's bound; every feature byte read is checked; a killed or extended build ends
+identical to one straight build; caches of another feature spec, or without features, are
+refused with one line that says what to do."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache.errors import CorruptCacheError
+from logitcache.feature_codec import decode_features, project, quantisation_bound
+from logitcache.store import CacheReader, unit_path
+from main_entry import one_error_line, run_main
+
+RANK = 24  # PCA components of the test caches (test_resnet's features are 96 wide)
+
+
+def _build(url: str, synth_data: str, tiny_teacher: str, *extra: str, epochs: str = "2") -> list[str]:
+    return ["build", "--data", synth_data, "--teacher", "test_resnet", "--teacher-weights", tiny_teacher,
+            "--recipe", "demo32_mix", "--epochs", epochs, "--topk", "5", "--out", url, "--batch-size", "16",
+            "--workers", "0", "--no-progress", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def feature_caches(tmp_path_factory, synth_data, tiny_teacher) -> dict[str, str]:
+    """A PCA (int8) feature cache and a full float32 one of the same views and teacher."""
+    from logitcache.cli.main import app
+    from typer.testing import CliRunner
+
+    root = tmp_path_factory.mktemp("feature_caches")
+    urls = {"pca": str(root / "pca.zarr"), "full32": str(root / "full32.zarr")}
+    flags = {"pca": ["--features", "--feature-dims", str(RANK), "--feature-fit-views", "64"],
+             "full32": ["--features", "--feature-dims", "full", "--feature-dtype", "float32"]}
+    for name, url in urls.items():
+        result = CliRunner().invoke(app, _build(url, synth_data, tiny_teacher, *flags[name]))
+        assert result.exit_code == 0, result.output
+    return urls
+
+
+def _unit_arrays(url: str) -> dict[str, np.ndarray]:
+    import zarr
+
+    root = zarr.open_group(url, mode="r")
+    out = {}
+    for epoch in (0, 1):
+        for shard in range(3):
+            group = root[unit_path(epoch, shard)]
+            out.update({f"{epoch}/{shard}/{k}": group[k][...] for k in group.array_keys()})
+    if "features" in root:
+        out.update({f"basis/{k}": root["features"][k][...] for k in ("mean", "components")})
+    return out
+
+
+def test_cached_features_are_the_teachers_within_the_codec_bound(feature_caches):
+    full, pca = CacheReader(feature_caches["full32"]), CacheReader(feature_caches["pca"])
+    assert full.manifest.features["label"] == "full/float32" and full.feature_basis() is None
+    assert pca.manifest.features["label"] == f"pca{RANK}/int8" and pca.manifest.features["fit_views"] == 64
+    basis = pca.feature_basis()
+    assert basis.components.shape == (RANK, 96)
+    for epoch in (0, 1):
+        true = torch.from_numpy(full.load_epoch(epoch, features=True).feat)  # float32: the teacher's own
+        a = pca.load_epoch(epoch, features=True)
+        assert a.feat.dtype == np.int8 and a.feat.shape == (96, RANK) and a.feat_scale.shape == (96,)
+        spec, scale = pca.manifest.feature_spec, torch.from_numpy(a.feat_scale)
+        decoded = decode_features(spec, basis.to_torch("cpu"), torch.from_numpy(a.feat), scale)
+        err = (decoded - project(basis, true)).norm(dim=1)
+        assert (err <= quantisation_bound(spec, scale) + 1e-4 * true.norm(dim=1)).all()
+        cos = torch.nn.functional.cosine_similarity(decoded, true, dim=1)
+        assert cos.min() > 0.95, cos.min()
+    # A logits-only read leaves the feature arrays alone and gives the same logit rows.
+    plain, with_feats = pca.load_epoch(1), pca.load_epoch(1, features=True)
+    assert plain.feat is None and np.array_equal(plain.values, with_feats.values)
+
+
+def test_damaged_feature_bytes_stop_the_read_naming_the_array(feature_caches, tmp_path):
+    url = str(tmp_path / "damaged.zarr")
+    shutil.copytree(feature_caches["pca"], url)
+    (chunk,) = [p for p in (Path(url) / unit_path(1, 2) / "feat" / "c").rglob("*") if p.is_file()]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CorruptCacheError, match=r"epoch 1, unit 2 .*array feat\b.*--recheck"):
+        CacheReader(url).load_epoch(1, features=True)
+    CacheReader(url).load_epoch(1)  # logit KD does not read the features
+    (chunk,) = [p for p in (Path(url) / "features" / "components" / "c").rglob("*") if p.is_file()]
+    chunk.write_bytes(chunk.read_bytes()[:20])  # truncated basis chunk
+    with pytest.raises(CorruptCacheError, match=r"feature basis, array features/components"):
+        CacheReader(url).feature_basis()
+
+
+def test_resumed_and_extended_feature_builds_end_identical(feature_caches, synth_data, tiny_teacher, tmp_path,
+                                                           capsys):
+    url = str(tmp_path / "steps.zarr")
+    flags = ["--features", "--feature-dims", str(RANK), "--feature-fit-views", "64"]
+    # A build killed after writing its basis but before its manifest left only features/.
+    from logitcache.feature_codec import fit_basis
+    from logitcache.feature_store import write_basis
+    from logitcache.store import open_group
+
+    write_basis(open_group(url, mode="a"), fit_basis(np.random.default_rng(0).normal(size=(64, 96)), RANK))
+    assert run_main(_build(url, synth_data, tiny_teacher, *flags, epochs="1"), capsys)[0] == 0
+    shutil.rmtree(Path(url) / "epochs" / "0000" / "commits" / "00001")  # killed before unit 1's commit
+    assert run_main(_build(url, synth_data, tiny_teacher, *flags, epochs="0:2"), capsys)[0] == 0
+    mine, straight = _unit_arrays(url), _unit_arrays(feature_caches["pca"])
+    assert mine.keys() == straight.keys()
+    assert all(np.array_equal(mine[k], straight[k]) for k in straight)
+
+
+def test_feature_spec_mismatches_are_refused_in_one_line(feature_caches, synth_data, tiny_teacher, built_cache_mix,
+                                                         tmp_path, capsys):
+    pca = feature_caches["pca"]
+    line = one_error_line(*run_main(_build(pca, synth_data, tiny_teacher, epochs="2:3"), capsys))
+    assert "built with --features" in line and f"pca{RANK}/int8" in line
+    line = one_error_line(*run_main(_build(pca, synth_data, tiny_teacher, "--features", "--feature-dims", "8",
+                                           epochs="2:3"), capsys))
+    assert f"holds features pca{RANK}/int8" in line and "pca8/int8" in line
+    logits_only = str(tmp_path / "logits.zarr")
+    shutil.copytree(built_cache_mix, logits_only)
+    line = one_error_line(*run_main(_build(logits_only, synth_data, tiny_teacher, "--features", epochs="2:3"),
+                                    capsys))
+    assert "built without --features" in line and "new cache" in line
+    line = one_error_line(*run_main(_build(str(tmp_path / "x.zarr"), synth_data, tiny_teacher,
+                                           "--feature-dims", "8"), capsys))
+    assert "--feature-dims without --features" in line
+    line = one_error_line(*run_main(_build(str(tmp_path / "y.zarr"), synth_data, tiny_teacher, "--features",
+                                           "--feature-dims", "64", "--feature-fit-views", "40"), capsys))
+    assert "at least 64 views" in line
+    assert CacheReader(pca).epochs() == [0, 1]
