@@ -12,13 +12,14 @@ from pathlib import Path
 
 from .common import RESULTS_DIR
 
-ORDER = ("build", "train_step", "reader", "frontier", "scale")
+ORDER = ("build", "train_step", "reader", "frontier", "scale", "features")
 TITLES = {
     "build": "1. Build throughput (build vs raw teacher)",
     "train_step": "2. Student step time (CE vs cached KD vs online KD)",
     "reader": "3. Reader throughput",
     "frontier": "4. Codec frontier: bytes per view on disk vs fidelity (TinyViT side by side)",
     "scale": "5. ImageNet-1k x 300 epochs: planning, resume scan, first unit",
+    "features": "6. Teacher features (`build --features`): bytes per view, reconstruction, projector step cost",
 }
 
 # (benchmark, summary key, target, direction, what)
@@ -42,6 +43,7 @@ TARGETS = [
     ("scale", "trainer_epoch_plan_s", 2.0, "<=", "trainer: one epoch of 1.28 M views planned, s"),
     ("scale", "cli_first_unit_s", 20.0, "<=", "CLI build --epochs 300 over tiny images: first unit, s"),
     ("scale", "cli_build_peak_rss_mb", 1536, "<=", "its build process peak memory, MB"),
+    ("features", "projector_over_kd_step", 1.05, "<=", "cached projector step / cached KD step (ResNet-50)"),
     ("accuracy_codecs", "acc_gap8_minus_float16_abs_pp", 0.5, "<=",
      "|mean paired difference| gap8 vs float16 top-10, pp"),
 ]
@@ -272,6 +274,9 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
         lines += _accuracy_markdown(accuracy, rel)
     if codecs is not None:
         lines += _codecs_markdown(codecs)
+    methods_path = results / "accuracy_methods.json"
+    if methods_path.is_file():
+        lines += _methods_markdown(json.loads(methods_path.read_text()))
     md_path.write_text("\n".join(lines))
     return md_path
 
@@ -283,7 +288,7 @@ def _number(v) -> bool:
 def _codecs_markdown(acc: dict) -> list[str]:
     """The codec study (accuracy_codecs.json): per variant mean +- std of final val top-1 and the
     paired (same seed) difference to vanilla KD from the float16 top-10 cache."""
-    lines = ["## 7. Accuracy by cache codec: float16 vs gap8 top-10, sampled N = 32", ""]
+    lines = ["## 8. Accuracy by cache codec: float16 vs gap8 top-10, sampled N = 32", ""]
     for ds, d in acc["datasets"].items():
         if "codecs" not in d:
             continue
@@ -311,9 +316,39 @@ def _codecs_markdown(acc: dict) -> list[str]:
     return lines
 
 
+#: accuracy_methods.json's paired differences, as RESULTS.md names them
+METHOD_ROWS = (("projector_cache_minus_kd", "projector (cache) - vanilla KD (cache)"),
+               ("projector_cache_minus_online", "projector (cache) - projector (online teacher)"),
+               ("projector_cache_minus_ce", "projector (cache) - CE only"),
+               ("prokt_minus_kd", "ProKT (online) - vanilla KD (cache)"),
+               ("prokt_minus_ce", "ProKT (online) - CE only"))
+
+
+def _methods_markdown(acc: dict) -> list[str]:
+    """The methods study (accuracy_methods.json): per variant mean +- std of final val top-1, and
+    the paired (same seed: same init, batch order and views) differences between methods."""
+    lines = ["## 9. Accuracy by method: projector feature distillation (cache and online) and ProKT", ""]
+    for ds, d in acc["datasets"].items():
+        st, h = d["settings"], d["headline"]
+        lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "
+                  f"`{st['teacher']}` ({st['teacher_epochs']} epochs, val top-1 {d['teacher']['val_top1']:.2f}%). "
+                  f"Checks: " + ", ".join(f"{k} = {v}" for k, v in d.get("checks", {}).items()) + ".", "",
+                  "| variant | top-1 per seed | mean ± std |", "|---|---|---:|"]
+        for name, r in d["variants"].items():
+            top1 = "–" if r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}"
+            lines.append(f"| {r['label']} (`{name}`) | {', '.join(f'{x:.2f}' for x in r['top1'])} | {top1} |")
+        lines += ["", "| paired difference | per seed, pp | mean ± std, pp |", "|---|---|---:|"]
+        for key, what in METHOD_ROWS:
+            if h.get(f"acc_{key}_pp") is not None:
+                per_seed = ", ".join(f"{x:+.2f}" for x in h[f"paired_{key}_pp"])
+                lines.append(f"| {what} | {per_seed} | {h[f'acc_{key}_pp']:+.2f} ± {h[f'acc_{key}_std_pp']:.2f} |")
+        lines.append("")
+    return lines
+
+
 def _accuracy_markdown(acc: dict, rel: Path) -> list[str]:
     """Mean +- std of final val top-1 per variant and dataset (``python -m bench.accuracy``)."""
-    lines = ["## 6. Accuracy study (students from the cache vs CE vs online)", ""]
+    lines = ["## 7. Accuracy study (students from the cache vs CE vs online)", ""]
     for ds, d in acc["datasets"].items():
         st = d["settings"]
         lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "

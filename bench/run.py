@@ -23,7 +23,7 @@ from logitcache.build import resolve_device
 
 from .common import RESULTS_DIR, Clock, Ctx, environment
 
-BENCHMARKS = ("build", "train_step", "reader", "frontier", "scale")
+BENCHMARKS = ("build", "train_step", "reader", "frontier", "scale", "features")
 
 
 def _jsonable(o):

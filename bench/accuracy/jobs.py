@@ -14,7 +14,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..common import Clock
-from .plan import RECIPE, STUDENT, TEACHER, cache_codec
+from .plan import RECIPE, STUDENT, TEACHER, cache_codec, cache_features
+
+
+#: TrainConfig settings added after earlier studies stored their runs, with the values at which a
+#: run is what it was before them: (table or "", key, value). Left out of a run's spec, so
+#: ``--resume`` still finds those runs.
+LATER_DEFAULTS = (("", "prokt", None), ("loss", "feature_weight", 1.0))
 
 
 def log(msg: str) -> None:
@@ -112,13 +118,15 @@ def obtain_teacher(name: str, data: Path, work: Path, epochs: int, workers: int,
     return _find_or_train_teacher(name, data, work, epochs, workers)
 
 
-def cache_tag(codec) -> str:
+def cache_tag(codec, features=None) -> str:
     """A cache's name in its path: "top10" / "full" for float16 values (where the study's caches
-    have always been), else with the values: "top10-gap8", "full-gap8", "sampled32"."""
+    have always been), else with the values: "top10-gap8", "full-gap8", "sampled32"; with
+    features "-feat<r>" ("top10-feat256")."""
     if codec.name == "sampled":
         return f"sampled{codec.k}"
     tag = "full" if codec.name == "full" else f"top{codec.k}"
-    return tag if codec.values == "float16" else f"{tag}-{codec.values}"
+    tag = tag if codec.values == "float16" else f"{tag}-{codec.values}"
+    return tag if features is None else f"{tag}-feat{features.dims}"
 
 
 def views_digest(url: str, epochs: int) -> str:
@@ -141,12 +149,13 @@ def build_cache(name: str, data: Path, work: Path, teacher: dict, cid, epochs: i
     from logitcache.views import create_recipe
 
     source = open_source(str(data), "train")
-    codec = cache_codec(cid, source.num_classes)
-    tag = cache_tag(codec)
+    codec, features = cache_codec(cid, source.num_classes), cache_features(cid)
+    tag = cache_tag(codec, features)
     url = str(work / name / "caches" / f"{Path(teacher['dir']).name}-{tag}.zarr")
     stats = Path(url + ".accuracy.json")  # how the build went, for reruns that reuse the cache
     have = CacheReader(url).epochs() if Path(url, "zarr.json").exists() else []
-    about = {"url": url, "codec": tag, "codec_name": codec.name, "k": codec.k, "values": codec.values}
+    about = {"url": url, "codec": tag, "codec_name": codec.name, "k": codec.k, "values": codec.values,
+             "features": None if features is None else f"pca{features.dims}"}
     if set(range(epochs)) <= set(have):
         built = json.loads(stats.read_text()) if stats.exists() else {"wall_s": 0.0}
         return {**built, **about, "epochs": len(have), "views_digest": views_digest(url, epochs), "reused": True}
@@ -154,7 +163,7 @@ def build_cache(name: str, data: Path, work: Path, teacher: dict, cid, epochs: i
     clock = Clock()
     report = build(source, dataset_name=name, teacher=Teacher(TEACHER, weights=teacher["weights"]),
                    recipe=create_recipe(RECIPE), codec=codec, url=url, epochs=list(range(epochs)), batch_size=128,
-                   num_workers=workers, progress=False)
+                   num_workers=workers, progress=False, features=features)
     result = {**about, "epochs": epochs, "views": report.views, "views_per_s": report.views_per_s, **clock.read()}
     stats.write_text(json.dumps(result, indent=2))
     return {**result, "views_digest": views_digest(url, epochs), "reused": False}
@@ -172,6 +181,10 @@ def train_student(name: str, data: Path, work: Path, variant: str, seed: int, ep
                       limit_batches=limit_batches, **extra)
     spec = json.loads(json.dumps(asdict(cfg), default=str))
     spec.pop("num_workers")  # the views, and so the results, do not depend on it
+    for table, key, value in LATER_DEFAULTS:  # settings added since runs were stored: at these values nothing changes
+        where = spec[table] if table else spec
+        if where.get(key) == value:
+            where.pop(key)
     marker = out / "accuracy_run.json"
     if resume and marker.exists():
         saved = json.loads(marker.read_text())

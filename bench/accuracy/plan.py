@@ -16,6 +16,12 @@ SAMPLED_N = 32
 #: study's default runs: ``--variants ce,kd_cache,kd_gap8,kd_sampled`` runs them.
 CODEC_VARIANTS = ("kd_gap8", "kd_sampled")
 CODEC_REFERENCE = "kd_cache"
+#: the methods that need more than cached logits (issue 12): projector feature distillation from a
+#: top-10 float16 cache with int8 PCA-256 features (``projector_cache``) and from the online teacher
+#: on the same views (``projector_online``), and ProKT (online only; its recipe's views are the
+#: caches' views). ``--variants ce,kd_cache,projector_cache,projector_online,prokt`` runs them.
+METHOD_VARIANTS = ("projector_cache", "projector_online", "prokt")
+FEATURE_DIMS = 256
 
 VARIANT_LABELS = {
     "ce": "CE only",
@@ -29,10 +35,13 @@ VARIANT_LABELS = {
     "kd_full": "vanilla KD, cache full logits",
     "kd_gap8": "vanilla KD, cache (top-10, gap8)",
     "kd_sampled": f"vanilla KD T=1, cache (sampled, N={SAMPLED_N})",
+    "projector_cache": f"projector + KD, cache (top-10 float16, features pca{FEATURE_DIMS}/int8)",
+    "projector_online": "projector + KD, online teacher",
+    "prokt": "ProKT (teacher trained along, online)",
 }
 MAIN_VARIANTS = ("ce", "kd_cache", "kd_online", "mkd", "dkd", "dist")
 SWEEP_VARIANTS = ("kd_top1", "kd_top5", "kd_full")
-ALL_VARIANTS = MAIN_VARIANTS + SWEEP_VARIANTS + CODEC_VARIANTS
+ALL_VARIANTS = MAIN_VARIANTS + SWEEP_VARIANTS + CODEC_VARIANTS + METHOD_VARIANTS
 
 # (teacher epochs, student epochs) of the full study; --quick trains both for QUICK_EPOCHS
 FULL_EPOCHS = {"synth": (20, 10), "digits": (15, 15)}
@@ -130,8 +139,9 @@ def cache_k(variant: str) -> int | str:
 
 def cache_values(variant: str) -> str:
     """How the cache ``variant`` learns from stores its values: "float16" (the study's caches),
-    "gap8" (``kd_gap8``: the library's default) or "counts" (``kd_sampled``)."""
-    return {"kd_gap8": "gap8", "kd_sampled": "counts"}.get(variant, "float16")
+    "gap8" (``kd_gap8``: the library's default), "counts" (``kd_sampled``), or "float16" with
+    features ("feat256", ``projector_cache``)."""
+    return {"kd_gap8": "gap8", "kd_sampled": "counts", "projector_cache": f"feat{FEATURE_DIMS}"}.get(variant, "float16")
 
 
 def cache_id(variant: str) -> int | str:
@@ -141,6 +151,15 @@ def cache_id(variant: str) -> int | str:
     if values == "float16":
         return k
     return f"sampled{k}" if values == "counts" else f"top{k}-{values}"
+
+
+def cache_features(cid: int | str):
+    """The FeatureRequest of the cache :func:`cache_id` names ("top10-feat256"), else None."""
+    from logitcache.build_features import FeatureRequest
+
+    if isinstance(cid, str) and "-feat" in cid:
+        return FeatureRequest(dims=int(cid.split("-feat", 1)[1]))
+    return None
 
 
 def cache_codec(cid: int | str, num_classes: int):
@@ -153,7 +172,7 @@ def cache_codec(cid: int | str, num_classes: int):
         return create_codec("sampled", num_classes, int(cid.removeprefix("sampled")))
     if isinstance(cid, str) and cid.startswith("top"):
         k, values = cid.removeprefix("top").split("-", 1)
-        return codec_for_k(int(k), num_classes, values=values)
+        return codec_for_k(int(k), num_classes, values="float16" if values.startswith("feat") else values)
     return codec_for_k(cid, num_classes)
 
 
@@ -180,4 +199,13 @@ def variant_config(variant: str, caches: dict, teacher: dict) -> dict:
         return {"cache": caches[cache_id(variant)]["url"], "loss": LossConfig(kind="kd")}
     if variant == "kd_sampled":  # counts / N estimate the teacher at T = 1 only: the trainer refuses other T
         return {"cache": caches[cache_id(variant)]["url"], "loss": LossConfig(kind="kd", temperature=1.0)}
+    online = {"online_teacher": True, "teacher": TEACHER, "teacher_weights": teacher["weights"]}
+    if variant == "projector_cache":
+        return {"cache": caches[cache_id(variant)]["url"], "loss": LossConfig(kind="projector")}
+    if variant == "projector_online":
+        return {"cache": main, "loss": LossConfig(kind="projector"), **online}
+    if variant == "prokt":  # no cache (ProKT refuses one): the recipe's views are the caches' views
+        from logitcache.trainer.prokt import ProKTConfig
+
+        return {"recipe": RECIPE, "loss": LossConfig(kind="kd"), "prokt": ProKTConfig(), **online}
     raise ValueError(f"unknown variant {variant!r}")

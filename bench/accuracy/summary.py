@@ -7,14 +7,24 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from .plan import (CODEC_REFERENCE, CODEC_VARIANTS, CURVE_VARIANTS, MAIN_K, RECIPE, SAMPLED_N, STUDENT, TEACHER,
-                   VARIANT_LABELS, DatasetPlan)
+from .plan import (CODEC_REFERENCE, CODEC_VARIANTS, CURVE_VARIANTS, MAIN_K, METHOD_VARIANTS, RECIPE, SAMPLED_N,
+                   STUDENT, TEACHER, VARIANT_LABELS, DatasetPlan)
 
 HEADLINE_KEYS = ("acc_cache_minus_online_pp", "acc_kd_minus_ce_pp", "acc_ce_std_pp")
 #: the codec study's paired differences to float16 top-10 (``kd_cache``), per codec variant
 CODEC_NAMES = {"kd_gap8": "gap8", "kd_sampled": "sampled"}
 CODEC_KEYS = tuple(f"{pre}{CODEC_NAMES[v]}_minus_float16{post}" for v in CODEC_VARIANTS
                    for pre, post in (("acc_", "_pp"), ("acc_", "_std_pp"), ("acc_", "_abs_pp"), ("paired_", "_pp")))
+#: the methods study's paired differences (same seeds: same init, batch order and views): name -> (a, b)
+METHOD_PAIRS = {
+    "projector_cache_minus_kd": ("projector_cache", "kd_cache"),
+    "projector_cache_minus_online": ("projector_cache", "projector_online"),
+    "projector_cache_minus_ce": ("projector_cache", "ce"),
+    "prokt_minus_kd": ("prokt", "kd_cache"),
+    "prokt_minus_ce": ("prokt", "ce"),
+}
+METHOD_KEYS = tuple(f"{pre}{name}{post}" for name in METHOD_PAIRS
+                    for pre, post in (("acc_", "_pp"), ("acc_", "_std_pp"), ("paired_", "_pp")))
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -85,6 +95,11 @@ def _headline(runs: dict[str, dict]) -> dict:
         headline.update({f"acc_{name}_minus_float16_pp": mean, f"acc_{name}_minus_float16_std_pp": sd,
                          f"acc_{name}_minus_float16_abs_pp": None if mean is None else abs(mean),
                          f"paired_{name}_minus_float16_pp": d})
+    for name, (a, b) in METHOD_PAIRS.items():  # the methods study: mean and sample std of paired differences
+        d = paired(a, b)
+        if d:
+            mean, sd = mean_std(d)
+            headline.update({f"acc_{name}_pp": mean, f"acc_{name}_std_pp": sd, f"paired_{name}_pp": d})
     return headline
 
 
@@ -141,7 +156,7 @@ def summarise(name: str, plan: DatasetPlan, data: Path, layout: dict, done: dict
     headline = _headline(runs)
     seed0 = plan.seeds[0]
     curves = {}
-    for v in CURVE_VARIANTS + CODEC_VARIANTS:
+    for v in CURVE_VARIANTS + CODEC_VARIANTS + METHOD_VARIANTS:
         r = done.get(("student", name, v, seed0), {})
         if "curve_top1" in r:
             curves[v] = r["curve_top1"]
@@ -212,7 +227,7 @@ def add_flat_keys(results: dict) -> None:
         if "headline" not in d:
             continue
         prefix = "" if name == "synth" else f"{name}_"
-        for key in HEADLINE_KEYS + CODEC_KEYS:
+        for key in HEADLINE_KEYS + CODEC_KEYS + METHOD_KEYS:
             if d["headline"].get(key) is not None:
                 results[prefix + key] = d["headline"][key]
         for key, value in d["checks"].items():
