@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,26 +21,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
                        help="Make the embedded datasets (WebDataset tar shards); index shards.")
 app.add_typer(data_app, name="data")
-
-
-def parse_epochs(text: str) -> list[int]:
-    """'N' -> 0..N-1; 'A:B' -> A..B-1."""
-    try:
-        if ":" in text:
-            a, b = (int(p) for p in text.split(":", 1))
-        else:
-            a, b = 0, int(text)
-    except ValueError:
-        raise typer.BadParameter(f"--epochs takes N or A:B, not {text!r}") from None
-    if not 0 <= a < b:
-        raise typer.BadParameter(f"--epochs {text}: need 0 <= A < B")
-    return list(range(a, b))
-
-
-def _check_epochs(text: str) -> str:
-    """typer callback: reject a bad --epochs before anything is opened."""
-    parse_epochs(text)
-    return text
 
 
 @data_app.command("synth")
@@ -89,162 +67,9 @@ def data_index(urls: list[str] = typer.Argument(..., metavar="URL...",
         print(f"indexed {len(indexes)} shards, {sum(len(ix.keys) for ix in indexes)} samples: {url}")
 
 
-def _values(value_dtype: str | None, value_bits: int | None) -> str:
-    """The codec's values: float16/float32, or gap<bits> (default gap8)."""
-    if value_dtype is not None and value_bits is not None:
-        raise typer.BadParameter("give --value-bits (quantised gaps) or --value-dtype (floats), not both")
-    if value_dtype is not None and value_dtype not in ("float16", "float32"):
-        raise typer.BadParameter(f"--value-dtype must be float16 or float32, not {value_dtype!r}")
-    return value_dtype or f"gap{value_bits or 8}"
+from logitcache.cli.build_command import register as _register_build  # noqa: E402 - build
 
-
-def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
-                value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck, allow_view_drift,
-                features, feature_dims, feature_dtype, feature_fit_views) -> None:
-    """The body of ``build`` for one process: the whole build, or one rank of it when the
-    environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
-    from logitcache import distributed
-    from logitcache.build import build as run_build, cache_root as root_of, default_cache_name, resolve_device
-    from logitcache.codec import create_codec
-    from logitcache.data.source import open_source
-    from logitcache.teacher import Teacher
-    from logitcache.views import create_recipe
-
-    rec = create_recipe(recipe, cache_seed=cache_seed)
-    epoch_list = parse_epochs(epochs)
-    dev = distributed.rank_device(resolve_device(device))
-    source = open_source(data, split)
-    t = Teacher(teacher, weights=teacher_weights, num_classes=source.num_classes, device=dev, compile=compile)
-    spec = create_codec(codec, source.num_classes, topk, _values(value_dtype, value_bits))
-    feats = _feature_request(features, feature_dims, feature_dtype, feature_fit_views, t.feature_dim)
-    name = _dataset_name(data)
-    url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec, feats)}"
-    ctx = distributed.init_from_env(dev)
-    try:
-        report = run_build(source, dataset_name=name, teacher=t, recipe=rec, codec=spec, url=url, epochs=epoch_list,
-                           batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
-                           barrier=ctx.barrier, progress=progress and ctx.rank == 0, recheck=recheck,
-                           allow_view_drift=allow_view_drift, features=feats)
-    finally:
-        ctx.close()
-    who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else ""
-    print(f"{who}cache {report.url}: {report.units_written} units written, {report.units_skipped} already committed, "
-          f"{report.views} views in {report.seconds:.1f} s ({report.views_per_s:.1f} views/s)", flush=True)
-
-
-def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], fit_views: Optional[int],
-                     feature_dim: int):
-    """The FeatureRequest of `build --features ...` (None without --features); flags checked here."""
-    from logitcache.build_features import DEFAULT_FIT_VIEWS, FeatureRequest
-    from logitcache.feature_codec import create_feature_spec
-
-    if not features:
-        given = [f for f, v in (("--feature-dims", dims), ("--feature-dtype", dtype), ("--feature-fit-views", fit_views))
-                 if v is not None]
-        if given:
-            raise typer.BadParameter(f"{', '.join(given)} without --features")
-        return None
-    try:
-        spec = create_feature_spec(feature_dim, dims if dims is not None else 256, dtype)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    return FeatureRequest(dims=spec.rank if spec.rank is not None else "full", dtype=spec.dtype,
-                          fit_views=fit_views or DEFAULT_FIT_VIEWS)
-
-
-@app.command()
-def build(
-    data: str = typer.Option(..., metavar="URL", help="Dataset root (with dataset.json) or image folder; any fsspec URL."),
-    teacher: str = typer.Option(..., metavar="NAME", help="timm model name or alias (beitv2_l, beitv2_b, resnet152)."),
-    teacher_weights: Optional[str] = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights",
-                                                  help="Weights file (safetensors or a plain state dict)."),
-    split: str = typer.Option("train", metavar="TEXT", help="Dataset split to cache."),
-    recipe: str = typer.Option("vanillakd_a2", metavar="NAME",
-                               help="Augmentation recipe: vanillakd_a2, imagenet_basic, demo32, demo32_mix."),
-    cache_seed: int = typer.Option(0, metavar="INTEGER", help="Root seed of every view seed."),
-    out: Optional[str] = typer.Option(None, metavar="URL", show_default="a named folder under the cache root",
-                                      help="Cache URL."),
-    cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
-                                             help="Where named caches live."),
-    epochs: str = typer.Option("1", metavar="N|A:B", callback=_check_epochs,
-                               help="N: epochs 0..N-1; A:B: extend with epochs A..B-1."),
-    codec: str = typer.Option("topk", metavar="topk|full|sampled",
-                              help="Keep the top-k logits per view, all of them, or N draws from the teacher."),
-    topk: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="10; sampled: 32",
-                                       help="Logits kept per view (k >= classes means full); sampled: draws per view."),
-    value_bits: Optional[int] = typer.Option(None, metavar="INTEGER", min=2, max=16, show_default="8",
-                                             help="Bits per stored logit: its gap below the view's top logit, "
-                                                  "quantised (docs/FORMAT.md gives the error bound)."),
-    value_dtype: Optional[str] = typer.Option(None, metavar="float16|float32", show_default="quantised gaps",
-                                              help="Store the logits as floats instead of quantised gaps."),
-    batch_size: int = typer.Option(64, metavar="INTEGER", min=1, help="Views per teacher batch."),
-    workers: Optional[int] = typer.Option(None, metavar="INTEGER", min=0, show_default="CPU: 1, CUDA: up to 8",
-                                          help="DataLoader worker processes per build process."),
-    device: str = typer.Option("auto", metavar="TEXT", help="auto, cpu, cuda or cuda:N."),
-    compile: bool = typer.Option(False, help="torch.compile the teacher."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-    procs: int = typer.Option(1, metavar="INTEGER", min=1, help="Build processes on this machine (ranks; each writes its own units)."),
-    recheck: bool = typer.Option(False, help="Read every committed unit back, check it against its commit "
-                                             "record, and rebuild the damaged ones."),
-    allow_view_drift: bool = typer.Option(False, help="Add to a cache even when views rendered here differ from "
-                                                      "those its teacher saw (library versions)."),
-    features: bool = typer.Option(False, help="Also store each view's pooled pre-logit teacher features "
-                                              "(for --kd projector)."),
-    feature_dims: Optional[str] = typer.Option(None, metavar="INTEGER|full", show_default="256",
-                                               help="Features: PCA components kept (a basis fitted on the first "
-                                                    "epoch), or full (every dim)."),
-    feature_dtype: Optional[str] = typer.Option(None, metavar="int8|float16|float32",
-                                                show_default="int8 with PCA, float16 for full",
-                                                help="Features: stored values (int8 with a per-view scale)."),
-    feature_fit_views: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="8192",
-                                                    help="Features: views of the first epoch the basis is fitted on."),
-):
-    """Run the teacher once over every augmented view and store compressed logits.
-
-    The cache is written in whole units (epoch x data shard), each committed last: a build
-    that was killed or interrupted finishes when run again with the same arguments, and
-    `--epochs A:B` extends a cache while students read its complete epochs.
-
-    Several processes: `--procs N` runs N ranks on this machine; or launch with
-    `torchrun --nproc-per-node N logitcache build ...` (one or more machines; ranks from
-    RANK/WORLD_SIZE/LOCAL_RANK; on CUDA rank r uses cuda:LOCAL_RANK). Units are dealt out
-    round-robin; `--workers` is per process. The cache is byte-identical to a one-process
-    build when every process uses the same number of CPU threads (OMP_NUM_THREADS; torchrun
-    sets 1): CPU kernels round differently with other thread counts.
-
-    Object storage: --data and --out take any fsspec URL (s3://, gs://, ...). For an
-    S3-compatible server set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the usual
-    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION; any other s3fs option
-    can be given as `FSSPEC_S3_<OPTION>` (fsspec's environment configuration). Data on
-    object storage: `logitcache data index URL...` once, so each process opens the shards
-    from their small index files; LOGITCACHE_SHARD_CACHE=DIR keeps local copies of shards.
-    """
-    opts = {k: v for k, v in locals().items() if k != "procs"}
-    if procs < 1:
-        raise typer.BadParameter(f"--procs must be >= 1, not {procs}")
-    if procs == 1:
-        _build_rank(**opts)
-        return
-    import functools
-
-    from logitcache import distributed
-
-    if distributed.env_world_size() > 1:
-        raise typer.BadParameter("--procs starts its own ranks; do not combine it with torchrun")
-    code = distributed.run_procs(functools.partial(_build_rank, **opts), procs)
-    if code:
-        raise typer.Exit(code)
-
-
-def _dataset_name(data: str) -> str:
-    """The dataset's name from its dataset.json, else the folder name."""
-    import fsspec
-
-    try:
-        with fsspec.open(data.rstrip("/") + "/dataset.json", "r") as f:
-            return json.load(f)["name"]
-    except (FileNotFoundError, KeyError, ValueError):
-        return os.path.basename(data.rstrip("/")) or "data"
+_register_build(app)
 
 
 #: train flags that belong to the loss (LossConfig) and to MKD (MKDConfig), by field name.
@@ -254,6 +79,19 @@ _LOSS_FLAGS = {"kd": "kind", "temperature": "temperature", "kd_weight": "kd_weig
                "feature_weight": "feature_weight"}
 _MKD_FLAGS = {"mkd_meta_every": "meta_every", "mkd_meta_lr": "meta_lr", "mkd_predictor": "predictor"}
 _PROKT_FLAGS = {"prokt_lambda": "lam", "prokt_teacher_lr": "teacher_lr"}
+
+
+def _method_table(loss: dict, flags: dict, kind: str, table_flags: dict, table: dict | None) -> dict | None:
+    """``--kd mkd`` / ``--kd prokt``: vanilla KD plus the method's table (``mkd:`` / ``prokt:``),
+    which its flags fill in; the table as it stands otherwise (None when not asked for)."""
+    if loss.get("kind") == kind:
+        loss["kind"] = "kd"
+        table = dict(table or {})
+    for flag, name in table_flags.items():
+        if flags[flag] is not None:
+            table = dict(table or {})
+            table[name] = flags[flag]
+    return table
 
 
 def _train_settings(flags: dict, settings: dict) -> dict:
@@ -268,20 +106,8 @@ def _train_settings(flags: dict, settings: dict) -> dict:
     for flag, name in _LOSS_FLAGS.items():
         if flags[flag] is not None:
             loss[name] = flags[flag]
-    if loss.get("kind") == "mkd":  # MKD = vanilla KD with learned temperatures
-        loss["kind"] = "kd"
-        mkd = dict(mkd or {})
-    for flag, name in _MKD_FLAGS.items():
-        if flags[flag] is not None:
-            mkd = dict(mkd or {})
-            mkd[name] = flags[flag]
-    if loss.get("kind") == "prokt":  # ProKT = vanilla KD from a teacher trained along
-        loss["kind"] = "kd"
-        prokt = dict(prokt or {})
-    for flag, name in _PROKT_FLAGS.items():
-        if flags[flag] is not None:
-            prokt = dict(prokt or {})
-            prokt[name] = flags[flag]
+    mkd = _method_table(loss, flags, "mkd", _MKD_FLAGS, mkd)  # MKD = vanilla KD with learned temperatures
+    prokt = _method_table(loss, flags, "prokt", _PROKT_FLAGS, prokt)  # ProKT = vanilla KD, teacher trained along
     if prokt is not None and flags["online_teacher"] is None:  # ProKT trains the teacher: online only
         settings["online_teacher"] = True
     renamed = {"workers": "num_workers"}
@@ -390,14 +216,18 @@ def train(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), metavar="PATH", help="Everything the demo makes goes here."),
-    epochs: int = typer.Option(12, metavar="INTEGER", min=1, help="Student epochs (and cached epochs)."),
-    teacher_epochs: int = typer.Option(30, metavar="INTEGER", min=1, help="Teacher epochs (plain CE)."),
+    epochs: int = typer.Option(8, metavar="INTEGER", min=1, help="Student epochs (and cached epochs)."),
+    teacher_epochs: int = typer.Option(15, metavar="INTEGER", min=1, help="Teacher epochs (plain CE)."),
+    classes: int = typer.Option(64, metavar="INTEGER", min=2, max=128, help="Classes of the synthetic dataset."),
+    train_per_class: int = typer.Option(40, metavar="INTEGER", min=1, help="Training images per class."),
     workers: int = typer.Option(2, metavar="INTEGER", min=0, help="DataLoader workers."),
 ):
-    """The whole product on the embedded data: data -> teacher -> cache -> two students."""
+    """The whole product on the embedded data: one teacher, one cache, a CNN and a ViT student
+    (each CE only and KD from the cache) and one online-KD run for the time it costs."""
     from logitcache.cli.demo import run_demo
 
-    run_demo(out, epochs=epochs, teacher_epochs=teacher_epochs, workers=workers)
+    run_demo(out, epochs=epochs, teacher_epochs=teacher_epochs, workers=workers, num_classes=classes,
+             train_per_class=train_per_class)
 
 
 from logitcache.cli.cache_tools import register as _register_cache_tools  # noqa: E402 - inspect, verify, ls

@@ -1,0 +1,192 @@
+"""``logitcache build``: the teacher over every view of the asked epochs, into a cache (one
+process, several with ``--procs``, or one rank under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``build`` command to ``app``."""
+    app.command()(build)
+
+
+def parse_epochs(text: str) -> list[int]:
+    """'N' -> 0..N-1; 'A:B' -> A..B-1."""
+    try:
+        if ":" in text:
+            a, b = (int(p) for p in text.split(":", 1))
+        else:
+            a, b = 0, int(text)
+    except ValueError:
+        raise typer.BadParameter(f"--epochs takes N or A:B, not {text!r}") from None
+    if not 0 <= a < b:
+        raise typer.BadParameter(f"--epochs {text}: need 0 <= A < B")
+    return list(range(a, b))
+
+
+def _check_epochs(text: str) -> str:
+    """typer callback: reject a bad --epochs before anything is opened."""
+    parse_epochs(text)
+    return text
+
+
+def _values(value_dtype: str | None, value_bits: int | None) -> str:
+    """The codec's values: float16/float32, or gap<bits> (default gap8)."""
+    if value_dtype is not None and value_bits is not None:
+        raise typer.BadParameter("give --value-bits (quantised gaps) or --value-dtype (floats), not both")
+    if value_dtype is not None and value_dtype not in ("float16", "float32"):
+        raise typer.BadParameter(f"--value-dtype must be float16 or float32, not {value_dtype!r}")
+    return value_dtype or f"gap{value_bits or 8}"
+
+
+def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
+                value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck, allow_view_drift,
+                features, feature_dims, feature_dtype, feature_fit_views) -> None:
+    """The body of ``build`` for one process: the whole build, or one rank of it when the
+    environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
+    from logitcache import distributed
+    from logitcache.build import build as run_build, cache_root as root_of, default_cache_name, resolve_device
+    from logitcache.codec import create_codec
+    from logitcache.data.source import open_source
+    from logitcache.teacher import Teacher
+    from logitcache.views import create_recipe
+
+    rec = create_recipe(recipe, cache_seed=cache_seed)
+    epoch_list = parse_epochs(epochs)
+    dev = distributed.rank_device(resolve_device(device))
+    source = open_source(data, split)
+    t = Teacher(teacher, weights=teacher_weights, num_classes=source.num_classes, device=dev, compile=compile)
+    spec = create_codec(codec, source.num_classes, topk, _values(value_dtype, value_bits))
+    feats = _feature_request(features, feature_dims, feature_dtype, feature_fit_views, t.feature_dim)
+    name = _dataset_name(data)
+    url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec, feats)}"
+    ctx = distributed.init_from_env(dev)
+    try:
+        report = run_build(source, dataset_name=name, teacher=t, recipe=rec, codec=spec, url=url, epochs=epoch_list,
+                           batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
+                           barrier=ctx.barrier, progress=progress and ctx.rank == 0, recheck=recheck,
+                           allow_view_drift=allow_view_drift, features=feats)
+    finally:
+        ctx.close()
+    who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else ""
+    print(f"{who}cache {report.url}: {report.units_written} units written, {report.units_skipped} already committed, "
+          f"{report.views} views in {report.seconds:.1f} s ({report.views_per_s:.1f} views/s)", flush=True)
+
+
+def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], fit_views: Optional[int],
+                     feature_dim: int):
+    """The FeatureRequest of `build --features ...` (None without --features); flags checked here."""
+    from logitcache.build_features import DEFAULT_FIT_VIEWS, FeatureRequest
+    from logitcache.feature_codec import create_feature_spec
+
+    if not features:
+        given = [f for f, v in (("--feature-dims", dims), ("--feature-dtype", dtype), ("--feature-fit-views", fit_views))
+                 if v is not None]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} without --features")
+        return None
+    try:
+        spec = create_feature_spec(feature_dim, dims if dims is not None else 256, dtype)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return FeatureRequest(dims=spec.rank if spec.rank is not None else "full", dtype=spec.dtype,
+                          fit_views=fit_views or DEFAULT_FIT_VIEWS)
+
+
+def build(
+    data: str = typer.Option(..., metavar="URL", help="Dataset root (with dataset.json) or image folder; any fsspec URL."),
+    teacher: str = typer.Option(..., metavar="NAME", help="timm model name or alias (beitv2_l, beitv2_b, resnet152)."),
+    teacher_weights: Optional[str] = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights",
+                                                  help="Weights file (safetensors or a plain state dict)."),
+    split: str = typer.Option("train", metavar="TEXT", help="Dataset split to cache."),
+    recipe: str = typer.Option("vanillakd_a2", metavar="NAME",
+                               help="Augmentation recipe: vanillakd_a2, imagenet_basic, demo32, demo32_mix."),
+    cache_seed: int = typer.Option(0, metavar="INTEGER", help="Root seed of every view seed."),
+    out: Optional[str] = typer.Option(None, metavar="URL", show_default="a named folder under the cache root",
+                                      help="Cache URL."),
+    cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
+                                             help="Where named caches live."),
+    epochs: str = typer.Option("1", metavar="N|A:B", callback=_check_epochs,
+                               help="N: epochs 0..N-1; A:B: extend with epochs A..B-1."),
+    codec: str = typer.Option("topk", metavar="topk|full|sampled",
+                              help="Keep the top-k logits per view, all of them, or N draws from the teacher."),
+    topk: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="10; sampled: 32",
+                                       help="Logits kept per view (k >= classes means full); sampled: draws per view."),
+    value_bits: Optional[int] = typer.Option(None, metavar="INTEGER", min=2, max=16, show_default="8",
+                                             help="Bits per stored logit: its gap below the view's top logit, "
+                                                  "quantised (docs/FORMAT.md gives the error bound)."),
+    value_dtype: Optional[str] = typer.Option(None, metavar="float16|float32", show_default="quantised gaps",
+                                              help="Store the logits as floats instead of quantised gaps."),
+    batch_size: int = typer.Option(64, metavar="INTEGER", min=1, help="Views per teacher batch."),
+    workers: Optional[int] = typer.Option(None, metavar="INTEGER", min=0, show_default="CPU: 1, CUDA: up to 8",
+                                          help="DataLoader worker processes per build process."),
+    device: str = typer.Option("auto", metavar="TEXT", help="auto, cpu, cuda or cuda:N."),
+    compile: bool = typer.Option(False, help="torch.compile the teacher."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    procs: int = typer.Option(1, metavar="INTEGER", min=1, help="Build processes on this machine (ranks; each writes its own units)."),
+    recheck: bool = typer.Option(False, help="Read every committed unit back, check it against its commit "
+                                             "record, and rebuild the damaged ones."),
+    allow_view_drift: bool = typer.Option(False, help="Add to a cache even when views rendered here differ from "
+                                                      "those its teacher saw (library versions)."),
+    features: bool = typer.Option(False, help="Also store each view's pooled pre-logit teacher features "
+                                              "(for --kd projector)."),
+    feature_dims: Optional[str] = typer.Option(None, metavar="INTEGER|full", show_default="256",
+                                               help="Features: PCA components kept (a basis fitted on the first "
+                                                    "epoch), or full (every dim)."),
+    feature_dtype: Optional[str] = typer.Option(None, metavar="int8|float16|float32",
+                                                show_default="int8 with PCA, float16 for full",
+                                                help="Features: stored values (int8 with a per-view scale)."),
+    feature_fit_views: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="8192",
+                                                    help="Features: views of the first epoch the basis is fitted on."),
+):
+    """Run the teacher once over every augmented view and store compressed logits.
+
+    The cache is written in whole units (epoch x data shard), each committed last: a build
+    that was killed or interrupted finishes when run again with the same arguments, and
+    `--epochs A:B` extends a cache while students read its complete epochs.
+
+    Several processes: `--procs N` runs N ranks on this machine; or launch with
+    `torchrun --nproc-per-node N logitcache build ...` (one or more machines; ranks from
+    RANK/WORLD_SIZE/LOCAL_RANK; on CUDA rank r uses cuda:LOCAL_RANK). Units are dealt out
+    round-robin; `--workers` is per process. The cache is byte-identical to a one-process
+    build when every process uses the same number of CPU threads (OMP_NUM_THREADS; torchrun
+    sets 1): CPU kernels round differently with other thread counts.
+
+    Object storage: --data and --out take any fsspec URL (s3://, gs://, ...). For an
+    S3-compatible server set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the usual
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION; any other s3fs option
+    can be given as `FSSPEC_S3_<OPTION>` (fsspec's environment configuration). Data on
+    object storage: `logitcache data index URL...` once, so each process opens the shards
+    from their small index files; LOGITCACHE_SHARD_CACHE=DIR keeps local copies of shards.
+    """
+    opts = {k: v for k, v in locals().items() if k != "procs"}
+    if procs < 1:
+        raise typer.BadParameter(f"--procs must be >= 1, not {procs}")
+    if procs == 1:
+        _build_rank(**opts)
+        return
+    import functools
+
+    from logitcache import distributed
+
+    if distributed.env_world_size() > 1:
+        raise typer.BadParameter("--procs starts its own ranks; do not combine it with torchrun")
+    code = distributed.run_procs(functools.partial(_build_rank, **opts), procs)
+    if code:
+        raise typer.Exit(code)
+
+
+def _dataset_name(data: str) -> str:
+    """The dataset's name from its dataset.json, else the folder name."""
+    import fsspec
+
+    try:
+        with fsspec.open(data.rstrip("/") + "/dataset.json", "r") as f:
+            return json.load(f)["name"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return os.path.basename(data.rstrip("/")) or "data"
