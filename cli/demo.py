@@ -25,8 +25,8 @@ STUDENTS = {"cnn": ("test_resnet", {}), "vit": ("test_vit", {"img_size": 32, "pa
 RUNS = ("ce_only", "kd_cache")  # every student's runs; the first student also runs "kd_online"
 
 
-def run_demo(out: Path, *, epochs: int = 8, teacher_epochs: int = 15, workers: int = 2, num_classes: int = 64,
-             train_per_class: int = 40) -> dict:
+def run_demo(out: Path, *, epochs: int = 6, teacher_epochs: int = 12, workers: int = 2, num_classes: int = 64,
+             train_per_class: int = 40, val_per_class: int = 20, batch_size: int = 128) -> dict:
     from logitcache.build import build
     from logitcache.codec import create_codec
     from logitcache.data.source import open_source
@@ -37,11 +37,12 @@ def run_demo(out: Path, *, epochs: int = 8, teacher_epochs: int = 15, workers: i
     console, t0 = Console(), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    console.rule(f"[bold]1/6 data ({num_classes} classes x {train_per_class} training images)")
+    console.rule(f"[bold]1/6 data ({num_classes} classes x {train_per_class} training, {val_per_class} val images)")
     if not (data / "dataset.json").exists():
-        generate_synth(data, num_classes=num_classes, train_per_class=train_per_class)
+        generate_synth(data, num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class)
     console.rule(f"[bold]2/6 teacher ({TEACHER}, CE, {teacher_epochs} epochs)")
-    teacher_sum = _train(out / "teacher", data, TEACHER, {}, teacher_epochs, workers, kind="none", recipe=RECIPE)
+    teacher_sum = _train(out / "teacher", data, TEACHER, {}, teacher_epochs, workers, batch_size, kind="none",
+                         recipe=RECIPE)
     console.rule(f"[bold]3/6 cache ({epochs} epochs of views, top-10 gap8), built once")
     source = open_source(str(data), "train")
     cache_url = str(out / "cache.zarr")
@@ -50,13 +51,14 @@ def run_demo(out: Path, *, epochs: int = 8, teacher_epochs: int = 15, workers: i
                    recipe=create_recipe(RECIPE), codec=create_codec("topk", source.num_classes, 10), url=cache_url,
                    epochs=list(range(epochs)), batch_size=128, num_workers=workers)
     runs = {}
-    for i, (name, (model, kwargs)) in enumerate(STUDENTS.items()):
-        names = RUNS + (("kd_online",) if i == 0 else ())
-        for run in names:
-            console.rule(f"[bold]{4 if run != 'kd_online' else 5}/6 student {name} ({model}): {run}")
-            runs[f"{name}/{run}"] = _train(out / name / run, data, model, kwargs, epochs, workers, cache=cache_url,
-                                           kind="none" if run == "ce_only" else "kd",
-                                           online=out / "teacher" / "model.safetensors" if run == "kd_online" else None)
+    first = next(iter(STUDENTS))
+    plan = [(name, run) for name in STUDENTS for run in RUNS] + [(first, "kd_online")]
+    for name, run in plan:
+        model, kwargs = STUDENTS[name]
+        console.rule(f"[bold]{4 if run != 'kd_online' else 5}/6 student {name} ({model}): {run}")
+        runs[f"{name}/{run}"] = _train(out / name / run, data, model, kwargs, epochs, workers, batch_size,
+                                       cache=cache_url, kind="none" if run == "ce_only" else "kd",
+                                       online=out / "teacher" / "model.safetensors" if run == "kd_online" else None)
     results = _results(teacher_sum, teacher_epochs, epochs, report, cache_url, runs, time.perf_counter() - t0)
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     console.rule("[bold]6/6 results")
@@ -66,8 +68,8 @@ def run_demo(out: Path, *, epochs: int = 8, teacher_epochs: int = 15, workers: i
     return results
 
 
-def _train(out: Path, data: Path, model: str, kwargs: dict, epochs: int, workers: int, *, kind: str,
-           cache: str | None = None, recipe: str | None = None, online: Path | None = None) -> dict:
+def _train(out: Path, data: Path, model: str, kwargs: dict, epochs: int, workers: int, batch_size: int, *,
+           kind: str, cache: str | None = None, recipe: str | None = None, online: Path | None = None) -> dict:
     """One run of the trainer (the teacher's, or a student's from the cache); its summary."""
     from logitcache.trainer.config import TrainConfig
     from logitcache.trainer.losses import LossConfig
@@ -75,7 +77,8 @@ def _train(out: Path, data: Path, model: str, kwargs: dict, epochs: int, workers
 
     extra = {"online_teacher": True, "teacher": TEACHER, "teacher_weights": str(online)} if online else {}
     cfg = TrainConfig(data=str(data), student=model, model_kwargs=kwargs, out=str(out), cache=cache,
-                      recipe=recipe or RECIPE, epochs=epochs, loss=LossConfig(kind=kind), num_workers=workers, **extra)
+                      recipe=recipe or RECIPE, epochs=epochs, batch_size=batch_size, loss=LossConfig(kind=kind),
+                      num_workers=workers, **extra)
     return train(cfg)
 
 
