@@ -25,8 +25,8 @@ STUDENTS = {"cnn": ("test_resnet", {}), "vit": ("test_vit", {"img_size": 32, "pa
 RUNS = ("ce_only", "kd_cache")  # every student's runs; the first student also runs "kd_online"
 
 
-def run_demo(out: Path, *, epochs: int = 6, teacher_epochs: int = 12, workers: int = 2, num_classes: int = 64,
-             train_per_class: int = 40, val_per_class: int = 20, batch_size: int = 128) -> dict:
+def run_demo(out: Path, *, epochs: int = 6, teacher_epochs: int = 15, workers: int = 2, num_classes: int = 64,
+             train_per_class: int = 40, val_per_class: int = 10, batch_size: int = 128) -> dict:
     from logitcache.build import build
     from logitcache.codec import create_codec
     from logitcache.data.source import open_source

@@ -217,7 +217,7 @@ def train(
 def demo(
     out: Path = typer.Option(Path("demo_out"), metavar="PATH", help="Everything the demo makes goes here."),
     epochs: int = typer.Option(6, metavar="INTEGER", min=1, help="Student epochs (and cached epochs)."),
-    teacher_epochs: int = typer.Option(12, metavar="INTEGER", min=1, help="Teacher epochs (plain CE)."),
+    teacher_epochs: int = typer.Option(15, metavar="INTEGER", min=1, help="Teacher epochs (plain CE)."),
     classes: int = typer.Option(64, metavar="INTEGER", min=2, max=128, help="Classes of the synthetic dataset."),
     train_per_class: int = typer.Option(40, metavar="INTEGER", min=1, help="Training images per class."),
     workers: int = typer.Option(2, metavar="INTEGER", min=0, help="DataLoader workers."),
