@@ -77,9 +77,11 @@ def train_tiny_teacher(ctx: Ctx, data: str, recipe, name: str, epochs: int) -> t
                        "train_seconds": time.perf_counter() - t0}
 
 
-def teacher_logits(ctx: Ctx, data: str, weights: str, recipe, n_views: int) -> torch.Tensor:
-    """Logits (n, C) float32 of the teacher on the first ``n`` epoch-0 training views (the
-    build's seeds), n = min(n_views, training samples)."""
+def teacher_on_views(ctx: Ctx, data: str, weights: str, recipe, n_views: int, *, epochs: tuple[int, ...] = (0,),
+                     features: bool = False) -> tuple[list[torch.Tensor], object]:
+    """The teacher's float32 outputs on the first ``n`` training views of each of ``epochs``
+    (the build's seeds), n = min(n_views, training samples): per epoch, logits (n, C), or
+    with ``features`` its pooled features (n, D); and the :class:`logitcache.teacher.Teacher`."""
     from safetensors import safe_open
 
     from logitcache.data.source import open_source
@@ -92,12 +94,24 @@ def teacher_logits(ctx: Ctx, data: str, weights: str, recipe, n_views: int) -> t
     teacher = Teacher(name, weights=weights, num_classes=source.num_classes, device=ctx.device)
     tf = create_train_transform(recipe)
     n = min(n_views, len(source))
-    out = []
-    for b in range(0, n, 256):
-        views = torch.stack([render_view(tf, source.load_image(i), view_seed(recipe.cache_seed, 0, source.key(i)))
-                             for i in range(b, min(n, b + 256))])
-        out.append(teacher(views, recipe.mean, recipe.std).cpu().float())
-    return torch.cat(out)
+    per_epoch = []
+    for epoch in epochs:
+        out = []
+        for b in range(0, n, 256):
+            views = torch.stack([render_view(tf, source.load_image(i), view_seed(recipe.cache_seed, epoch,
+                                                                                 source.key(i)))
+                                 for i in range(b, min(n, b + 256))])
+            z = teacher(views, recipe.mean, recipe.std, features=True)[1] if features else \
+                teacher(views, recipe.mean, recipe.std)
+            out.append(z.cpu().float())
+        per_epoch.append(torch.cat(out))
+    return per_epoch, teacher
+
+
+def teacher_logits(ctx: Ctx, data: str, weights: str, recipe, n_views: int) -> torch.Tensor:
+    """Logits (n, C) float32 of the teacher on the first ``n`` epoch-0 training views (the
+    build's seeds), n = min(n_views, training samples)."""
+    return teacher_on_views(ctx, data, weights, recipe, n_views)[0][0]
 
 
 def demo_logits(ctx: Ctx, n_views: int, train_per_class: int, epochs: int) -> tuple[torch.Tensor, dict]:

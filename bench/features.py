@@ -21,13 +21,12 @@ from __future__ import annotations
 import shutil
 import statistics
 
-import numpy as np
 import torch
 
 from logitcache.cache_stats import storage_bytes
 
 from .common import Ctx, interleaved, stats, synthetic_manifest, synthetic_unit
-from .demo_logits import DEMO_DATA, DEMO_TEACHER, RECIPE, demo_teacher_present, train_tiny_teacher
+from .demo_logits import DEMO_DATA, DEMO_TEACHER, RECIPE, demo_teacher_present, teacher_on_views, train_tiny_teacher
 
 SETTINGS = (("pca64", 64, "int8"), ("pca256", 256, "int8"), ("full", "full", "float16"), ("full", "full", "float32"))
 FALLBACK_MODEL = "resnet10t"
@@ -52,12 +51,8 @@ def settings(ctx: Ctx) -> dict:
 
 def teacher_features(ctx: Ctx, s: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(epoch-0 features (n, D), epoch-1 features (n, D), info) of the trained teacher."""
-    from safetensors import safe_open
-
-    from logitcache.data.source import open_source
     from logitcache.data.synth import generate_synth
-    from logitcache.teacher import META_MODEL, Teacher
-    from logitcache.views import create_recipe, create_train_transform, render_view, view_seed
+    from logitcache.views import create_recipe
 
     recipe = create_recipe(RECIPE)
     if demo_teacher_present():
@@ -67,29 +62,16 @@ def teacher_features(ctx: Ctx, s: dict) -> tuple[torch.Tensor, torch.Tensor, dic
         data = str(generate_synth(ctx.workdir / "synth_features", train_per_class=tpc, val_per_class=max(2, tpc // 4)))
         weights, trained = train_tiny_teacher(ctx, data, recipe, FALLBACK_MODEL, s["teacher_epochs"])
         info = {"source": "trained here (no demo_out)", **trained}
-    with safe_open(weights, framework="pt") as f:
-        name = (f.metadata() or {})[META_MODEL]
-    source = open_source(data, "train")
-    teacher = Teacher(name, weights=weights, num_classes=source.num_classes, device=ctx.device)
-    tf = create_train_transform(recipe)
-    n = min(s["views"], len(source))
-    per_epoch = []
-    for epoch in (0, 1):
-        out = []
-        for b in range(0, n, 256):
-            views = torch.stack([render_view(tf, source.load_image(i), view_seed(recipe.cache_seed, epoch,
-                                                                                 source.key(i)))
-                                 for i in range(b, min(n, b + 256))])
-            out.append(teacher(views, recipe.mean, recipe.std, features=True)[1].cpu())
-        per_epoch.append(torch.cat(out))
-    return per_epoch[0], per_epoch[1], {**info, "model": name, "dim": teacher.feature_dim, "views": n}
+    (fit, held), teacher = teacher_on_views(ctx, data, weights, recipe, s["views"], epochs=(0, 1), features=True)
+    return fit, held, {**info, "model": teacher.name, "dim": teacher.feature_dim, "views": len(fit)}
 
 
 def measure_setting(ctx: Ctx, fit: torch.Tensor, held: torch.Tensor, dims, dtype: str, unit_views: int) -> dict:
     """Fit (on ``fit``), write ``held`` as feature units, read back, decode; bytes and quality."""
     from logitcache.build_features import feature_entry
     from logitcache.codec import create_codec, encode
-    from logitcache.feature_codec import create_feature_spec, decode_features, fit_basis, reconstruction_quality
+    from logitcache.feature_codec import (create_feature_spec, decode_features, encode_features, fit_basis,
+                                          reconstruction_quality)
     from logitcache.store import CacheReader
     from logitcache.writer import CacheWriter
 
@@ -106,7 +88,7 @@ def measure_setting(ctx: Ctx, fit: torch.Tensor, held: torch.Tensor, dims, dtype
     for u in range(n // unit_views):
         unit = synthetic_unit(unit_views, u * unit_views, seed=u)
         rows = {**encode(codec, logits, unit["view_seeds"]),
-                **encode_features_rows(spec, basis, held[u * unit_views:(u + 1) * unit_views])}
+                **encode_features(spec, basis, held[u * unit_views:(u + 1) * unit_views])}
         writer.write_unit(0, u, rows, unit["plan"], canary=unit["canary"])
     feat_bytes = sum(storage_bytes(f"{url}/epochs/0000/units/{u:05d}/{a}") for u in range(n // unit_views)
                      for a in spec.stored_arrays())
@@ -119,20 +101,9 @@ def measure_setting(ctx: Ctx, fit: torch.Tensor, held: torch.Tensor, dims, dtype
     quality = reconstruction_quality(held[:n], decoded)
     shutil.rmtree(url)
     return {"label": spec.label, "dim": spec.dim, "width": spec.width, "views": n,
-            "feature_bytes_per_view": feat_bytes / n, "raw_bytes_per_view": raw_bytes(spec),
+            "feature_bytes_per_view": feat_bytes / n, "raw_bytes_per_view": spec.raw_bytes_per_view,
             "basis_bytes": basis_bytes, "explained_on_fit": basis.explained if basis is not None else 1.0,
             "cosine": quality["cosine"], "rel_l2": quality["rel_l2"]}
-
-
-def encode_features_rows(spec, basis, feats: torch.Tensor) -> dict[str, np.ndarray]:
-    from logitcache.feature_codec import encode_features
-
-    return encode_features(spec, basis, feats)
-
-
-def raw_bytes(spec) -> float:
-    """Bytes per view before zstd."""
-    return {"int8": spec.width + 4, "float16": 2 * spec.width, "float32": 4 * spec.width}[spec.dtype]
 
 
 # --- (b) projector step vs KD step -------------------------------------------------------------

@@ -65,6 +65,11 @@ class FeatureSpec:
         """e.g. "pca256/int8", "full/float16"."""
         return f"{'full' if self.rank is None else f'pca{self.rank}'}/{self.dtype}"
 
+    @property
+    def raw_bytes_per_view(self) -> int:
+        """Bytes a view's features take before compression: w + 4 (int8 and its scale), 2 w, 4 w."""
+        return {"int8": self.width + 4, "float16": 2 * self.width, "float32": 4 * self.width}[self.dtype]
+
     def to_json(self) -> dict:
         return {"dim": self.dim, "rank": self.rank, "dtype": self.dtype}  # plain JSON types
 

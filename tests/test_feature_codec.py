@@ -254,6 +254,12 @@ def test_stored_arrays():
     spec = FeatureSpec(16, 4, "int8")
     enc = encode_features(spec, _fit_random_basis(np.random.default_rng(4), 16, 4), torch.randn(3, 16))
     assert {k: (str(v.dtype), v.shape[1] if v.ndim == 2 else None) for k, v in enc.items()} == spec.stored_arrays()
+    # bytes before compression = the encoded arrays' bytes per view
+    cases = ((spec, _fit_random_basis(np.random.default_rng(4), 16, 4)), (FeatureSpec(16, None, "float16"), None),
+             (FeatureSpec(16, None, "float32"), None))
+    for spec, basis in cases:
+        enc = encode_features(spec, basis, torch.randn(3, 16))
+        assert spec.raw_bytes_per_view == sum(v.nbytes for v in enc.values()) // 3
 
 
 # -- errors -----------------------------------------------------------------------------------
