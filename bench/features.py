@@ -80,7 +80,7 @@ def measure_setting(ctx: Ctx, fit: torch.Tensor, held: torch.Tensor, dims, dtype
     n = len(held) // unit_views * unit_views
     codec = create_codec("topk", 128, 10)
     manifest = synthetic_manifest(n, [unit_views] * (n // unit_views), codec)
-    manifest.features = feature_entry(spec, basis, len(fit))
+    manifest.add_features(feature_entry(spec, basis, len(fit)))
     url = str(ctx.workdir / f"features_{spec.label.replace('/', '_')}.zarr")
     writer = CacheWriter(url, manifest, basis=basis)
     writer.prepare_epochs([0])

@@ -124,6 +124,8 @@ def format_report(rep: VerifyReport) -> str:
         ("top-k ids", f"{rep.ids_exact} exact, {rep.ids_tied} tied, {rep.ids_wrong} wrong"),
         ("top-1", f"{rep.top1_agreement:.1f}% cached = recomputed"),
         ("KL(t||rebuilt)", f"mean {rep.kl_mean:.3g}  max {rep.kl_max:.3g} nats (T=1)"),
+        *([("features", f"{rep.feature_views} views: least cosine {rep.feature_cos_min:.4f}; max error past the "
+                          f"codec's bound {rep.feature_max_excess:.3g} x |f|")] if rep.feature_views else []),
         ("checksums", "ok (every unit read was checked)"),
         ("plan", meta),
     ]

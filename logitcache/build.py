@@ -168,7 +168,7 @@ def build(
         if features is not None:
             feats = prepare_features(features, teacher, source, recipe, url=url, storage_options=storage_options,
                                      first_epoch=epochs[0], batch_size=batch_size, num_workers=num_workers)
-            manifest.features = feats.entry
+            manifest.add_features(feats.entry)
         writer = CacheWriter(url, manifest, storage_options, basis=feats.basis if feats else None)
         check_views_of(CacheReader(url, storage_options), source, allow_drift=allow_view_drift)
         writer.prepare_epochs(epochs)
@@ -177,7 +177,7 @@ def build(
     if rank != 0:
         if features is not None:
             feats = adopt_features(url, storage_options)
-            manifest.features = feats.entry
+            manifest.add_features(feats.entry)
         writer = CacheWriter(url, manifest, storage_options)
 
     report = BuildReport(url=url)

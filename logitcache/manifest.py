@@ -17,8 +17,13 @@ from .views import Recipe
 #: 3: rows sorted by sample index; only what cannot be recomputed is stored (compact codecs:
 #: bit-packed ids, quantised gaps, sampled counts; logitcache/unit_layout.py) with a digest of
 #: each unit's plan in its commit record.
+#: 4: format 3 plus the teacher's features (``build --features``): the manifest's ``features``
+#: entry, the basis under ``features/``, ``feat`` (and ``feat_scale``) in every unit. A cache
+#: without features stays format 3, so a logitcache that predates features still extends it,
+#: and refuses to extend a feature cache with featureless units.
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FEATURES_FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 ATTR_KEY = "logitcache"  # the root group attribute holding the manifest
 
 _VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy", "zarr", "logitcache")
@@ -136,6 +141,11 @@ class Manifest:
             "num_classes": self.num_classes,
             "features": self.feature_identity(),
         }
+
+    def add_features(self, entry: dict) -> None:
+        """Make this a feature cache's manifest: ``entry`` as :attr:`features` documents, format 4."""
+        self.features = entry
+        self.format_version = FEATURES_FORMAT_VERSION
 
     def feature_identity(self) -> dict | None:
         """What must match for two builds' features to share a cache: their spec and basis."""

@@ -46,7 +46,7 @@ from .cache_stats import committed_views
 from .errors import CacheMismatchError, LogitcacheError, WeightsUnavailableError
 from .manifest import Manifest
 from .store import CacheReader, unit_path
-from .verify_compare import compare_logits, compare_sampled
+from .verify_compare import compare_features, compare_logits, compare_sampled
 
 if TYPE_CHECKING:
     from .data.source import SampleSource
@@ -80,6 +80,11 @@ class VerifyReport:
     ids_tied: int  # views whose ids differ only by ties (within tolerance)
     ids_wrong: int
     metadata_failures: list[str] = field(default_factory=list)  # seeds / labels / partners / lambdas
+    # feature caches (``build --features``): views compared, the least cosine of decoded to
+    # recomputed features, and the largest error beyond the codec's bound, relative to |f|
+    feature_views: int = 0
+    feature_cos_min: float | None = None
+    feature_max_excess: float | None = None
     worst: dict | None = None  # the kept logit nearest to (or furthest past) its bound
     reasons: list[str] = field(default_factory=list)  # why it failed; empty when passed
     seconds: float = 0.0
@@ -180,7 +185,7 @@ class _Regenerated:
     where: list[tuple[int, str]] = field(default_factory=list)  # (epoch, key) per checked view
     images: list[torch.Tensor] = field(default_factory=list)  # rendered view (3, H, W) per checked view
     seeds: list[int] = field(default_factory=list)  # view seed per checked view
-    rows: dict[str, list] = field(default_factory=lambda: {f: [] for f in ("ids", "values", "tail")})
+    rows: dict[str, list] = field(default_factory=dict)  # field -> rows: ids, values, tail (+ feat, feat_scale)
     metadata_failures: list[str] = field(default_factory=list)
 
 
@@ -193,9 +198,11 @@ def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, trans
     m = reader.manifest
     keys_all = source.keys()
     out = _Regenerated()
+    features = m.features is not None
     for j in np.unique(picked.unit_of):
         e, s, _n = picked.units[j]
-        rows, digest = reader.read_rows(e, s)  # checked against its commit record: damage stops here, named
+        # checked against its commit record: damage stops here, named
+        rows, digest = reader.read_rows(e, s, features=features)
         info = source.shards[s]
         if digest != unit_plan_digest(m.recipe, e, s, info.start, info.stop, keys_all[info.start:info.stop]):
             out.metadata_failures.append(f"{unit_path(e, s)}: its plan (view seeds, mixing partners) differs from "
@@ -214,9 +221,21 @@ def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, trans
             out.images.append(rg["images"][p])
             out.seeds.append(int(rg["seed"].numpy().view(np.uint64)[p]))
             out.where.append((e, keys_all[idx]))
-            for f in out.rows:
-                out.rows[f].append(rows[f][r])
+            for f, v in rows.items():
+                out.rows.setdefault(f, []).append(v[r])
     return out
+
+
+def _rerun_teacher(teacher, views: torch.Tensor, m: Manifest, batch_size: int):
+    """Logits (n, C) float64 for ``views`` (n, 3, H, W), and for a feature cache the pooled
+    features (n, D) float32 (else None)."""
+    logits, feats = [], []
+    for i in range(0, len(views), batch_size):
+        out = teacher(views[i:i + batch_size], m.recipe.mean, m.recipe.std, features=m.features is not None)
+        logits.append((out[0] if isinstance(out, tuple) else out).cpu())
+        if isinstance(out, tuple):
+            feats.append(out[1].cpu())
+    return torch.cat(logits).double(), (torch.cat(feats).float() if feats else None)
 
 
 def verify_cache(
@@ -269,10 +288,10 @@ def verify_cache(
         metadata_failures=got.metadata_failures,
     )
     if n:
-        views = torch.stack(got.images)
-        r = torch.cat([teacher(views[i:i + batch_size], m.recipe.mean, m.recipe.std).cpu()
-                       for i in range(0, n, batch_size)]).double()
+        r, true = _rerun_teacher(teacher, torch.stack(got.images), m, batch_size)
         rows = {f: _stack(v) for f, v in got.rows.items()}
+        if true is not None:
+            compare_features(report, m.feature_spec, reader.feature_basis(), true, rows, tol, got.where)
         if m.codec.name == "sampled":
             compare_sampled(report, m.codec, r, rows, np.array(got.seeds, dtype=np.uint64), got.where)
         else:

@@ -167,3 +167,35 @@ def compare_sampled(report: "VerifyReport", codec: CodecSpec, r: torch.Tensor, r
         bad = int((moved > 1).nonzero()[0, 0])
         report.reasons.append(f"{report.ids_wrong} views have draws that differ from drawing again (first: epoch "
                               f"{where[bad][0]}, key {where[bad][1]}: {int(moved[bad])} of {codec.k} draws moved)")
+
+
+#: Recomputation noise allowed on a view's features, relative to its feature norm (float32
+#: reduction order; a bf16 CUDA build needs ``--tolerance`` of about 1e-2 instead).
+FEATURE_NOISE_REL = 2.0**-13
+
+
+def compare_features(report: "VerifyReport", spec, basis, true: torch.Tensor, rows: dict[str, np.ndarray],
+                     tol: float, where: list[tuple[int, str]]) -> None:
+    """Cached features against the teacher's recomputed ``true`` (n, D) float32: the decoded
+    rows must lie within the codec's rounding bound (``quantisation_bound``) of the
+    projection of ``true`` onto the cache's basis, plus ``max(tol, FEATURE_NOISE_REL)`` x
+    ``||true||`` for recomputation noise. Fills the ``feature_*`` fields of ``report``."""
+    from .feature_codec import decode_features, project, quantisation_bound
+
+    feat = torch.from_numpy(rows["feat"])
+    scale = torch.from_numpy(rows["feat_scale"]) if "feat_scale" in rows else None
+    basis_t = basis.to_torch("cpu") if basis is not None else None
+    decoded = decode_features(spec, basis_t, feat, scale).double()
+    target = project(basis, true).double()
+    norm = true.double().norm(dim=1)
+    err = torch.nan_to_num((decoded - target).norm(dim=1), nan=math.inf)
+    excess = (err - quantisation_bound(spec, scale, feat).double()).clamp(min=0) / norm.clamp_min(1e-30)
+    report.feature_views = len(true)
+    report.feature_cos_min = float(torch.nn.functional.cosine_similarity(decoded, true.double(), dim=1).min())
+    report.feature_max_excess = float(excess.max())
+    limit = max(tol, FEATURE_NOISE_REL)
+    if report.feature_max_excess > limit:
+        e, key = where[int(excess.argmax())]
+        report.reasons.append(
+            f"cached features of epoch {e}, key {key} are {report.feature_max_excess:.3g} x their norm beyond the "
+            f"codec's bound (allowed {limit:.3g}): not this teacher's features of this view")

@@ -39,6 +39,8 @@ class CacheWriter:
             self.format_version = manifest.format_version
         else:
             built = Manifest.from_dict(existing)
+            if built.features != manifest.features:  # also decides the format (3 or 4): name the features
+                manifest.check_same_build(built, url)
             if built.format_version != manifest.format_version:
                 raise CacheMismatchError(
                     f"cache {url} is format {built.format_version}; this logitcache writes format "

@@ -131,3 +131,57 @@ def test_feature_spec_mismatches_are_refused_in_one_line(feature_caches, synth_d
                                            "--feature-dims", "64", "--feature-fit-views", "40"), capsys))
     assert "at least 64 views" in line
     assert CacheReader(pca).epochs() == [0, 1]
+
+
+def test_feature_caches_are_format_4_and_logit_caches_stay_3(feature_caches, built_cache_mix):
+    import zarr
+
+    from logitcache.manifest import ATTR_KEY, Manifest
+
+    for url in feature_caches.values():
+        assert zarr.open_group(url, mode="r").attrs[ATTR_KEY]["format_version"] == 4
+        assert CacheReader(url).format_version == 4
+    assert CacheReader(built_cache_mix).format_version == 3 and CacheReader(built_cache_mix).manifest.features is None
+    # A reader that knows formats up to 3 only (a logitcache from before features) refuses a
+    # feature cache instead of extending it with featureless units.
+    d = zarr.open_group(feature_caches["pca"], mode="r").attrs[ATTR_KEY]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("logitcache.manifest.READABLE_VERSIONS", (1, 2, 3))
+        with pytest.raises(Exception, match="format version 4 is not supported"):
+            Manifest.from_dict(d)
+
+
+def test_verify_checks_cached_features_against_the_teacher(feature_caches, synth_data, tiny_teacher, tmp_path):
+    import zarr
+
+    from logitcache.store import commit_path
+    from logitcache.verify import verify_cache
+    from logitcache.store import array_crc32
+
+    for name in ("pca", "full32"):
+        rep = verify_cache(feature_caches[name], data=synth_data, teacher_weights=tiny_teacher, sample=192,
+                           device="cpu")
+        assert rep.passed, rep.reasons
+        assert rep.feature_views == 192 and rep.feature_cos_min > (0.95 if name == "pca" else 0.99999)
+        assert rep.feature_max_excess < 1e-5  # recomputation noise only (allowed: 2**-13)
+    from logitcache.cli.main import app
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["verify", feature_caches["pca"], "--sample", "32", "--data", synth_data,
+                                   "--teacher-weights", tiny_teacher, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "32 views: least cosine 0.9" in res.output and res.output.rstrip().endswith("PASS")
+    # One view's stored features swapped with another's, checksums fixed: only verify can tell.
+    url = str(tmp_path / "swapped.zarr")
+    shutil.copytree(feature_caches["pca"], url)
+    root = zarr.open_group(url, mode="a")
+    feat = root[unit_path(0, 1)]["feat"][...]
+    feat[[3, 4]] = feat[[4, 3]]
+    root[unit_path(0, 1)]["feat"][...] = feat
+    record = root[commit_path(0, 1)]
+    commit = record.attrs["commit"]
+    commit["crc32"]["feat"] = array_crc32(feat)
+    record.attrs["commit"] = commit
+    rep = verify_cache(url, data=synth_data, teacher_weights=tiny_teacher, sample=192, device="cpu")
+    assert not rep.passed and rep.feature_max_excess > 0.01
+    assert any("cached features of epoch 0" in r for r in rep.reasons), rep.reasons
