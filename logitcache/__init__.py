@@ -25,6 +25,7 @@ _PUBLIC = {
     "CachedTrainData": "logitcache.api",
     "teacher_logits": "logitcache.api",
     "teacher_probs": "logitcache.api",
+    "teacher_features": "logitcache.api",
     "CacheReader": "logitcache.store",
     "decode": "logitcache.codec",
     "rebuilt_probs": "logitcache.codec",
@@ -38,6 +39,8 @@ _PUBLIC = {
     "MetaTemperatureLearner": "logitcache.trainer.mkd",
     "MKDConfig": "logitcache.trainer.mkd",
     "mkd_loss": "logitcache.trainer.mkd",
+    "FeatureStudent": "logitcache.trainer.projector",
+    "projector_distance": "logitcache.trainer.projector",
     "LogitcacheError": "logitcache.errors",
 }
 

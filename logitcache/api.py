@@ -8,15 +8,20 @@ The pieces, in the order a step uses them:
   views with their label targets and cached teacher rows, for one rank of a world size.
 * :func:`teacher_logits` / :func:`teacher_probs` - the teacher's (B, C) logits or
   probabilities at temperature T, rebuilt on the device from a batch's cached rows.
+* :func:`teacher_features` - the teacher's pooled features (B, D), decoded on the device
+  from a batch of ``loader(..., features=True)`` (a cache built with ``build --features``).
 * ``logitcache.smoothed_targets`` - the mixed, smoothed label targets (B, C) of a batch; the
-  losses are ``logitcache.kd_loss``, ``dkd_loss``, ``dist_loss`` and MKD's learner.
+  losses are ``logitcache.kd_loss``, ``dkd_loss``, ``dist_loss``, MKD's learner, and for
+  projector distillation ``logitcache.FeatureStudent`` with ``projector_distance``.
 
 Each batch is a dict: ``images`` (B, 3, H, W) float32 normalised with the cache's recipe;
 ``label``, ``partner_label`` (B,) int64 (the partner is the other image of a mixup/cutmix
 pair, the view itself when not mixed); ``lam`` (B,) float32, the weight of the view's own
 label; ``ids``, ``values`` (B, k) and ``tail`` (B,): the cached teacher rows in their stored
 dtypes (class ids; gap codes, counts or float logits; see logitcache/codec.py), decoded on
-the device by :func:`teacher_logits`; plus ``index``, ``partner``, ``seed`` (B,) int64.
+the device by :func:`teacher_logits`; plus ``index``, ``partner``, ``seed`` (B,) int64. With
+``features=True`` also ``feat`` (B, w) (int8 coefficients, or float16/float32) and, for int8,
+``feat_scale`` (B,) float32, decoded by :func:`teacher_features`.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ from logitcache.build import check_views_of
 from logitcache.codec import CodecSpec, decode, rebuilt_probs
 from logitcache.data.source import open_source
 from logitcache.errors import LogitcacheError
+from logitcache.feature_codec import decode_features
 from logitcache.manifest import check_serves
 from logitcache.store import CacheReader
 from logitcache.trainer.data import CachedRows, create_train_loader, epoch_groups
 
-__all__ = ["CachedTrainData", "open_cache", "teacher_logits", "teacher_probs"]
+__all__ = ["CachedTrainData", "open_cache", "teacher_features", "teacher_logits", "teacher_probs"]
 
 
 def open_cache(url: str, storage_options: dict | None = None) -> CacheReader:
@@ -53,6 +59,7 @@ class CachedTrainData:
         num_classes: C, the columns of the teacher logits and targets.
         codec: how the cache's teacher rows decode (give it to :func:`teacher_logits`).
         epochs: the cache's complete epochs; student epoch e reads ``epochs[e % len(epochs)]``.
+        feature_dim: D, the width of the cached teacher features; None for a logit-only cache.
     """
 
     def __init__(self, data: str, cache: str | CacheReader, *, split: str = "train",
@@ -68,27 +75,32 @@ class CachedTrainData:
         self.recipe = self.reader.manifest.recipe
         self.num_classes = self.source.num_classes
         self.codec = self.reader.manifest.codec
+        spec = self.reader.manifest.feature_spec
+        self.feature_dim = spec.dim if spec is not None else None
         self._labels = self.source.labels()
+        self._basis: dict[str, tuple] = {}  # device -> the feature basis there (read and checked once)
 
     def view_epoch(self, epoch: int) -> int:
         """The cached epoch that student epoch ``epoch`` trains on (cached epochs cycle)."""
         return self.epochs[epoch % len(self.epochs)]
 
     def loader(self, epoch: int, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-               num_workers: int = 0, pin_memory: bool = False, limit: int | None = None) -> DataLoader:
+               num_workers: int = 0, pin_memory: bool = False, limit: int | None = None,
+               features: bool = False) -> DataLoader:
         """Student epoch ``epoch``: this rank's slice of every shuffled global batch.
 
         ``batch_size`` is the global batch in views (a multiple of the recipe's group size,
         2 with mixup/cutmix, times ``world_size``); each rank's batches hold
         ``batch_size // world_size`` views (a group of one leftover view may make one
         smaller). The batches are a function of ``(seed, epoch)``; ``limit`` keeps the first
-        ones. Items are the dicts described in this module's docstring."""
+        ones. Items are the dicts described in this module's docstring; ``features`` adds the
+        cached teacher features (a cache built without ``--features`` raises, saying so)."""
         view_epoch = self.view_epoch(epoch)
         gs = self.recipe.group_size
         if batch_size < 1 or batch_size % (gs * world_size):
             raise LogitcacheError(f"batch size {batch_size} must be a positive multiple of {gs * world_size} "
                                   f"(views per group x world size)")
-        rows = CachedRows(self.reader.load_epoch(view_epoch), self._labels, self.source)
+        rows = CachedRows(self.reader.load_epoch(view_epoch, features=features), self._labels, self.source)
         loader = create_train_loader(self.source, self.recipe, view_epoch,
                                      epoch_groups(self.source, self.recipe, view_epoch), rows,
                                      batch_size=batch_size, seed=seed, epoch=epoch, num_workers=num_workers,
@@ -107,6 +119,22 @@ def teacher_probs(batch: dict, codec: CodecSpec, temperature: float = 1.0,
     """The teacher's probabilities (B, C) float32 at temperature T: softmax(logits / T), rows
     summing to 1, rebuilt on ``device`` from the batch's cached rows (a sampled cache: T = 1 only)."""
     return rebuilt_probs(codec, *_rows(batch, device), temperature)
+
+
+def teacher_features(batch: dict, data: CachedTrainData, device: torch.device | str | None = None) -> torch.Tensor:
+    """The teacher's pooled pre-logit features (B, D) float32 on ``device`` (default: where the
+    rows are), decoded from a batch of ``data.loader(..., features=True)`` with the cache's
+    basis (within the codec's rounding of the feature's projection onto it)."""
+    if "feat" not in batch:
+        raise LogitcacheError("this batch has no cached features: use data.loader(..., features=True)")
+    feat = batch["feat"].to(device, non_blocking=True) if device is not None else batch["feat"]
+    scale = batch.get("feat_scale")
+    scale = scale.to(feat.device, non_blocking=True) if scale is not None else None
+    key = str(feat.device)
+    if key not in data._basis:
+        basis = data.reader.feature_basis()
+        data._basis[key] = basis.to_torch(feat.device) if basis is not None else None
+    return decode_features(data.reader.manifest.feature_spec, data._basis[key], feat, scale)
 
 
 def _rows(batch: dict, device) -> tuple[torch.Tensor, ...]:

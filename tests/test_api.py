@@ -22,6 +22,8 @@ def test_public_names_import_and_are_documented():
         obj = getattr(logitcache, name)
         assert (obj.__doc__ or "").strip(), f"logitcache.{name} has no docstring"
     assert set(logitcache.__all__) <= set(dir(logitcache))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert not [n for n in logitcache.__all__ if f"`{n}" not in readme and f" {n}(" not in readme], "not in README"
     with pytest.raises(AttributeError):
         logitcache.no_such_name  # noqa: B018
 

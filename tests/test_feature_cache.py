@@ -185,3 +185,45 @@ def test_verify_checks_cached_features_against_the_teacher(feature_caches, synth
     rep = verify_cache(url, data=synth_data, teacher_weights=tiny_teacher, sample=192, device="cpu")
     assert not rep.passed and rep.feature_max_excess > 0.01
     assert any("cached features of epoch 0" in r for r in rep.reasons), rep.reasons
+
+
+def test_public_api_gives_the_cached_teacher_features(feature_caches, synth_data, tiny_teacher, built_cache_mix):
+    import logitcache
+    from logitcache.teacher import Teacher
+
+    full = logitcache.CachedTrainData(synth_data, feature_caches["full32"])
+    assert full.feature_dim == 96
+    teacher = Teacher("test_resnet", weights=tiny_teacher, num_classes=full.num_classes, device="cpu")
+    batch = next(iter(full.loader(1, batch_size=16, features=True)))
+    assert batch["feat"].shape == (16, 96) and "feat_scale" not in batch
+    _, true = teacher(batch["images"], full.recipe.mean, full.recipe.std, features=True)
+    got = logitcache.teacher_features(batch, full, "cpu")
+    assert torch.allclose(got, true, rtol=1e-4, atol=1e-5), (got - true).abs().max()
+
+    pca = logitcache.CachedTrainData(synth_data, feature_caches["pca"])
+    batch = next(iter(pca.loader(1, batch_size=16, features=True)))
+    assert batch["feat"].dtype == torch.int8 and batch["feat_scale"].shape == (16,)
+    got = logitcache.teacher_features(batch, pca)
+    assert torch.nn.functional.cosine_similarity(got, true, dim=1).min() > 0.95  # the same views, same order
+    # a projector step from the public names: the distance falls as the projector trains
+    torch.manual_seed(0)
+    import timm
+
+    student = logitcache.FeatureStudent(timm.create_model("test_resnet", num_classes=16), pca.feature_dim)
+    opt = torch.optim.SGD(student.projector.parameters(), lr=0.05)
+    distances = []
+    for _ in range(5):
+        _, projected = student(batch["images"])
+        d = logitcache.projector_distance(projected, got)
+        opt.zero_grad()
+        d.backward()
+        opt.step()
+        distances.append(d.item())
+    assert distances[-1] < distances[0], distances
+
+    plain = logitcache.CachedTrainData(synth_data, built_cache_mix)
+    assert plain.feature_dim is None
+    with pytest.raises(logitcache.LogitcacheError, match="build --features"):
+        plain.loader(0, batch_size=16, features=True)
+    with pytest.raises(logitcache.LogitcacheError, match=r"features=True"):
+        logitcache.teacher_features(next(iter(plain.loader(0, batch_size=16))), plain)
