@@ -170,9 +170,9 @@ def train(
     epochs: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="10", help="Student epochs."),
     reuse_epochs: Optional[bool] = typer.Option(None, "--reuse-epochs/--no-reuse-epochs", show_default="no",
                                                 help="Cycle cached epochs when training longer than the cache."),
-    allow_view_drift: Optional[bool] = typer.Option(
-        None, "--allow-view-drift/--no-allow-view-drift", show_default="no",
-        help="Train even when views rendered here differ from those the teacher saw (library versions)."),
+    allow_view_drift: Optional[bool] = typer.Option(None, "--allow-view-drift/--no-allow-view-drift", show_default="no",
+                                                    help="Train even when views rendered here differ from those the "
+                                                         "teacher saw (library versions)."),
     batch_size: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="128", help="Global batch, in views."),
     opt: Optional[str] = typer.Option(None, metavar="NAME", show_default="adamw", help="timm optimiser name: adamw, lamb, sgd, ..."),
     lr: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="2e-3", help="Peak learning rate."),
@@ -190,23 +190,26 @@ def train(
     deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic", show_default="no",
                                                  help="torch.use_deterministic_algorithms."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", show_default="no", help="Continue from <out>/checkpoint."),
-    limit_batches: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="all",
-                                                help="At most this many batches per epoch."),
+    limit_batches: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="all", help="At most this many batches per epoch."),
     workers: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="2", help="DataLoader workers per process."),
     seed: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="0", help="Seed of the batch order and the student's init."),
     device: Optional[str] = typer.Option(None, metavar="TEXT", show_default="auto", help="auto, cpu, cuda or cuda:N."),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", show_default="yes",
-                                               help="Write TensorBoard logs."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", show_default="yes", help="Write TensorBoard logs."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default="yes", help="Show a progress bar."),
 ):
     """Train a student from cached teacher logits (and features), loading no teacher weights.
 
     `--online-teacher` runs the teacher on the same views instead; `--kd prokt` trains one
     along with the student (online only). Under torchrun, every rank trains on its slice of the same global batches (DDP)."""
-    flags = dict(locals())  # first: only the parameters
+    _run_train(dict(locals()))  # first: only the parameters
+
+
+def _run_train(flags: dict) -> None:
+    """``train`` with its flags (None: not given) over the --config file's settings."""
     from logitcache.trainer.config import load_config, make_config
     from logitcache.trainer.train import train as run_train
 
+    config = flags["config"]
     summary = run_train(make_config(_train_settings(flags, load_config(config) if config else {})))
     if summary:
         print(f"final val top-1 {summary['final_top1']:.2f}%  top-5 {summary['final_top5']:.2f}%  -> "
