@@ -488,6 +488,33 @@ def test_mkd_stopped_and_resumed_equals_uninterrupted(tmp_path, synth_data, buil
         [(r["t_teacher"], r["t_student"], r.get("meta_loss")) for r in ref_steps]
 
 
+def test_sigterm_on_an_epochs_last_batch_then_resume_equals_uninterrupted(tmp_path, synth_data, built_cache):
+    """The checkpoint says (epoch 0, batch = the epoch's last + 1): resuming runs no batch of
+    epoch 0, evaluates it, and goes on with epoch 1 as an uninterrupted run does."""
+    cfg = base_config(synth_data, built_cache, tmp_path / "ref", epochs=2, limit_batches=3, deterministic=True)
+    train(cfg)
+
+    def sigterm_at_step_2(info):  # the flag is read with step 3's losses: the stop comes after step 3
+        if info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = replace(cfg, out=str(tmp_path / "run"))
+    with pytest.raises(TrainingStopped):
+        train(stopped, on_step=sigterm_at_step_2)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 3, 3)
+    train(replace(stopped, resume=True))
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    run = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(ref[k], run[k]) for k in ref)
+    assert [r["loss"] for r in read_rows(tmp_path / "run" / "steps.jsonl")] == \
+        [r["loss"] for r in read_rows(tmp_path / "ref" / "steps.jsonl")]
+    ref_epochs, run_epochs = (read_rows(tmp_path / d / "metrics.jsonl") for d in ("ref", "run"))
+    assert [r["epoch"] for r in run_epochs] == [0, 1]
+    assert [(r["val_top1"], r["loss"]) for r in run_epochs] == [(r["val_top1"], r["loss"])
+                                                                      for r in ref_epochs]
+
+
 def test_mkd_needs_vanilla_kd(tmp_path, synth_data, built_cache):
     from logitcache.trainer.mkd import MKDConfig
 
