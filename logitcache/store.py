@@ -22,6 +22,7 @@ Layout (docs/FORMAT.md has the reader's view)::
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import zlib
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync
 
 from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError
 from .manifest import ATTR_KEY, Manifest
@@ -136,6 +138,21 @@ def damaged_arrays(commit: dict, arrays: dict[str, np.ndarray]) -> list[str]:
     if "crc32" in commit:
         return [k for k, a in arrays.items() if array_crc32(a) != commit["crc32"].get(k)]
     return [k for k, a in arrays.items() if array_digest(a) != commit.get("sha256", {}).get(k)]
+
+
+async def _read_unit_arrays(root, path: str, names: tuple[str, ...], empty: bool) -> list:
+    """[the unit group at ``path``, then the whole of each array ``names`` in it] from a zarr
+    AsyncGroup, all opened and read concurrently: one trip through zarr's event loop per
+    unit, not two per array. Whatever cannot be opened or read gives its exception in its
+    place. ``empty``: a unit of 0 rows, whose arrays have no chunk: zero-length arrays of
+    their dtypes."""
+    async def one(key: str):
+        z = await root.getitem(f"{path}/{key}")
+        if empty or not z.size:
+            return np.zeros((0,) + tuple(z.shape[1:]), z.dtype)
+        return await z.getitem(...)
+
+    return list(await asyncio.gather(root.getitem(path), *(one(k) for k in names), return_exceptions=True))
 
 
 def _read_manifest(group: zarr.Group, url: str) -> Manifest:
@@ -288,19 +305,17 @@ class CacheReader:
     def _read_checked(self, epoch: int, shard: int, commit: dict, features: bool = True) -> dict[str, np.ndarray]:
         """:meth:`read_unit` given the unit's commit record (read once by the caller);
         ``features=False`` leaves a feature cache's feature arrays unread."""
-        try:
-            group = self.root[unit_path(epoch, shard)]
-        except Exception as e:  # noqa: BLE001 - absent or garbled metadata of a committed unit
+        names = self._names(features)
+        group, *arrays = sync(_read_unit_arrays(self.root._async_group, unit_path(epoch, shard), names,
+                                                empty=not commit["n"]))
+        if isinstance(group, Exception):  # absent or garbled metadata of a committed unit
             raise CorruptCacheError(f"{self._where(epoch, shard)}: unit metadata is missing or unreadable "
-                                    f"({type(e).__name__}); {REPAIR_HINT}") from None
-        out = {}
-        for key in self._names(features):
-            try:
-                z = group[key]
-                out[key] = z[...] if z.size and commit["n"] else np.zeros((0,) + z.shape[1:], z.dtype)
-            except Exception as e:  # noqa: BLE001 - any storage/codec failure becomes one clear error
-                raise CorruptCacheError(f"{self._where(epoch, shard, key)}: cannot read it ({type(e).__name__}: "
-                                        f"{e}); {REPAIR_HINT}") from None
+                                    f"({type(group).__name__}); {REPAIR_HINT}") from None
+        for key, got in zip(names, arrays):
+            if isinstance(got, Exception):  # any storage/codec failure becomes one clear error
+                raise CorruptCacheError(f"{self._where(epoch, shard, key)}: cannot read it ({type(got).__name__}: "
+                                        f"{got}); {REPAIR_HINT}") from None
+        out = dict(zip(names, arrays))
         bad = damaged_arrays(commit, out)
         if bad:
             raise CorruptCacheError(f"{self._where(epoch, shard, bad[0])}: fails its checksum (damaged or "

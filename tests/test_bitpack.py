@@ -148,3 +148,18 @@ def test_the_largest_value_fits_and_one_more_raises(bits):
 
 def test_bits_for_zero_is_zero():
     assert bits_for(0) == 0
+
+
+@SETTINGS
+@given(values_and_bits(min_bits=1, max_bits=25), st.integers(0, 255), st.integers(0, 4))
+def test_unpack_ignores_padding_bits_and_bytes_past_the_stream(vb, junk, extra):
+    """Whatever the last byte's padding bits and any bytes past the stream hold, the values
+    read are those packed (the word-wise reader must mask them off)."""
+    values, bits = vb
+    m = len(values)
+    stream = pack_bits(values, bits)
+    pad = (-m * bits) % 8
+    dirty = np.concatenate([stream, np.full(extra, junk, np.uint8)])
+    if pad and stream.size:
+        dirty[stream.size - 1] |= junk & ((1 << pad) - 1)
+    assert np.array_equal(unpack_bits(dirty, m, bits).astype(np.uint64), values)
