@@ -306,8 +306,12 @@ class CacheReader:
         """:meth:`read_unit` given the unit's commit record (read once by the caller);
         ``features=False`` leaves a feature cache's feature arrays unread."""
         names = self._names(features)
+        # zarr's Group wraps an AsyncGroup (zarr 3); its async API reads the unit in one gather
         group, *arrays = sync(_read_unit_arrays(self.root._async_group, unit_path(epoch, shard), names,
                                                 empty=not commit["n"]))
+        for got in (group, *arrays):  # cancelled or interrupted: not damage, pass it on
+            if isinstance(got, BaseException) and not isinstance(got, Exception):
+                raise got
         if isinstance(group, Exception):  # absent or garbled metadata of a committed unit
             raise CorruptCacheError(f"{self._where(epoch, shard)}: unit metadata is missing or unreadable "
                                     f"({type(group).__name__}); {REPAIR_HINT}") from None
