@@ -68,7 +68,7 @@ def ls_cmd(
 
     from logitcache.build import cache_root as root_of
     from logitcache.cache_stats import summarize_cache
-    from logitcache.store import list_caches
+    from logitcache.cache_stats import list_caches
 
     root = root_of(cache_root)
     summaries = [summarize_cache(c.url) for c in list_caches(root)]

@@ -4,6 +4,7 @@
 :func:`inspect_cache` also reads every committed unit whole, once (never per item), and
 computes its statistics per unit with vectorised numpy. Both return dataclasses; the CLI
 (``cli/format.py``) turns them into text. Sizes are bytes, entropies nats (T=1).
+:func:`list_caches` finds the caches under a cache root (``ls``, and ``train`` without --cache).
 """
 
 from __future__ import annotations
@@ -219,3 +220,35 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
         mean_top1_prob=sums.top1_prob / views if views else None,
         mean_tail_mass=sums.tail_mass / views if views else None, features=m.features,
     )
+
+
+@dataclass
+class CacheEntry:
+    url: str
+    manifest: Manifest
+
+
+def list_caches(root: str) -> list[CacheEntry]:
+    """The caches directly under ``root`` (a local path or fsspec URL), sorted by URL.
+
+    Folders that are not logitcache caches are ignored; an unreadable manifest is skipped
+    with its error kept out of the way (``inspect`` reports it).
+    """
+    import fsspec
+
+    if is_local(root):
+        base = root.removeprefix("file://")
+        if not os.path.isdir(base):
+            return []
+        children = [os.path.join(base, n) for n in sorted(os.listdir(base))]
+    else:
+        fs, path = fsspec.core.url_to_fs(root)
+        protocol = root.split("://", 1)[0]
+        children = [f"{protocol}://{p}" for p in sorted(fs.ls(path, detail=False))]
+    out = []
+    for child in children:
+        try:
+            out.append(CacheEntry(child, CacheReader(child).manifest))
+        except Exception:  # noqa: BLE001 - not a cache, or not one we can read
+            continue
+    return out

@@ -379,35 +379,3 @@ class CacheReader:
         ids, values, tail = cat("ids"), cat("values"), np.concatenate([u["tail"] for u, _ in units])
         feat = {k: np.concatenate([u[k] for u, _ in units]) for k in ("feat", "feat_scale") if k in units[0][0]}
         return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units], **feat)
-
-
-@dataclass
-class CacheEntry:
-    url: str
-    manifest: Manifest
-
-
-def list_caches(root: str) -> list[CacheEntry]:
-    """The caches directly under ``root`` (a local path or fsspec URL), sorted by URL.
-
-    Folders that are not logitcache caches are ignored; an unreadable manifest is skipped
-    with its error kept out of the way (``inspect`` reports it).
-    """
-    import fsspec
-
-    if is_local(root):
-        base = root.removeprefix("file://")
-        if not os.path.isdir(base):
-            return []
-        children = [os.path.join(base, n) for n in sorted(os.listdir(base))]
-    else:
-        fs, path = fsspec.core.url_to_fs(root)
-        protocol = root.split("://", 1)[0]
-        children = [f"{protocol}://{p}" for p in sorted(fs.ls(path, detail=False))]
-    out = []
-    for child in children:
-        try:
-            out.append(CacheEntry(child, CacheReader(child).manifest))
-        except Exception:  # noqa: BLE001 - not a cache, or not one we can read
-            continue
-    return out

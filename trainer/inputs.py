@@ -17,7 +17,8 @@ from logitcache.codec import CodecSpec, check_serves_loss
 from logitcache.data.source import SampleSource, open_source
 from logitcache.errors import CacheNotFoundError, LogitcacheError
 from logitcache.manifest import check_serves
-from logitcache.store import CacheReader, list_caches
+from logitcache.cache_stats import list_caches
+from logitcache.store import CacheReader
 from logitcache.plan import Groups
 from logitcache.views import Recipe, create_recipe
 
