@@ -311,6 +311,23 @@ def test_console_exit_codes(env, monkeypatch, capsys):
 # -- ls ----------------------------------------------------------------------------------
 
 
+def test_train_finds_the_one_cache_of_its_data_under_the_root(env, tmp_path):
+    from logitcache.errors import CacheNotFoundError
+    from logitcache.trainer.inputs import find_cache
+
+    fingerprint = env["source"].fingerprint()
+    with pytest.raises(CacheNotFoundError, match="several caches for this dataset .*a.zarr.*b.zarr.*--cache"):
+        find_cache(env["root"], fingerprint)
+    root = tmp_path / "one"
+    root.mkdir()
+    shutil.copytree(env["a"], root / "a.zarr")
+    (root / "not-a-cache").mkdir()
+    assert find_cache(str(root), fingerprint) == str(root / "a.zarr")
+    with pytest.raises(CacheNotFoundError, match="no cache for this dataset under .*logitcache build"):
+        find_cache(str(root), "0" * 64)
+
+
+
 def test_ls_lists_caches_only(env, tmp_path):
     res = runner.invoke(app, ["ls", "--cache-root", env["root"]])
     assert res.exit_code == 0, res.output
