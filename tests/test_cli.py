@@ -149,3 +149,52 @@ def test_cache_of_another_dataset_or_recipe_is_refused(tmp_path, synth_data, tin
     line = user_error_line(run_cli("train", "--data", str(other), "--student", "test_resnet", "--cache", cache,
                                    "--epochs", "1", "--out", str(tmp_path / "s")))
     assert "another dataset" in line and cache in line
+
+
+def test_train_help_defaults_are_the_config_defaults():
+    """`train --help` states each default as text (so --help imports no torch): every one that
+    names a value must equal the TrainConfig / LossConfig / MKDConfig / ProKTConfig default."""
+    import dataclasses
+
+    import typer.main
+
+    from logitcache.cli import main as cli
+    from logitcache.trainer.config import TrainConfig
+    from logitcache.trainer.losses import LossConfig
+    from logitcache.trainer.mkd import MKDConfig
+    from logitcache.trainer.prokt import ProKTConfig
+
+    def defaults(cls) -> dict:
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+    tables = [(defaults(TrainConfig), {"workers": "num_workers"}), (defaults(LossConfig), cli._LOSS_FLAGS),
+              (defaults(MKDConfig), cli._MKD_FLAGS), (defaults(ProKTConfig), cli._PROKT_FLAGS)]
+    command = typer.main.get_command(cli.app).commands["train"]
+    checked = 0
+    for param in command.params:
+        shown = param.show_default
+        if not isinstance(shown, str):
+            continue
+        for table, names in tables:
+            field = names.get(param.name, param.name if names is tables[0][1] else None)
+            if field in table:
+                break
+        else:
+            continue
+        want = table[field]
+        if want is None:  # a described default ("no clipping", "the cache's teacher")
+            continue
+        if isinstance(want, bool):
+            assert shown == ("yes" if want else "no"), (param.name, shown, want)
+        elif isinstance(want, (int, float)):
+            assert float(shown) == want, (param.name, shown, want)
+        else:
+            assert shown == want, (param.name, shown, want)
+        checked += 1
+    assert checked >= 35, checked
