@@ -40,7 +40,8 @@ def verify_cmd(
     teacher_weights: Optional[str] = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights", help="The weights file the cache was built with."),
     tolerance: Optional[float] = typer.Option(
         None, metavar="FLOAT", show_default="4 x the value dtype's rounding: 1.95e-3 for float16",
-        help="Relative tolerance on kept logits."),
+        help="Relative tolerance on kept logits; a feature cache's features may also be off by this times "
+             "their norm (at least 2^-13) past the codec's bound."),
     seed: int = typer.Option(0, metavar="INTEGER", help="Seed of the view sample."),
     device: str = typer.Option("auto", metavar="TEXT", help="Teacher device (CUDA runs bf16 autocast, as the build does)."),
     batch_size: int = typer.Option(64, metavar="INTEGER", min=1, help="Views per teacher batch."),
