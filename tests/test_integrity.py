@@ -38,6 +38,7 @@ DAMAGE = {
     "missing values chunk": ("values", lambda url: _chunk(url, 0, 1, "values").unlink()),
     "truncated ids chunk": ("ids", lambda url: _chunk(url, 0, 1, "ids").write_bytes(
         _chunk(url, 0, 1, "ids").read_bytes()[:9])),
+    "garbled ids metadata": ("ids", lambda url: (Path(url) / unit_path(0, 1) / "ids" / "zarr.json").write_text("{g")),
     "garbled unit metadata": (None, lambda url: (Path(url) / unit_path(0, 1) / "zarr.json").write_text("{garbled")),
     "garbled commit record": (None, lambda url: (Path(url) / commit_path(0, 1) / "zarr.json").write_text("{x")),
 }
