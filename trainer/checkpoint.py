@@ -29,14 +29,25 @@ PROJECTOR_WEIGHTS = "projector.safetensors"
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return cpu_tensors(module.state_dict())
+
+
+def cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as safetensors takes it: detached, contiguous, on the CPU."""
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_model(model: torch.nn.Module, path: Path, name: str, num_classes: int, io: ModelInput) -> None:
+    """safetensors weights with what ``--teacher-weights`` needs to rebuild the model: its timm
+    name, class count and input spec ``io`` (size, normalisation, interpolation)."""
+    save_file(_cpu_state(model), str(path),
+              metadata={META_MODEL: name, "num_classes": str(num_classes), META_INPUT: io.to_json()})
 
 
 def save_student(model: torch.nn.Module, path: Path, name: str, num_classes: int, recipe: Recipe) -> None:
-    """safetensors weights with what ``--teacher-weights`` needs to rebuild the model."""
+    """:func:`save_model` for a student trained on ``recipe``'s views."""
     io = ModelInput(recipe.input_size, tuple(recipe.mean), tuple(recipe.std), recipe.interpolation)
-    save_file(_cpu_state(model), str(path),
-              metadata={META_MODEL: name, "num_classes": str(num_classes), META_INPUT: io.to_json()})
+    save_model(model, path, name, num_classes, io)
 
 
 def save_checkpoint(out: Path, *, model, optimizer, scheduler, ema, mkd, epoch: int, batch: int, step: int,
@@ -58,7 +69,7 @@ def save_checkpoint(out: Path, *, model, optimizer, scheduler, ema, mkd, epoch: 
     if prokt is not None:  # the teacher's weights beside the student's; its optimiser and schedule in state.pt
         prokt_state = prokt.state_dict()
         weights = prokt_state.pop("model")
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / PROKT_WEIGHTS))
+        save_file(cpu_tensors(weights), str(tmp / PROKT_WEIGHTS))
     state = {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "mkd": mkd.state_dict() if mkd is not None else None,

@@ -63,6 +63,11 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     progress: bool = True
 
+    @property
+    def needs_teacher_features(self) -> bool:
+        """Whether the loss needs the teacher's pooled features (--kd projector): read from a
+        cache built with --features, or from the online teacher."""
+        return self.loss.kind == "projector"
 
 
 #: timm's scheduler names (create_scheduler_v2 quietly makes no scheduler for any other).
@@ -149,7 +154,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--meta-fraction must be in (0, 1), not {cfg.meta_fraction}")
     if cfg.prokt is not None:
         check_prokt(cfg)
-    if cfg.loss.kind == "projector" and cfg.mkd is not None:
+    if cfg.needs_teacher_features and cfg.mkd is not None:
         raise ConfigError("--kd projector and MKD (learned temperatures) cannot be combined; choose one")
     if cfg.device != "auto":
         try:

@@ -86,7 +86,7 @@ class RunInputs:
         view_epoch = self.view_epoch(epoch)
         arrays = None
         if self.reader is not None and not cfg.online_teacher:
-            arrays = self.reader.load_epoch(view_epoch, features=reads_features(cfg))
+            arrays = self.reader.load_epoch(view_epoch, features=cfg.needs_teacher_features)
         rows = CachedRows(arrays, self.labels, self.train_src)
         return create_train_loader(
             self.train_src, self.recipe, view_epoch, self.train_groups(view_epoch), rows,
@@ -113,7 +113,7 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
         check_serves(reader.manifest, fingerprint=train_src.fingerprint(), num_classes=train_src.num_classes, where=url)
         if not cfg.online_teacher:
             _check_codec_serves(cfg, reader.manifest.codec, url)
-            if reads_features(cfg) and not reader.has_features:
+            if cfg.needs_teacher_features and not reader.has_features:
                 raise LogitcacheError(f"--kd projector needs the teacher's features, and cache {url} holds logits "
                                       f"only: build a cache with `logitcache build --features`, or add "
                                       f"--online-teacher")
@@ -134,11 +134,6 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
     return RunInputs(train_src, val_src, reader, recipe, view_epochs, held_out,
                      steps_per_epoch=_steps_per_epoch(cfg, n_groups, gs), labels=train_src.labels(),
                      epochs_needed=cfg.epochs)
-
-
-def reads_features(cfg: TrainConfig) -> bool:
-    """Whether the run's loss needs the teacher's features (projector distillation)."""
-    return cfg.loss.kind == "projector"
 
 
 def _check_codec_serves(cfg: TrainConfig, codec: CodecSpec, url: str) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitcache.teacher import pre_logits_dim
+from logitcache.teacher import logits_and_features, pre_logits_dim
 
 #: BatchNorm's epsilon in the reference code.
 BN_EPS = 1e-4
@@ -70,8 +70,8 @@ class FeatureStudent(nn.Module):
                              f"needs one")
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        feats = self.student.forward_head(self.student.forward_features(x), pre_logits=True)
-        return self.student.get_classifier()(feats), self.projector(feats)
+        logits, feats = logits_and_features(self.student, x)
+        return logits, self.projector(feats)
 
     def no_weight_decay(self) -> set[str]:
         """The student's no-weight-decay names under this module's prefix (timm's optimiser

@@ -139,8 +139,7 @@ class ProKTTeacher:
 
     def __init__(self, cfg: ProKTConfig, teacher: "Teacher", run: "TrainConfig", *, mean, std,
                  steps_per_epoch: int, autocast: Callable[[], ContextManager], world_size: int = 1):
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
+        from .optim import create_optimizer_and_scheduler
 
         self.cfg, self.name, self.io = cfg, teacher.name, teacher.io
         self.device = teacher.device
@@ -155,13 +154,8 @@ class ProKTTeacher:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.lr = cfg.resolved_teacher_lr(run.lr)
-        scale = self.lr / run.lr
-        self.optimizer = create_optimizer_v2(self.model, opt=run.opt, lr=self.lr, weight_decay=run.weight_decay,
-                                             momentum=run.momentum)
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=run.sched, num_epochs=run.epochs, warmup_epochs=run.warmup_epochs,
-            min_lr=run.min_lr * scale, warmup_lr=self.lr * 0.01, step_on_epochs=False,
-            updates_per_epoch=steps_per_epoch)
+        self.optimizer, self.scheduler = create_optimizer_and_scheduler(
+            self.model, run, steps_per_epoch, lr=self.lr, min_lr=run.min_lr * (self.lr / run.lr))
 
     def _inputs(self, x: Tensor) -> Tensor:
         """Views (B, 3, H, W) in the recipe's normalisation -> the teacher's input."""
@@ -225,10 +219,6 @@ class ProKTTeacher:
 
     def save_weights(self, path: Path, num_classes: int) -> None:
         """The trained teacher as safetensors with the metadata ``--teacher-weights`` reads."""
-        from safetensors.torch import save_file
+        from .checkpoint import save_model
 
-        from logitcache.teacher import META_INPUT, META_MODEL
-
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(path), metadata={META_MODEL: self.name, "num_classes": str(num_classes),
-                                              META_INPUT: self.io.to_json()})
+        save_model(self.model, path, self.name, num_classes, self.io)

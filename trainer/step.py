@@ -78,10 +78,6 @@ class StepSpec:
     basis: tuple[torch.Tensor, torch.Tensor] | None = None  # ... and its basis (mean, components) on the device
 
     @property
-    def needs_teacher_features(self) -> bool:
-        return self.cfg.loss.kind == "projector"
-
-    @property
     def needs_teacher_logits(self) -> bool:
         return self.cfg.loss.kind != "none" or self.cfg.mkd is not None
 
@@ -155,7 +151,7 @@ def _teacher_outputs(spec: StepSpec, teacher: Teacher | None, batch: dict,
     if teacher is not None:
         # The teacher answers under inference_mode; the clone (made outside it) is an
         # ordinary tensor that autograd may save (MKD differentiates logits / T).
-        if spec.needs_teacher_features:
+        if spec.cfg.needs_teacher_features:
             logits, feats = teacher(x, spec.recipe.mean, spec.recipe.std, features=True)
             return logits.clone(), feats.clone()
         return teacher(x, spec.recipe.mean, spec.recipe.std).clone(), None
@@ -163,7 +159,7 @@ def _teacher_outputs(spec: StepSpec, teacher: Teacher | None, batch: dict,
         return None, None
     dev = spec.device
     logits = decode(spec.codec, *(batch[k].to(dev, non_blocking=True) for k in ("ids", "values", "tail")))
-    if spec.needs_teacher_features:
+    if spec.cfg.needs_teacher_features:
         scale = batch["feat_scale"].to(dev, non_blocking=True) if "feat_scale" in batch else None
         feats = decode_features(spec.features, spec.basis, batch["feat"].to(dev, non_blocking=True), scale)
     return logits, feats

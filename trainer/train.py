@@ -34,8 +34,6 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 
 from logitcache.build import resolve_device
 from logitcache.distributed import DistContext, init_from_env, rank_device
@@ -51,6 +49,7 @@ from .inputs import RunInputs, open_inputs
 from .loop import EpochTally, Position, Run, StepCallback, train_one_epoch
 from .metrics_log import Logger, read_rows
 from .mkd import MetaTemperatureLearner
+from .optim import create_optimizer_and_scheduler
 from .projector import FeatureStudent
 from .prokt import ProKTTeacher
 from .step import StepSpec, StudentParts
@@ -136,15 +135,11 @@ def _create_parts(cfg: TrainConfig, inputs: RunInputs, env: DistContext) -> Stud
                                      world_size=env.world_size)
                 teacher = None
     projector = None
-    if cfg.loss.kind == "projector":  # created after the student (and outside fork_rng): the same init cached or online
+    if cfg.needs_teacher_features:  # created after the student (and outside fork_rng): the same init cached or online
         projector = FeatureStudent(model, _teacher_feature_dim(teacher, inputs.reader)).to(device)
         projector.source = feature_source(cfg, inputs.reader)
     trained = projector if projector is not None else model
-    optimizer = create_optimizer_v2(trained, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
-                                       warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01,
-                                       step_on_epochs=False, updates_per_epoch=inputs.steps_per_epoch)
+    optimizer, scheduler = create_optimizer_and_scheduler(trained, cfg, inputs.steps_per_epoch)
     ema = timm.utils.ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     mkd = MetaTemperatureLearner(cfg.mkd, num_classes, device) if cfg.mkd is not None else None
     train_model = trained
@@ -164,7 +159,7 @@ def _teacher_feature_dim(teacher: Teacher | None, reader: CacheReader | None) ->
 def feature_source(cfg: TrainConfig, reader: CacheReader | None) -> dict | None:
     """Where --kd projector's teacher features come from (a resumed run must read the same
     feature space): the cache's teacher and feature basis, or the online teacher."""
-    if cfg.loss.kind != "projector":
+    if not cfg.needs_teacher_features:
         return None
     if cfg.online_teacher:
         return {"online_teacher": cfg.teacher or reader.manifest.teacher, "weights": str(cfg.teacher_weights)}
@@ -175,7 +170,7 @@ def feature_source(cfg: TrainConfig, reader: CacheReader | None) -> dict | None:
 
 def _cached_features(cfg: TrainConfig, reader: CacheReader | None, device: torch.device) -> dict:
     """StepSpec's ``features`` and ``basis`` when --kd projector reads them from the cache."""
-    if cfg.loss.kind != "projector" or cfg.online_teacher:
+    if not cfg.needs_teacher_features or cfg.online_teacher:
         return {}
     basis = reader.feature_basis()
     return {"features": reader.manifest.feature_spec, "basis": basis.to_torch(device) if basis is not None else None}
