@@ -82,7 +82,7 @@ def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], 
                      feature_dim: int):
     """The FeatureRequest of `build --features ...` (None without --features); flags checked here."""
     from logitcache.build_features import DEFAULT_FIT_VIEWS, FeatureRequest
-    from logitcache.feature_codec import create_feature_spec
+    from logitcache.feature_codec import DEFAULT_RANK, create_feature_spec
 
     if not features:
         given = [f for f, v in (("--feature-dims", dims), ("--feature-dtype", dtype), ("--feature-fit-views", fit_views))
@@ -91,7 +91,7 @@ def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], 
             raise typer.BadParameter(f"{', '.join(given)} without --features")
         return None
     try:
-        spec = create_feature_spec(feature_dim, dims if dims is not None else 256, dtype)
+        spec = create_feature_spec(feature_dim, dims if dims is not None else DEFAULT_RANK, dtype)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     return FeatureRequest(dims=spec.rank if spec.rank is not None else "full", dtype=spec.dtype,

@@ -134,10 +134,12 @@ def _plot(out: Path, r: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from logitcache.trainer.metrics_log import read_rows
+
     fig, (acc, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     for key in ["teacher", *r["runs"]]:
         folder = out / "teacher" if key == "teacher" else out / Path(key)
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        rows = read_rows(folder / "metrics.jsonl")
         style = "--" if key.endswith("ce_only") else ":" if key == "teacher" else "-"
         acc.plot([x["epoch"] + 1 for x in rows], [x["val_top1"] for x in rows], style, marker="o", ms=3, label=key)
     acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="accuracy")

@@ -36,7 +36,7 @@ from zarr.core.sync import sync
 
 from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError
 from .manifest import ATTR_KEY, Manifest
-from .unit_layout import legacy_rows, stored_arrays, unpack_unit
+from .unit_layout import FEATURE_ARRAYS, legacy_rows, stored_arrays, unpack_unit
 
 #: Threads for concurrent zarr requests: units read at once by ``CacheReader.read_units``, arrays
 #: written at once by ``logitcache.writer.CacheWriter.write_unit``.
@@ -377,5 +377,5 @@ class CacheReader:
             return np.concatenate(parts)
 
         ids, values, tail = cat("ids"), cat("values"), np.concatenate([u["tail"] for u, _ in units])
-        feat = {k: np.concatenate([u[k] for u, _ in units]) for k in ("feat", "feat_scale") if k in units[0][0]}
+        feat = {k: np.concatenate([u[k] for u, _ in units]) for k in FEATURE_ARRAYS if k in units[0][0]}
         return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units], **feat)

@@ -229,13 +229,14 @@ def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, trans
 def _rerun_teacher(teacher, views: torch.Tensor, m: Manifest, batch_size: int):
     """Logits (n, C) float64 for ``views`` (n, 3, H, W), and for a feature cache the pooled
     features (n, D) float32 (else None)."""
+    features = m.features is not None
     logits, feats = [], []
     for i in range(0, len(views), batch_size):
-        out = teacher(views[i:i + batch_size], m.recipe.mean, m.recipe.std, features=m.features is not None)
-        logits.append((out[0] if isinstance(out, tuple) else out).cpu())
-        if isinstance(out, tuple):
-            feats.append(out[1].cpu())
-    return torch.cat(logits).double(), (torch.cat(feats).float() if feats else None)
+        out = teacher(views[i:i + batch_size], m.recipe.mean, m.recipe.std, features=features)
+        batch_logits, batch_feats = out if features else (out, None)
+        logits.append(batch_logits.cpu())
+        feats.append(batch_feats)
+    return torch.cat(logits).double(), (torch.cat(feats).cpu().float() if features else None)
 
 
 def verify_cache(

@@ -173,6 +173,7 @@ def train_student(name: str, data: Path, work: Path, variant: str, seed: int, ep
                   workers: int, resume: bool, limit_batches: int | None) -> dict:
     """One student run; with ``resume``, a finished run with the same settings is reused."""
     from logitcache.trainer.config import TrainConfig
+    from logitcache.trainer.metrics_log import read_rows
     from logitcache.trainer.train import train
 
     out = work / name / "students" / f"e{epochs}" / variant / f"seed{seed}"
@@ -193,7 +194,7 @@ def train_student(name: str, data: Path, work: Path, variant: str, seed: int, ep
     shutil.rmtree(out, ignore_errors=True)
     clock = Clock()
     summary = train(cfg)
-    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = read_rows(out / "metrics.jsonl")
     result = {"top1": summary["final_top1"], "top5": summary["final_top5"], "best_top1": summary["best_top1"],
               "curve_top1": [r["val_top1"] for r in curve], **clock.read(),
               "train_images_per_s": summary["images_per_s"], "dir": str(out)}
