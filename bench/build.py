@@ -1,8 +1,8 @@
-"""Build throughput: ``logitcache.build.build`` against the bare teacher on the same machine.
+"""Build throughput: ``logitcache.build.loop.build`` against the bare teacher on the same machine.
 
 ``build`` is timed whole (DataLoader workers decoding PNGs and rendering RandAugment +
 mixup/cutmix views, the teacher, the codec, the zarr writes). The reference is the same
-:class:`~logitcache.teacher.Teacher` object called on pre-made tensors of the same batch and
+:class:`~logitcache.build.teacher.Teacher` object called on pre-made tensors of the same batch and
 input size for the same number of batches (``inference_mode``, same threads), timed
 before, between and after the builds; each build is compared with the mean of the raw
 passes on either side of it (cancels slow drift; their spread is reported).
@@ -73,9 +73,9 @@ def make_dataset(root, n: int, *, shards: int, seed: int = 0, unique: int = 256)
 def make_teacher_weights(path, name: str, input_size: int = 224) -> str:
     """A random-init timm model saved as logitcache writes a trained one (safetensors + metadata)."""
     import timm
-
-    from logitcache.views import create_recipe
     from logitcache.trainer.checkpoint import save_student
+
+    from logitcache.views.augment import create_recipe
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -115,7 +115,7 @@ def raw_teacher(teacher, batch: torch.Tensor, n_batches: int, mean, std) -> floa
 
 
 def timed_build(ctx: Ctx, source, teacher, recipe, codec, *, batch_size: int, num_workers: int, url: str) -> dict:
-    from logitcache.build import build
+    from logitcache.build.loop import build
 
     proxy = TimedTeacher(teacher)
     memory = PeakRSS()
@@ -147,9 +147,15 @@ def render_profile(source, recipe, n_views: int) -> dict:
     """Per-view CPU cost of what a DataLoader worker does, one thread (as in a worker):
     a whole batch of the build (``BatchDataset.__getitem__``: seeds, decode, transform, mix),
     and each stage of the transform separately."""
-    from logitcache.build import UnitBatches
-    from logitcache.loader import BatchDataset
-    from logitcache.views import create_train_transform, derive_seed, mix_pair, mix_params, seeded
+    from logitcache.build.units import UnitBatches
+    from logitcache.views.augment import (
+        create_train_transform,
+        derive_seed,
+        mix_pair,
+        mix_params,
+        seeded,
+    )
+    from logitcache.views.loader import BatchDataset
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -199,8 +205,8 @@ def render_profile(source, recipe, n_views: int) -> dict:
 
 def encode_write_cost(codec, logits: torch.Tensor, unit_views: int, workdir) -> dict:
     """Seconds to encode one batch of logits, and to write one unit of ``unit_views`` views."""
-    from logitcache.codec import encode
-    from logitcache.writer import CacheWriter
+    from logitcache.codecs.logits import encode
+    from logitcache.storage.writer import CacheWriter
 
     from .common import synthetic_manifest, synthetic_unit
 
@@ -221,10 +227,10 @@ def encode_write_cost(codec, logits: torch.Tensor, unit_views: int, workdir) -> 
 
 
 def run(ctx: Ctx) -> dict:
-    from logitcache.codec import create_codec
+    from logitcache.build.teacher import Teacher
+    from logitcache.codecs.logits import create_codec
     from logitcache.data.source import open_source
-    from logitcache.teacher import Teacher
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
 
     s = settings(ctx)
     t_setup = time.perf_counter()

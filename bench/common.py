@@ -53,7 +53,7 @@ def package_version(name: str) -> str:
 
 def environment(device: torch.device) -> dict:
     """Where and with what a result was measured."""
-    from logitcache.manifest import device_name
+    from logitcache.storage.manifest import device_name
 
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -188,8 +188,8 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
 def codec_for_k(k: int | str, num_classes: int, values: str = "float16"):
     """The codec that keeps ``k`` logits per view; ``k == "full"`` keeps every class.
     ``values``: "float16" (the default here, as the accuracy study's caches), "float32" or
-    "gap<b>" (logitcache/codec.py; the library's own default is "gap8")."""
-    from logitcache.codec import create_codec
+    "gap<b>" (logitcache/codecs/logits.py; the library's own default is "gap8")."""
+    from logitcache.codecs.logits import create_codec
 
     full = k == "full"
     return create_codec("full" if full else "topk", num_classes, None if full else k, values)
@@ -239,11 +239,11 @@ def mixed_view_plan(n: int, *, seed: int, mixing: bool = True) -> tuple[np.ndarr
 def synthetic_unit(n: int, start: int, *, seed: int, mixing: bool = True) -> dict:
     """What a build writes with a unit of ``n`` samples (global indices ``start ..``) besides
     its teacher rows: ``view_seeds`` (n,) uint64 (the sampled codec draws from them), ``plan``
-    (the sha256 hex of :func:`logitcache.plan.plan_digest`) and a ``canary`` shaped like
-    logitcache/canary.py's (4 sample indices, 4 sha256 hex strings of 64 characters), so
+    (the sha256 hex of :func:`logitcache.views.plan.plan_digest`) and a ``canary`` shaped like
+    logitcache/storage/canary.py's (4 sample indices, 4 sha256 hex strings of 64 characters), so
     that bytes on disk are a real build's."""
-    from logitcache.canary import CANARY_VIEWS
-    from logitcache.plan import plan_digest
+    from logitcache.storage.canary import CANARY_VIEWS
+    from logitcache.views.plan import plan_digest
 
     seeds, partner = mixed_view_plan(n, seed=seed, mixing=mixing)
     rng = np.random.default_rng([seed, 1])
@@ -254,8 +254,8 @@ def synthetic_unit(n: int, start: int, *, seed: int, mixing: bool = True) -> dic
 
 def synthetic_manifest(num_samples: int, shard_sizes: list[int], codec, recipe=None):
     """A manifest for a cache written directly with CacheWriter (no real dataset behind it)."""
-    from logitcache.manifest import DatasetInfo, Manifest
-    from logitcache.views import create_recipe
+    from logitcache.storage.manifest import DatasetInfo, Manifest
+    from logitcache.views.augment import create_recipe
 
     recipe = recipe or create_recipe("vanillakd_a2")
     shards = [f"train-{i:06d}.tar" for i in range(len(shard_sizes))]

@@ -40,9 +40,9 @@ def _eval_tensors(source, recipe) -> tuple[torch.Tensor, torch.Tensor]:
 def train_tiny_teacher(ctx: Ctx, data: str, recipe, name: str, epochs: int) -> tuple[str, dict]:
     """A quickly trained teacher saved like logitcache saves one; returns (weights path, info)."""
     import timm
+    from logitcache.trainer.checkpoint import save_student
 
     from logitcache.data.source import open_source
-    from logitcache.trainer.checkpoint import save_student
 
     train_src, val_src = open_source(data, "train"), open_source(data, "val")
     x, y = _eval_tensors(train_src, recipe)
@@ -81,12 +81,12 @@ def teacher_on_views(ctx: Ctx, data: str, weights: str, recipe, n_views: int, *,
                      features: bool = False) -> tuple[list[torch.Tensor], object]:
     """The teacher's float32 outputs on the first ``n`` training views of each of ``epochs``
     (the build's seeds), n = min(n_views, training samples): per epoch, logits (n, C), or
-    with ``features`` its pooled features (n, D); and the :class:`logitcache.teacher.Teacher`."""
+    with ``features`` its pooled features (n, D); and the :class:`logitcache.build.teacher.Teacher`."""
     from safetensors import safe_open
 
+    from logitcache.build.teacher import META_MODEL, Teacher
     from logitcache.data.source import open_source
-    from logitcache.teacher import META_MODEL, Teacher
-    from logitcache.views import create_train_transform, render_view, view_seed
+    from logitcache.views.augment import create_train_transform, render_view, view_seed
 
     with safe_open(weights, framework="pt") as f:
         name = (f.metadata() or {})[META_MODEL]
@@ -119,7 +119,7 @@ def demo_logits(ctx: Ctx, n_views: int, train_per_class: int, epochs: int) -> tu
     ``demo_out/`` holds one, else a tiny teacher's trained here on ``train_per_class``
     images per class for ``epochs`` epochs."""
     from logitcache.data.synth import generate_synth
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
 
     recipe = create_recipe(RECIPE)
     if demo_teacher_present():

@@ -23,10 +23,17 @@ import statistics
 
 import torch
 
-from logitcache.cache_stats import storage_bytes
+from logitcache.storage.stats import storage_bytes
 
 from .common import Ctx, interleaved, stats, synthetic_manifest, synthetic_unit
-from .demo_logits import DEMO_DATA, DEMO_TEACHER, RECIPE, demo_teacher_present, teacher_on_views, train_tiny_teacher
+from .demo_logits import (
+    DEMO_DATA,
+    DEMO_TEACHER,
+    RECIPE,
+    demo_teacher_present,
+    teacher_on_views,
+    train_tiny_teacher,
+)
 
 SETTINGS = (("pca64", 64, "int8"), ("pca256", 256, "int8"), ("full", "full", "float16"), ("full", "full", "float32"))
 FALLBACK_MODEL = "resnet10t"
@@ -52,7 +59,7 @@ def settings(ctx: Ctx) -> dict:
 def teacher_features(ctx: Ctx, s: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(epoch-0 features (n, D), epoch-1 features (n, D), info) of the trained teacher."""
     from logitcache.data.synth import generate_synth
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
 
     recipe = create_recipe(RECIPE)
     if demo_teacher_present():
@@ -68,12 +75,17 @@ def teacher_features(ctx: Ctx, s: dict) -> tuple[torch.Tensor, torch.Tensor, dic
 
 def measure_setting(ctx: Ctx, fit: torch.Tensor, held: torch.Tensor, dims, dtype: str, unit_views: int) -> dict:
     """Fit (on ``fit``), write ``held`` as feature units, read back, decode; bytes and quality."""
-    from logitcache.build_features import feature_entry
-    from logitcache.codec import create_codec, encode
-    from logitcache.feature_codec import (create_feature_spec, decode_features, encode_features, fit_basis,
-                                          reconstruction_quality)
-    from logitcache.store import CacheReader
-    from logitcache.writer import CacheWriter
+    from logitcache.build.features import feature_entry
+    from logitcache.codecs.features import (
+        create_feature_spec,
+        decode_features,
+        encode_features,
+        fit_basis,
+        reconstruction_quality,
+    )
+    from logitcache.codecs.logits import create_codec, encode
+    from logitcache.storage.reader import CacheReader
+    from logitcache.storage.writer import CacheWriter
 
     spec = create_feature_spec(held.shape[1], dims, dtype)
     basis = fit_basis(fit, spec.rank) if spec.rank is not None else None
@@ -113,10 +125,14 @@ class StepBench:
 
     def __init__(self, s: dict, device: torch.device, seed: int = 0):
         import timm
-
-        from logitcache.codec import create_codec, encode
-        from logitcache.feature_codec import create_feature_spec, encode_features, fit_basis
         from logitcache.trainer.projector import FeatureStudent
+
+        from logitcache.codecs.features import (
+            create_feature_spec,
+            encode_features,
+            fit_basis,
+        )
+        from logitcache.codecs.logits import create_codec, encode
 
         from .common import teacher_like_logits
 
@@ -141,7 +157,7 @@ class StepBench:
         self.pj_opt = torch.optim.AdamW(self.pj_student.parameters(), lr=1e-4)
 
     def _teacher_logits(self):
-        from logitcache.codec import decode
+        from logitcache.codecs.logits import decode
 
         return decode(self.codec, *(self.rows[k].to(self.device) for k in ("ids", "values", "tail")))
 
@@ -155,9 +171,10 @@ class StepBench:
         self.kd_opt.step()
 
     def step_projector(self):
-        from logitcache.feature_codec import decode_features
         from logitcache.trainer.losses import LossConfig, distill_loss
         from logitcache.trainer.projector import projector_distance
+
+        from logitcache.codecs.features import decode_features
 
         teacher_feat = decode_features(self.fspec, self.basis_t, self.feat["feat"].to(self.device),
                                        self.feat["feat_scale"].to(self.device))

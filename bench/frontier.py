@@ -1,12 +1,12 @@
 """The codec frontier: bytes per view on disk against the fidelity of the rebuilt distribution.
 
 Every codec setting (topk k x values, full float16, sampled N draws) writes the same views
-with the real path (``logitcache.codec.encode``, ``CacheWriter.write_unit`` into a local
+with the real path (``logitcache.codecs.logits.encode``, ``CacheWriter.write_unit`` into a local
 format-3 cache, units of ``unit_views`` views, each with its plan digest and a canary in
 its commit record as a build writes them), reads them back with ``CacheReader.load_epoch``
-and rebuilds the distribution from what was read (``logitcache.codec.decode``). Bytes per
+and rebuilds the distribution from what was read (``logitcache.codecs.logits.decode``). Bytes per
 view = everything in the cache's folder (array chunks, every ``zarr.json``, commit records,
-manifest; ``logitcache.cache_stats.storage_bytes``) / views.
+manifest; ``logitcache.storage.stats.storage_bytes``) / views.
 
 Fidelity, mean over views, against the teacher's own softmax: KL(teacher || rebuilt) at
 T = 1 and T = 4 (nats), total-variation distance at T = 1, top-1 agreement (the teacher's
@@ -37,7 +37,7 @@ import shutil
 import numpy as np
 import torch
 
-from logitcache.cache_stats import storage_bytes
+from logitcache.storage.stats import storage_bytes
 
 from .common import Ctx, synthetic_manifest, synthetic_unit, teacher_like_logits
 from .frontier_report import markdown, plot  # noqa: F401 - bench.report calls them from here
@@ -69,7 +69,7 @@ def settings(ctx: Ctx) -> dict:
 
 def codec_settings(s: dict, num_classes: int) -> list:
     """The CodecSpecs measured: topk k x values, full, sampled N."""
-    from logitcache.codec import create_codec
+    from logitcache.codecs.logits import create_codec
 
     specs = [create_codec("topk", num_classes, k, v) for k in s["topk_ks"] for v in s["topk_values"]]
     specs.append(create_codec("full", num_classes, values=s["full_values"]))
@@ -90,7 +90,7 @@ def setting_name(spec) -> str:
 def _where_bytes(url: str) -> dict[str, float]:
     """Bytes of unit 0 of epoch 0 by part: each array (its chunks and zarr.json), the unit
     group's zarr.json and its commit record."""
-    from logitcache.store import commit_path, unit_path
+    from logitcache.storage.layout import commit_path, unit_path
 
     unit = os.path.join(url, unit_path(0, 0))
     out = {name: storage_bytes(os.path.join(unit, name)) for name in sorted(os.listdir(unit))
@@ -104,9 +104,9 @@ def write_read(url: str, spec, z: torch.Tensor, unit_views: int) -> tuple[dict, 
     """Write logits ``z`` (n, C) float32 (n a multiple of ``unit_views``) as a cache of one
     epoch with codec ``spec``, read it back whole; returns (bytes figures, teacher rows as
     read: ``ids``, ``values`` (n, k'), ``tail`` (n,)). The folder is deleted afterwards."""
-    from logitcache.codec import encode
-    from logitcache.store import CacheReader
-    from logitcache.writer import CacheWriter
+    from logitcache.codecs.logits import encode
+    from logitcache.storage.reader import CacheReader
+    from logitcache.storage.writer import CacheWriter
 
     n = len(z)
     units = n // unit_views
@@ -182,7 +182,7 @@ class Fidelity:
 
 def codec_fidelity(spec, ref: list[dict], rows: dict[str, np.ndarray], temperatures) -> dict:
     """Fidelity of teacher rows ``rows`` (as read from disk) against the teacher's ``ref``."""
-    from logitcache.codec import decode, rebuilt_probs
+    from logitcache.codecs.logits import decode, rebuilt_probs
 
     acc = Fidelity(temperatures)
     for i, chunk in enumerate(ref):

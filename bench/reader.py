@@ -5,7 +5,7 @@
     views/s; and what the checksums cost within it (the same CRC-32 of every array, timed
     alone, as a fraction of ``load_epoch``).
 (b) per-batch row gathering once the epoch is in memory, done as the trainer does it:
-    ``logitcache.trainer.data.CachedRows`` once per rendered batch (inside the DataLoader
+    ``logitcache.replay.rows.CachedRows`` once per rendered batch (inside the DataLoader
     worker in training: labels and partner labels, then one gather per teacher row array,
     ``ids``, ``values``, ``tail``); groups visited in index order (sequential) and in a
     random order (shuffled, as training does). One process, one thread: the cost per
@@ -26,7 +26,7 @@ import tracemalloc
 import numpy as np
 import torch
 
-from logitcache.cache_stats import storage_bytes
+from logitcache.storage.stats import storage_bytes
 
 from .common import Ctx, synthetic_manifest, synthetic_unit
 
@@ -47,7 +47,7 @@ def settings(ctx: Ctx) -> dict:
 
 
 def random_rows(codec, m: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Teacher rows of ``m`` views for a topk gap codec (logitcache/codec.py): ``ids`` (m, k)
+    """Teacher rows of ``m`` views for a topk gap codec (logitcache/codecs/logits.py): ``ids`` (m, k)
     random class ids, ``values`` (m, k) uint16 gap codes, ascending from the top's 0, ``tail``
     (m,) uint16 the fill's code (at or past the last kept one); every increase fits the codec."""
     k, bits = codec.k, codec.value_bits
@@ -59,8 +59,8 @@ def random_rows(codec, m: int, rng: np.random.Generator) -> dict[str, np.ndarray
 
 def write_epoch(url: str, n: int, units: int, k: int, values: str) -> tuple[float, list[int]]:
     """One epoch of ``n`` views in ``units`` equal units; returns (seconds to write, unit sizes)."""
-    from logitcache.codec import create_codec
-    from logitcache.writer import CacheWriter
+    from logitcache.codecs.logits import create_codec
+    from logitcache.storage.writer import CacheWriter
 
     codec = create_codec("topk", NUM_CLASSES, k, values)
     sizes = [n // units + (1 if i < n % units else 0) for i in range(units)]
@@ -104,7 +104,8 @@ def gather_rate(rows, groups, order: np.ndarray, batch_groups: int, max_views: i
 def checksum_seconds(url: str, repeats: int) -> float:
     """Median seconds of the checksums ``load_epoch`` computes (every array of every unit
     against its commit record), timed alone on arrays already in memory."""
-    from logitcache.store import CacheReader, damaged_arrays
+    from logitcache.storage.layout import damaged_arrays
+    from logitcache.storage.reader import CacheReader
 
     reader = CacheReader(url)
     units = [reader.read_unit(0, s) for s in range(reader.num_shards)]  # the stored (packed) arrays
@@ -135,7 +136,7 @@ def vectorised_rate(arrays, labels: np.ndarray, order_views: np.ndarray, batch_v
 
 def loaded_epoch_memory(url: str) -> tuple[int, int]:
     """(bytes a loaded epoch holds, peak numpy allocations while loading it)."""
-    from logitcache.store import CacheReader
+    from logitcache.storage.reader import CacheReader
 
     tracemalloc.start()
     held = CacheReader(url).load_epoch(0)
@@ -147,7 +148,7 @@ def loaded_epoch_memory(url: str) -> tuple[int, int]:
 def read_units_seconds(url: str, repeats: int) -> float:
     """Median seconds of ``read_units``: the zarr part of ``load_epoch`` (the rest is assembling
     the epoch in numpy)."""
-    from logitcache.store import CacheReader
+    from logitcache.storage.reader import CacheReader
 
     read_units = []
     for _ in range(repeats):
@@ -159,9 +160,10 @@ def read_units_seconds(url: str, repeats: int) -> float:
 
 
 def run(ctx: Ctx) -> dict:
-    from logitcache.plan import Groups
-    from logitcache.store import IO_THREADS, CacheReader
-    from logitcache.trainer.data import CachedRows
+    from logitcache.replay.rows import CachedRows
+    from logitcache.storage.layout import IO_THREADS
+    from logitcache.storage.reader import CacheReader
+    from logitcache.views.plan import Groups
 
     s = settings(ctx)
     url = str(ctx.workdir / "reader.zarr")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitcache.build import resolve_device
+from logitcache.distributed import resolve_device
 
 from .common import RESULTS_DIR, Clock, Ctx, environment
 

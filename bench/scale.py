@@ -56,10 +56,10 @@ class VirtualSource:
 
 def build_startup(workdir: Path, epochs: int) -> dict:
     """(a): an empty local cache to the first batch of the first unit planned."""
-    from logitcache.build import BuildReport, _units_to_build
-    from logitcache.codec import create_codec
-    from logitcache.views import create_recipe
-    from logitcache.writer import CacheWriter
+    from logitcache.build.loop import BuildReport, _units_to_build
+    from logitcache.codecs.logits import create_codec
+    from logitcache.storage.writer import CacheWriter
+    from logitcache.views.augment import create_recipe
 
     from .common import synthetic_manifest
 
@@ -84,8 +84,9 @@ def build_startup(workdir: Path, epochs: int) -> dict:
 
 def trainer_epoch_plan(repeats: int) -> dict:
     """(b): one epoch of 1.28 M views planned, shuffled and sliced for rank 0 of 8."""
-    from logitcache.trainer.data import CachedRows, create_train_loader, epoch_groups
-    from logitcache.views import create_recipe
+    from logitcache.replay.batches import create_train_loader, epoch_groups
+    from logitcache.replay.rows import CachedRows
+    from logitcache.views.augment import create_recipe
 
     source = VirtualSource(IMAGENET["samples"], IMAGENET["classes"], IMAGENET["shards"])
     recipe = create_recipe("vanillakd_a2")
@@ -104,8 +105,8 @@ def _commit_tree(base: Path, epochs: int, shards: int) -> None:
     """Write the commit records of a fully built cache (format 3: each record a group of its
     own, as since format 2) directly (no arrays: the scan reads only listings), as the build
     leaves them."""
-    from logitcache.codec import create_codec
-    from logitcache.writer import CacheWriter
+    from logitcache.codecs.logits import create_codec
+    from logitcache.storage.writer import CacheWriter
 
     from .common import synthetic_manifest
 
@@ -121,23 +122,23 @@ def _commit_tree(base: Path, epochs: int, shards: int) -> None:
 
 def _scan(reader, epochs: int) -> tuple[float, int]:
     """Seconds and listings of a resuming build's scan: which units are committed."""
-    import logitcache.store as store
+    import logitcache.storage.layout as layout  # committed_units lists through layout.list_names
 
     calls = 0
-    original = store.list_names
+    original = layout.list_names
 
     def counting(*args, **kwargs):
         nonlocal calls
         calls += 1
         return original(*args, **kwargs)
 
-    store.list_names = counting
+    layout.list_names = counting
     try:
         t0 = time.perf_counter()
         done = sum(len(reader.committed_units(e)) for e in range(epochs))
         seconds = time.perf_counter() - t0
     finally:
-        store.list_names = original
+        layout.list_names = original
     assert done == epochs * reader.num_shards, done
     return seconds, calls
 
@@ -148,7 +149,7 @@ def resume_scan(workdir: Path, epochs: int, shards: int, s3_epochs: int) -> dict
     t0 = time.perf_counter()
     _commit_tree(local, epochs, shards)
     made = time.perf_counter() - t0
-    from logitcache.store import CacheReader
+    from logitcache.storage.reader import CacheReader
 
     local_s, local_listings = _scan(CacheReader(str(local)), epochs)
     out = {"epochs": epochs, "shards": shards, "make_tree_s": made,
@@ -161,9 +162,8 @@ def _s3_scan(local: Path, epochs: int, shards: int) -> dict:
     """Upload the metadata of the first ``epochs`` epochs of the commit tree to moto's server
     and scan it over HTTP."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from s3_server import count_requests, s3_server
-
     import fsspec
+    from s3_server import count_requests, s3_server
 
     with s3_server() as env:
         os.environ.update(env)
@@ -172,7 +172,7 @@ def _s3_scan(local: Path, epochs: int, shards: int) -> dict:
             fs.mkdir("scan")
             files = [p for p in local.rglob("zarr.json") if _in_first_epochs(p.relative_to(local).parts, epochs)]
             fs.pipe({f"scan/cache.zarr/{p.relative_to(local).as_posix()}": p.read_bytes() for p in files})
-            from logitcache.store import CacheReader
+            from logitcache.storage.reader import CacheReader
 
             reader = CacheReader("s3://scan/cache.zarr")  # opening it is not part of the scan
             with count_requests() as counter:
@@ -195,10 +195,10 @@ def cli_first_unit(workdir: Path, per_class: int, epochs: int, timeout: float) -
     first committed unit and the build process's peak memory then."""
     import timm
     import torch
+    from logitcache.trainer.checkpoint import save_student
 
     from logitcache.data.synth import generate_synth
-    from logitcache.trainer.checkpoint import save_student
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
 
     t0 = time.perf_counter()
     data = generate_synth(workdir / "data", num_classes=128, train_per_class=per_class, val_per_class=1,

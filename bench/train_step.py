@@ -7,7 +7,7 @@ the rest:
 * ``ce``: student forward, soft-target CE on mixed targets, backward, AdamW step;
 * ``cached``: the same plus the cached teacher rows of the default codec (topk, k = 10,
   gap8: ``ids``, ``values``, ``tail`` as pre-made tensors in their stored dtypes, as the
-  DataLoader workers deliver them) moved to the device, ``logitcache.codec.decode`` there, and
+  DataLoader workers deliver them) moved to the device, ``logitcache.codecs.logits.decode`` there, and
   ``logitcache.trainer.losses.distill_loss`` kind ``kd`` (CE + KL at T = 1);
 * ``online_<teacher>``: timm's ``timm.task.LogitDistillationTask`` (teacher forward under
   ``no_grad`` on the same batch, its own KL), backward, AdamW step.
@@ -77,7 +77,7 @@ class Bench:
     def __init__(self, student_name: str, device: torch.device, batch: int, size: int, seed: int = 0):
         import timm
 
-        from logitcache.codec import create_codec, encode
+        from logitcache.codecs.logits import create_codec, encode
 
         from .common import teacher_like_logits
 
@@ -132,8 +132,9 @@ class Bench:
         self._update(loss)
 
     def step_cached(self):
-        from logitcache.codec import decode
         from logitcache.trainer.losses import LossConfig, distill_loss
+
+        from logitcache.codecs.logits import decode
 
         x, target = self._inputs()
         h, dev = self.host, self.device
@@ -180,10 +181,9 @@ def memory_child(student: str, variant: str, teacher: str | None, device: str, b
     """Runs in a fresh process: build only what ``variant`` (ce, cached, online) needs, two
     steps, report peaks."""
     dev = torch.device(device)
-    import timm  # noqa: F401 - imported before the baseline
-
     import logitcache.trainer.losses  # noqa: F401
     import logitcache.trainer.train  # noqa: F401
+    import timm  # noqa: F401 - imported before the baseline
 
     mark = PeakRSS()
     if dev.type == "cuda":

@@ -50,11 +50,14 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
     """The body of ``build`` for one process: the whole build, or one rank of it when the
     environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
     from logitcache import distributed
-    from logitcache.build import build as run_build, cache_root as root_of, default_cache_name, resolve_device
-    from logitcache.codec import create_codec
+    from logitcache.build.loop import build as run_build
+    from logitcache.build.loop import default_cache_name
+    from logitcache.build.teacher import Teacher
+    from logitcache.codecs.logits import create_codec
     from logitcache.data.source import open_source
-    from logitcache.teacher import Teacher
-    from logitcache.views import create_recipe
+    from logitcache.distributed import resolve_device
+    from logitcache.storage.catalog import cache_root as root_of
+    from logitcache.views.augment import create_recipe
 
     rec = create_recipe(recipe, cache_seed=cache_seed)
     epoch_list = parse_epochs(epochs)
@@ -81,8 +84,8 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
 def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], fit_views: Optional[int],
                      feature_dim: int):
     """The FeatureRequest of `build --features ...` (None without --features); flags checked here."""
-    from logitcache.build_features import DEFAULT_FIT_VIEWS, FeatureRequest
-    from logitcache.feature_codec import DEFAULT_RANK, create_feature_spec
+    from logitcache.build.features import DEFAULT_FIT_VIEWS, FeatureRequest
+    from logitcache.codecs.features import DEFAULT_RANK, create_feature_spec
 
     if not features:
         given = [f for f, v in (("--feature-dims", dims), ("--feature-dtype", dtype), ("--feature-fit-views", fit_views))

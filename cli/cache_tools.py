@@ -12,7 +12,6 @@ import sys
 from typing import Optional
 
 import typer
-
 from logitcache.cli.format import format_json, format_ls, format_report, format_stats
 
 
@@ -25,8 +24,8 @@ def inspect_cmd(
 ):
     """Summarise a cache: manifest, codec and its error bound, completeness, size, entropy
     and (with --data) the teacher's agreement with the labels."""
-    from logitcache.cache_stats import inspect_cache
     from logitcache.data.source import open_source
+    from logitcache.storage.stats import inspect_cache
 
     st = inspect_cache(url, source=open_source(data, split) if data else None)
     print(format_json(st.to_dict()) if as_json else format_stats(st))
@@ -48,7 +47,7 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Re-render random cached views, re-run the teacher, compare. Exit 1 past tolerance."""
-    from logitcache.verify import verify_cache
+    from logitcache.verify.run import verify_cache
 
     rep = verify_cache(url, data=data, teacher_weights=teacher_weights, sample=sample, seed=seed,
                        tolerance=tolerance, device=device, batch_size=batch_size)
@@ -67,9 +66,9 @@ def ls_cmd(
     """List the caches under the cache root, one line each."""
     import dataclasses
 
-    from logitcache.build import cache_root as root_of
-    from logitcache.cache_stats import summarize_cache
-    from logitcache.cache_stats import list_caches
+    from logitcache.storage.catalog import cache_root as root_of
+    from logitcache.storage.catalog import list_caches
+    from logitcache.storage.stats import summarize_cache
 
     root = root_of(cache_root)
     summaries = [summarize_cache(c.url) for c in list_caches(root)]

@@ -27,12 +27,12 @@ RUNS = ("ce_only", "kd_cache")  # every student's runs; the first student also r
 
 def run_demo(out: Path, *, epochs: int = 6, teacher_epochs: int = 15, workers: int = 2, num_classes: int = 64,
              train_per_class: int = 40, val_per_class: int = 10, batch_size: int = 128) -> dict:
-    from logitcache.build import build
-    from logitcache.codec import create_codec
+    from logitcache.build.loop import build
+    from logitcache.build.teacher import Teacher
+    from logitcache.codecs.logits import create_codec
     from logitcache.data.source import open_source
     from logitcache.data.synth import generate_synth
-    from logitcache.teacher import Teacher
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
 
     console, t0 = Console(), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,6 @@ def _plot(out: Path, r: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from logitcache.trainer.metrics_log import read_rows
 
     fig, (acc, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})

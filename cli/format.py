@@ -1,7 +1,7 @@
 """Text output of the cache tools: sizes, epoch ranges, key/value tables and JSON.
 
-Pure functions from the dataclasses of :mod:`logitcache.cache_stats` and
-:mod:`logitcache.verify` to the strings that ``logitcache inspect``, ``verify`` and ``ls``
+Pure functions from the dataclasses of :mod:`logitcache.storage.stats` and
+:mod:`logitcache.verify.report` to the strings that ``logitcache inspect``, ``verify`` and ``ls``
 print; sizes use binary units (KiB = 1024 B).
 """
 
@@ -11,8 +11,8 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from logitcache.cache_stats import CacheStats, CacheSummary
-    from logitcache.verify import VerifyReport
+    from logitcache.storage.stats import CacheStats, CacheSummary
+    from logitcache.verify.report import VerifyReport
 
 
 def format_bytes(n: float | int | None) -> str:
@@ -74,7 +74,7 @@ def _features_line(features: dict | None) -> str:
 
 
 def format_stats(st: CacheStats) -> str:
-    """The human-readable summary of a :class:`logitcache.cache_stats.CacheStats`."""
+    """The human-readable summary of a :class:`logitcache.storage.stats.CacheStats`."""
     d, c = st.dataset, st.codec
     weights = st.teacher_weights + (f"  sha256 {st.teacher_weights_sha256[:16]}" if st.teacher_weights_sha256 else "")
     recipe = st.recipe_name or "custom"
@@ -108,7 +108,7 @@ def format_stats(st: CacheStats) -> str:
 
 
 def format_report(rep: VerifyReport) -> str:
-    """The human-readable result of a :class:`logitcache.verify.VerifyReport`."""
+    """The human-readable result of a :class:`logitcache.verify.report.VerifyReport`."""
     w = rep.worst
     worst = "-" if w is None else (f"epoch {w['epoch']} key {w['key']} class {w['class']}: cached {w['cached']:.6g}, "
                                    f"recomputed {w['recomputed']:.6g} ({w['ratio_to_bound']:.2f} x bound)")
@@ -135,7 +135,7 @@ def format_report(rep: VerifyReport) -> str:
 
 
 def format_ls(summaries: list[CacheSummary]) -> str:
-    """One line per :class:`logitcache.cache_stats.CacheSummary`, aligned columns."""
+    """One line per :class:`logitcache.storage.stats.CacheSummary`, aligned columns."""
     head = ("URL", "TEACHER", "DATASET", "EPOCHS", "CODEC", "VIEWS", "SIZE")
     rows = [head] + [
         (s.url, s.teacher, f"{s.dataset}/{s.split or 'all'}",

@@ -2,7 +2,7 @@
 
 The pieces, in the order a step uses them:
 
-* :func:`open_cache` - a :class:`~logitcache.store.CacheReader` on any fsspec URL.
+* :func:`open_cache` - a :class:`~logitcache.storage.reader.CacheReader` on any fsspec URL.
 * :class:`CachedTrainData` - the training split and the cache built on it, checked to match;
   ``.loader(epoch, ...)`` is a ``torch.utils.data.DataLoader`` of one epoch's regenerated
   views with their label targets and cached teacher rows, for one rank of a world size.
@@ -18,7 +18,7 @@ Each batch is a dict: ``images`` (B, 3, H, W) float32 normalised with the cache'
 ``label``, ``partner_label`` (B,) int64 (the partner is the other image of a mixup/cutmix
 pair, the view itself when not mixed); ``lam`` (B,) float32, the weight of the view's own
 label; ``ids``, ``values`` (B, k) and ``tail`` (B,): the cached teacher rows in their stored
-dtypes (class ids; gap codes, counts or float logits; see logitcache/codec.py), decoded on
+dtypes (class ids; gap codes, counts or float logits; see logitcache/codecs/logits.py), decoded on
 the device by :func:`teacher_logits`; plus ``index``, ``partner``, ``seed`` (B,) int64. With
 ``features=True`` also ``feat`` (B, w) (int8 coefficients, or float16/float32) and, for int8,
 ``feat_scale`` (B,) float32, decoded by :func:`teacher_features`.
@@ -29,14 +29,15 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from logitcache.build import check_views_of
-from logitcache.codec import CodecSpec, decode, rebuilt_probs
+from logitcache.codecs.features import decode_features
+from logitcache.codecs.logits import CodecSpec, decode, rebuilt_probs
 from logitcache.data.source import open_source
 from logitcache.errors import LogitcacheError
-from logitcache.feature_codec import decode_features
-from logitcache.manifest import check_serves
-from logitcache.store import CacheReader
-from logitcache.trainer.data import CachedRows, create_train_loader, epoch_groups
+from logitcache.replay.batches import create_train_loader, epoch_groups
+from logitcache.replay.rows import CachedRows
+from logitcache.storage.canary import check_views_of
+from logitcache.storage.manifest import check_serves
+from logitcache.storage.reader import CacheReader
 
 __all__ = ["CachedTrainData", "open_cache", "teacher_features", "teacher_logits", "teacher_probs"]
 

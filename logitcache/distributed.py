@@ -5,7 +5,7 @@ collectives the callers need; alone (WORLD_SIZE 1) every collective is a no-op.
 ``torch.distributed`` is used with gloo on CPU, nccl on CUDA.
 
 * A build needs one collective: a barrier after rank 0 has created the cache's root and
-  epoch groups (see :func:`logitcache.build.build`); after it every rank writes its own
+  epoch groups (see :func:`logitcache.build.loop.build`); after it every rank writes its own
   units (round-robin) and nothing else is shared.
 * The trainer (DDP) also averages its logged step values over the ranks (:meth:`DistContext.means`).
 * torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``;
@@ -139,7 +139,7 @@ def _child(local_rank: int, fn: Callable[[], None], nprocs: int, init_method: st
         # Share the cores instead of each rank spinning up one thread per core (torchrun
         # sets OMP_NUM_THREADS=1 for the same reason).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
-    from .errors import LogitcacheError
+    from logitcache.errors import LogitcacheError
 
     try:
         fn()
@@ -177,3 +177,9 @@ def run_procs(fn: Callable[[], None], nprocs: int) -> int:
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import logitcache.cli.main  # noqa: E402
-import logitcache.build  # noqa: E402,F401  (torch, timm, zarr: the slow imports)
-import logitcache.teacher  # noqa: E402,F401
+import logitcache.build.loop  # noqa: E402,F401  (torch, timm, zarr: the slow imports)
+import logitcache.build.teacher  # noqa: E402,F401
 from zarr.storage import _local  # noqa: E402
 
 _put = _local._put

@@ -7,7 +7,7 @@ Everything is small enough to build in a few seconds on 2 CPU cores:
 * ``tiny_teacher``: a random-init timm ``test_resnet`` (16 classes) saved as safetensors
   with logitcache metadata (what ``--teacher-weights`` reads).
 * ``built_cache`` / ``built_cache_mix``: the URL of a 2-epoch cache built with the real
-  ``logitcache.build.build`` (recipes demo32 / demo32_mix, top-5 float16, batch 16,
+  ``logitcache.build.loop.build`` (recipes demo32 / demo32_mix, top-5 float16, batch 16,
   no workers). ``built_cache_record`` / ``built_cache_mix_record`` give the same build as a
   :class:`BuildRecord`, which also holds every tensor the teacher was called with during
   the build (in call order) and what it returned.
@@ -45,9 +45,9 @@ def synth_data(tmp_path_factory) -> str:
 def tiny_teacher(tmp_path_factory, synth_data) -> str:
     """Path of a random-init ``test_resnet`` (16 classes) saved with ``save_student`` (recipe demo32)."""
     import timm
-
-    from logitcache.views import create_recipe
     from logitcache.trainer.checkpoint import save_student
+
+    from logitcache.views.augment import create_recipe
 
     path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors"
     with torch.random.fork_rng(devices=[]):  # leave the global RNG of the test session alone
@@ -74,8 +74,8 @@ class BuildRecord:
 
 
 def _recording_teacher(weights: str, record: BuildRecord):
-    """A real :class:`logitcache.teacher.Teacher` that records its calls into ``record``."""
-    from logitcache.teacher import Teacher
+    """A real :class:`logitcache.build.teacher.Teacher` that records its calls into ``record``."""
+    from logitcache.build.teacher import Teacher
 
     class RecordingTeacher(Teacher):
         def __call__(self, views, src_mean, src_std):
@@ -88,10 +88,10 @@ def _recording_teacher(weights: str, record: BuildRecord):
 
 
 def _build(tmp_path_factory, synth_data: str, tiny_teacher: str, recipe_name: str) -> BuildRecord:
-    from logitcache.build import build
-    from logitcache.codec import create_codec
+    from logitcache.build.loop import build
+    from logitcache.codecs.logits import create_codec
     from logitcache.data.source import open_source
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
 
     url = str(tmp_path_factory.mktemp("caches") / f"{recipe_name}.zarr")
     record = BuildRecord(url=url, recipe=recipe_name, epochs=list(BUILD_EPOCHS), batch_size=BUILD_BATCH_SIZE)

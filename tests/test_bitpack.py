@@ -1,4 +1,4 @@
-"""Tests for logitcache/bitpack.py: fixed-width MSB-first bit streams.
+"""Tests for logitcache/codecs/bitpack.py: fixed-width MSB-first bit streams.
 
 Property tests use hypothesis with ``deadline=None`` and at most 50 examples each.
 """
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitcache.bitpack import bits_for, pack_bits, packed_size, unpack_bits
+from logitcache.codecs.bitpack import bits_for, pack_bits, packed_size, unpack_bits
 
 SETTINGS = settings(max_examples=50, deadline=None)
 

@@ -24,16 +24,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from logitcache.build import UnitBatches, build
-from logitcache.codec import create_codec
-from logitcache.data.source import open_source
-from logitcache.loader import BatchDataset, create_batch_loader
-from logitcache.store import CacheReader, open_group
-from logitcache.teacher import Teacher
-from logitcache.views import create_recipe
-
 from s3_server import count_requests, free_port, s3_server
+
+from logitcache.build.loop import build
+from logitcache.build.teacher import Teacher
+from logitcache.build.units import UnitBatches
+from logitcache.codecs.logits import create_codec
+from logitcache.data.source import open_source
+from logitcache.storage.layout import open_group
+from logitcache.storage.reader import CacheReader
+from logitcache.views.augment import create_recipe
+from logitcache.views.loader import BatchDataset, create_batch_loader
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -56,9 +57,9 @@ def one_thread():
 def tiny(tmp_path_factory):
     """A 16-class dataset in 5 train shards and a random-init test_resnet teacher file."""
     import timm
+    from logitcache.trainer.checkpoint import save_student
 
     from logitcache.data.synth import generate_synth
-    from logitcache.trainer.checkpoint import save_student
 
     root = tmp_path_factory.mktemp("scale")
     data = generate_synth(root / "data", num_classes=16, train_per_class=6, val_per_class=2, image_size=32, seed=0,

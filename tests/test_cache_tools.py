@@ -1,4 +1,4 @@
-"""Tests for logitcache/cache_stats.py, logitcache/verify.py, cli/format.py and cli/cache_tools.py on
+"""Tests for logitcache/storage/stats.py, logitcache/verify/run.py, cli/format.py and cli/cache_tools.py on
 real caches (no mocks).
 
 A tiny synth dataset (16 classes, 96 train samples in 3 shards) and a random-init timm
@@ -18,23 +18,29 @@ import pytest
 import timm
 import torch
 import zarr
+from logitcache.cli.cache_tools import register
+from logitcache.cli.format import format_bytes, format_ranges
+from logitcache.cli.main import app, main
+from logitcache.trainer.checkpoint import save_student
 from typer.testing import CliRunner
 
-from logitcache.cli.cache_tools import register
-from logitcache.cli.main import app, main
-from logitcache.build import build
-from logitcache.codec import create_codec, encode, rebuilt_probs
+from logitcache.build.loop import build
+from logitcache.build.teacher import Teacher
+from logitcache.codecs.logits import create_codec, encode, rebuilt_probs
 from logitcache.data.source import open_source
 from logitcache.data.synth import generate_synth
-from logitcache.errors import CacheMismatchError, CorruptCacheError, WeightsUnavailableError
-from logitcache.cache_stats import inspect_cache, row_stats
-from logitcache.cli.format import format_bytes, format_ranges
-from logitcache.verify import DEFAULT_ATOL, verify_cache
-from logitcache.store import CacheReader, array_crc32, commit_path, unit_path
-from logitcache.unit_layout import pack_unit, unpack_unit
-from logitcache.teacher import Teacher
-from logitcache.views import create_recipe
-from logitcache.trainer.checkpoint import save_student
+from logitcache.errors import (
+    CacheMismatchError,
+    CorruptCacheError,
+    WeightsUnavailableError,
+)
+from logitcache.storage.layout import array_crc32, commit_path, unit_path
+from logitcache.storage.reader import CacheReader
+from logitcache.storage.stats import inspect_cache, row_stats
+from logitcache.storage.unit_layout import pack_unit, unpack_unit
+from logitcache.verify.report import DEFAULT_ATOL
+from logitcache.verify.run import verify_cache
+from logitcache.views.augment import create_recipe
 
 register(app)
 runner = CliRunner()
@@ -312,8 +318,9 @@ def test_console_exit_codes(env, monkeypatch, capsys):
 
 
 def test_train_finds_the_one_cache_of_its_data_under_the_root(env, tmp_path):
-    from logitcache.errors import CacheNotFoundError
     from logitcache.trainer.inputs import find_cache
+
+    from logitcache.errors import CacheNotFoundError
 
     fingerprint = env["source"].fingerprint()
     with pytest.raises(CacheNotFoundError, match="several caches for this dataset .*a.zarr.*b.zarr.*--cache"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from logitcache.store import CacheReader
+from logitcache.storage.reader import CacheReader
 
 CLI = [sys.executable, "-m", "logitcache.cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,12 +157,9 @@ def test_train_help_defaults_are_the_config_defaults():
     import dataclasses
 
     import typer.main
-
     from logitcache.cli import main as cli
-    from logitcache.trainer.config import TrainConfig
+    from logitcache.trainer.config import MKDConfig, ProKTConfig, TrainConfig
     from logitcache.trainer.losses import LossConfig
-    from logitcache.trainer.mkd import MKDConfig
-    from logitcache.trainer.prokt import ProKTConfig
 
     def defaults(cls) -> dict:
         out = {}

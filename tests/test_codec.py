@@ -1,4 +1,4 @@
-"""Tests for logitcache/codec.py: the topk / full / sampled codecs, their error bounds,
+"""Tests for logitcache/codecs/logits.py: the topk / full / sampled codecs, their error bounds,
 exactness at T = 1, the sampled codec's draws, spec validation and (de)serialisation.
 
 Property tests use hypothesis with ``deadline=None`` and at most 50 examples each.
@@ -16,8 +16,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from logitcache.codec import (GAP_RANGE, UNDRAWN_LOGIT, CodecSpec, ValueRangeError, check_serves_loss,
-                              create_codec, decode, encode, id_dtype_for, rebuilt_probs)
+from logitcache.codecs.logits import (
+    GAP_RANGE,
+    UNDRAWN_LOGIT,
+    CodecSpec,
+    ValueRangeError,
+    check_serves_loss,
+    create_codec,
+    decode,
+    encode,
+    id_dtype_for,
+    rebuilt_probs,
+)
 
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -179,7 +189,7 @@ def test_topk_gap_ties_at_a_rounding_boundary_keep_codes_non_decreasing():
     the top, so the fill equals the 2nd logit: both round half to even to code 2. The fill
     may not get a smaller code than a kept logit above it (codes never decrease), and the
     row must go through the unit layout, which stores the increases."""
-    from logitcache.unit_layout import pack_unit, unpack_unit
+    from logitcache.storage.unit_layout import pack_unit, unpack_unit
 
     spec = create_codec("topk", 4, k=2, values="gap2")
     rows = encode(spec, torch.tensor([[0.0, -6.0, -6.0, -6.0]]))
@@ -193,7 +203,7 @@ def test_topk_gap16_codes_of_gaps_past_16_nats():
     """gap16 (step 2**-12, an increase holds up to 65535 codes, ~16 nats): a 2nd logit 20 nats
     below the top is clipped to code 65535, and so is the tail (codes are capped at 65535:
     16 nats below the top at 16 bits), rebuilt at -16 nats, not wrapped modulo 2**16."""
-    from logitcache.unit_layout import pack_unit, unpack_unit
+    from logitcache.storage.unit_layout import pack_unit, unpack_unit
 
     spec = create_codec("topk", 4, k=2, values="gap16")
     rows = encode(spec, torch.tensor([[0.0, -20.0, -20.0, -20.0]]))

@@ -194,8 +194,8 @@ def _class_folder(path: Path, num_classes: int, per_class: int) -> Path:
 
 def test_image_folder_shards_mix_classes(tmp_path):
     """Mixup/cutmix pairs samples within a shard: hashed shards make same-class pairs rare."""
-    from logitcache.plan import plan_epoch
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
+    from logitcache.views.plan import plan_epoch
 
     num_classes = 20
     folder = _class_folder(tmp_path / "imgs", num_classes, 30)
@@ -219,10 +219,10 @@ def test_image_folder_shards_mix_classes(tmp_path):
 
 
 def test_cache_of_an_old_image_folder_layout_is_refused_saying_why():
-    from logitcache.codec import create_codec
+    from logitcache.codecs.logits import create_codec
     from logitcache.errors import CacheMismatchError
-    from logitcache.manifest import DatasetInfo, Manifest, check_serves
-    from logitcache.views import create_recipe
+    from logitcache.storage.manifest import DatasetInfo, Manifest, check_serves
+    from logitcache.views.augment import create_recipe
 
     def manifest(shards: list[str]) -> Manifest:
         info = DatasetInfo("imgs", None, "0" * 64, 2000, shards, [1000] * len(shards), url="/data/imgs")

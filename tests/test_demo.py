@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 from logitcache.cli.demo import STUDENTS, run_demo
-from logitcache.store import CacheReader
+
+from logitcache.storage.reader import CacheReader
 
 
 def test_demo_trains_every_student_from_one_cache(tmp_path, capsys):

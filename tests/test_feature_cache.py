@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from logitcache.errors import CorruptCacheError
-from logitcache.feature_codec import decode_features, project, quantisation_bound
-from logitcache.store import CacheReader, unit_path
 from main_entry import one_error_line, run_main
+
+from logitcache.codecs.features import decode_features, project, quantisation_bound
+from logitcache.errors import CorruptCacheError
+from logitcache.storage.layout import unit_path
+from logitcache.storage.reader import CacheReader
 
 RANK = 24  # PCA components of the test caches (test_resnet's features are 96 wide)
 
@@ -98,9 +99,9 @@ def test_resumed_and_extended_feature_builds_end_identical(feature_caches, synth
     url = str(tmp_path / "steps.zarr")
     flags = ["--features", "--feature-dims", str(RANK), "--feature-fit-views", "64"]
     # A build killed after writing its basis but before its manifest left only features/.
-    from logitcache.feature_codec import fit_basis
-    from logitcache.feature_store import write_basis
-    from logitcache.store import open_group
+    from logitcache.codecs.features import fit_basis
+    from logitcache.storage.basis import write_basis
+    from logitcache.storage.layout import open_group
 
     write_basis(open_group(url, mode="a"), fit_basis(np.random.default_rng(0).normal(size=(64, 96)), RANK))
     assert run_main(_build(url, synth_data, tiny_teacher, *flags, epochs="1"), capsys)[0] == 0
@@ -136,7 +137,7 @@ def test_feature_spec_mismatches_are_refused_in_one_line(feature_caches, synth_d
 def test_feature_caches_are_format_4_and_logit_caches_stay_3(feature_caches, built_cache_mix):
     import zarr
 
-    from logitcache.manifest import ATTR_KEY, Manifest
+    from logitcache.storage.manifest import ATTR_KEY, Manifest
 
     for url in feature_caches.values():
         assert zarr.open_group(url, mode="r").attrs[ATTR_KEY]["format_version"] == 4
@@ -146,7 +147,7 @@ def test_feature_caches_are_format_4_and_logit_caches_stay_3(feature_caches, bui
     # feature cache instead of extending it with featureless units.
     d = zarr.open_group(feature_caches["pca"], mode="r").attrs[ATTR_KEY]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("logitcache.manifest.READABLE_VERSIONS", (1, 2, 3))
+        mp.setattr("logitcache.storage.manifest.READABLE_VERSIONS", (1, 2, 3))
         with pytest.raises(Exception, match="format version 4 is not supported"):
             Manifest.from_dict(d)
 
@@ -154,9 +155,8 @@ def test_feature_caches_are_format_4_and_logit_caches_stay_3(feature_caches, bui
 def test_verify_checks_cached_features_against_the_teacher(feature_caches, synth_data, tiny_teacher, tmp_path):
     import zarr
 
-    from logitcache.store import commit_path
-    from logitcache.verify import verify_cache
-    from logitcache.store import array_crc32
+    from logitcache.storage.layout import array_crc32, commit_path
+    from logitcache.verify.run import verify_cache
 
     for name in ("pca", "full32"):
         rep = verify_cache(feature_caches[name], data=synth_data, teacher_weights=tiny_teacher, sample=192,
@@ -189,7 +189,7 @@ def test_verify_checks_cached_features_against_the_teacher(feature_caches, synth
 
 def test_public_api_gives_the_cached_teacher_features(feature_caches, synth_data, tiny_teacher, built_cache_mix):
     import logitcache
-    from logitcache.teacher import Teacher
+    from logitcache.build.teacher import Teacher
 
     full = logitcache.CachedTrainData(synth_data, feature_caches["full32"])
     assert full.feature_dim == 96

@@ -1,4 +1,4 @@
-"""Tests for logitcache/feature_codec.py: the teacher-feature codec (PCA basis or full; int8,
+"""Tests for logitcache/codecs/features.py: the teacher-feature codec (PCA basis or full; int8,
 float16 or float32), its error bounds, the basis fit, spec parsing and (de)serialisation.
 
 Property tests use hypothesis with ``deadline=None`` and at most 50 examples each; the data of
@@ -15,9 +15,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitcache.feature_codec import (DEFAULT_RANK, FEATURE_DTYPES, FeatureBasis, FeatureSpec, create_feature_spec,
-                                      decode_features, encode_features, fit_basis, project, quantisation_bound,
-                                      reconstruction_quality)
+from logitcache.codecs.features import (
+    DEFAULT_RANK,
+    FEATURE_DTYPES,
+    FeatureBasis,
+    FeatureSpec,
+    create_feature_spec,
+    decode_features,
+    encode_features,
+    fit_basis,
+    project,
+    quantisation_bound,
+    reconstruction_quality,
+)
 
 SETTINGS = settings(max_examples=50, deadline=None)
 #: Row scales of test features: all-zero rows, tiny, unit and large magnitudes.

@@ -155,11 +155,11 @@ def cache_url(request) -> str:
 @pytest.fixture(scope="module")
 def codec_caches(tmp_path_factory, synth_data, tiny_teacher) -> dict[str, str]:
     """One small cache (1 epoch, demo32_mix) per codec that the default build does not cover."""
-    from logitcache.build import build
-    from logitcache.codec import create_codec
+    from logitcache.build.loop import build
+    from logitcache.build.teacher import Teacher
+    from logitcache.codecs.logits import create_codec
     from logitcache.data.source import open_source
-    from logitcache.teacher import Teacher
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
 
     source = open_source(synth_data, "train")
     teacher = Teacher("test_resnet", weights=tiny_teacher, num_classes=16)
@@ -176,7 +176,7 @@ def codec_caches(tmp_path_factory, synth_data, tiny_teacher) -> dict[str, str]:
 
 
 def _library_rows(reader, epoch: int) -> np.ndarray:
-    from logitcache.codec import decode
+    from logitcache.codecs.logits import decode
 
     spec = reader.manifest.codec
     ep = reader.load_epoch(epoch)
@@ -186,7 +186,7 @@ def _library_rows(reader, epoch: int) -> np.ndarray:
 
 
 def _check_doc_reader(url: str) -> None:
-    from logitcache.store import CacheReader
+    from logitcache.storage.reader import CacheReader
 
     doc = DocReader(url)
     reader = CacheReader(url)
@@ -267,7 +267,7 @@ def test_recipe_digest_as_documented(cache_url):
 
 
 def test_only_committed_units_count(tmp_path, built_cache):
-    from logitcache.store import CacheReader
+    from logitcache.storage.reader import CacheReader
 
     url = str(tmp_path / "copy.zarr")
     shutil.copytree(built_cache, url)
@@ -283,8 +283,8 @@ def test_documented_fields_match_a_real_cache(built_cache):
     assert documented == set(DocReader(built_cache).manifest) | {"features"}  # features: feature caches only
     units_section = text.split("## Units", 1)[1].split("### Commit", 1)[0]
     rows = re.findall(r"^\| (\w+)[^|]* \| `(\w+)` \|", units_section, re.M)
-    from logitcache.codec import create_codec
-    from logitcache.unit_layout import stored_arrays
+    from logitcache.codecs.logits import create_codec
+    from logitcache.storage.unit_layout import stored_arrays
 
     documented = {}
     for codec, array in rows:
@@ -295,7 +295,7 @@ def test_documented_fields_match_a_real_cache(built_cache):
     for name in ("full", "sampled"):
         assert tuple(dict.fromkeys(documented[name])) == DOC_ARRAYS[name], name
         assert stored_arrays(create_codec(name, 16), 3) == DOC_ARRAYS[name]
-    from logitcache.feature_codec import create_feature_spec
+    from logitcache.codecs.features import create_feature_spec
 
     feature_rows = text.split("### Teacher features", 1)[1].split("The basis is", 1)[0]
     assert set(re.findall(r"^\| [^|]+ \| `(\w+)` \|", feature_rows, re.M)) == {"feat", "feat_scale"}
@@ -341,9 +341,9 @@ def test_example_snippet_runs(cache_url):
 
 
 def _manifest(shard_sizes: list[int], k: int = 2):
-    from logitcache.codec import create_codec
-    from logitcache.manifest import DatasetInfo, Manifest
-    from logitcache.views import create_recipe
+    from logitcache.codecs.logits import create_codec
+    from logitcache.storage.manifest import DatasetInfo, Manifest
+    from logitcache.views.augment import create_recipe
 
     return Manifest(teacher="t", teacher_weights="w", teacher_weights_sha256=None,
                     recipe=create_recipe("demo32"), codec=create_codec("topk", 4, k=k), num_classes=4,
@@ -352,10 +352,10 @@ def _manifest(shard_sizes: list[int], k: int = 2):
 
 
 def test_empty_unit_can_be_written_and_read(tmp_path):
-    from logitcache.codec import encode
-    from logitcache.plan import plan_digest
-    from logitcache.store import CacheReader
-    from logitcache.writer import CacheWriter
+    from logitcache.codecs.logits import encode
+    from logitcache.storage.reader import CacheReader
+    from logitcache.storage.writer import CacheWriter
+    from logitcache.views.plan import plan_digest
 
     manifest = _manifest([0])
     url = str(tmp_path / "empty.zarr")
@@ -368,13 +368,13 @@ def test_empty_unit_can_be_written_and_read(tmp_path):
 
 
 def test_build_with_an_empty_shard_makes_a_readable_epoch(tmp_path, tiny_teacher):
-    from logitcache.build import build
-    from logitcache.codec import create_codec
+    from logitcache.build.loop import build
+    from logitcache.build.teacher import Teacher
+    from logitcache.codecs.logits import create_codec
     from logitcache.data.source import open_source
     from logitcache.data.synth import generate_synth
-    from logitcache.store import CacheReader
-    from logitcache.teacher import Teacher
-    from logitcache.views import create_recipe
+    from logitcache.storage.reader import CacheReader
+    from logitcache.views.augment import create_recipe
 
     root = tmp_path / "data"
     generate_synth(root, num_classes=16, train_per_class=1, val_per_class=1, image_size=32, seed=1, shard_size=16)
@@ -394,11 +394,12 @@ def test_build_with_an_empty_shard_makes_a_readable_epoch(tmp_path, tiny_teacher
 def test_a_unit_must_hold_one_row_per_sample_of_its_shard(tmp_path):
     """Rows are implicit sample indices: a writer refuses a unit of the wrong size, and a
     reader refuses a committed unit whose record says another row count."""
-    from logitcache.codec import encode
+    from logitcache.codecs.logits import encode
     from logitcache.errors import CorruptCacheError
-    from logitcache.plan import plan_digest
-    from logitcache.store import CacheReader, commit_path
-    from logitcache.writer import CacheWriter
+    from logitcache.storage.layout import commit_path
+    from logitcache.storage.reader import CacheReader
+    from logitcache.storage.writer import CacheWriter
+    from logitcache.views.plan import plan_digest
 
     manifest = _manifest([2, 2])
     url = str(tmp_path / "c.zarr")

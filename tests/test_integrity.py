@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from main_entry import one_error_line, run_main
 
 from logitcache.errors import CorruptCacheError
-from logitcache.store import CacheReader, commit_path, unit_path
-from main_entry import one_error_line, run_main
+from logitcache.storage.layout import commit_path, unit_path
+from logitcache.storage.reader import CacheReader
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -133,7 +134,7 @@ def test_old_caches_read_as_they_were_written(old_copy):
 def test_old_cache_plans_match_this_code(old_copy):
     """The plan digests computed from an old cache's stored seeds and partners equal this code's plan."""
     from logitcache.data.source import open_source
-    from logitcache.trainer.data import check_plans
+    from logitcache.replay.rows import check_plans
 
     v, root = old_copy
     reader = CacheReader(str(root / f"cache_v{v}.zarr"))
@@ -165,8 +166,8 @@ def test_old_cache_trains_a_student_but_is_not_extended(old_copy, tmp_path, caps
     rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert [r["view_epoch"] for r in rows] == [0, 1] and summary["cache"].endswith(f"cache_v{v}.zarr")
     assert all(np.isfinite(r["kd"]) and r["kd"] > 0 for r in rows)
-    from safetensors.torch import save_file
     import timm
+    from safetensors.torch import save_file
 
     weights = str(tmp_path / "t.safetensors")
     save_file(timm.create_model("test_resnet", num_classes=8).state_dict(), weights)
@@ -203,8 +204,8 @@ def _tamper_canary(url: str, epoch: int, shard: int) -> None:
 
 
 def test_every_unit_records_a_canary_that_renders_again(built_cache_mix, synth_data):
-    from logitcache.canary import CANARY_VIEWS, check_canary
     from logitcache.data.source import open_source
+    from logitcache.storage.canary import CANARY_VIEWS, check_canary
 
     reader = CacheReader(built_cache_mix)
     source = open_source(synth_data, "train")

@@ -10,9 +10,9 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
+from logitcache.trainer.config import MKDConfig
 from logitcache.trainer.losses import LossConfig, distill_loss
-from logitcache.trainer.mkd import MetaTemperatureLearner, MKDConfig, mkd_loss
+from logitcache.trainer.mkd import MetaTemperatureLearner, mkd_loss
 from logitcache.trainer.temperatures import Temperatures, logit_features
 
 C = 5

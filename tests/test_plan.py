@@ -1,4 +1,4 @@
-"""Plans as arrays (logitcache.plan) are the plans caches were built with: same groups, same
+"""Plans as arrays (logitcache.views.plan) are the plans caches were built with: same groups, same
 view seeds, same pair seeds, same order, as the per-view planner of format version 1 (kept
 here, verbatim in behaviour, as the oracle)."""
 
@@ -9,9 +9,23 @@ import pytest
 import torch
 
 from logitcache.data.source import open_source
-from logitcache.loader import render_batch
-from logitcache.plan import Groups, num_groups, pair_seeds, plan_epoch, plan_unit, view_seeds
-from logitcache.views import create_recipe, create_train_transform, derive_seed, mix_pair, mix_params, render_view
+from logitcache.views.augment import (
+    create_recipe,
+    create_train_transform,
+    derive_seed,
+    mix_pair,
+    mix_params,
+    render_view,
+)
+from logitcache.views.loader import render_batch
+from logitcache.views.plan import (
+    Groups,
+    num_groups,
+    pair_seeds,
+    plan_epoch,
+    plan_unit,
+    view_seeds,
+)
 
 
 def old_plan_unit(recipe, epoch: int, shard: int, start: int, keys: list[str]) -> list[tuple]:

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import timm
 import torch
-from hypothesis import given, settings, strategies as st
-from safetensors.torch import load_file
-from torch import nn
-
 from conftest import NUM_CLASSES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from logitcache.trainer.config import TrainConfig
 from logitcache.trainer.losses import LossConfig
 from logitcache.trainer.projector import FeatureStudent, projector_distance
 from logitcache.trainer.train import train
 from main_entry import one_error_line, run_main
+from safetensors.torch import load_file
+from torch import nn
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,12 +65,12 @@ def test_feature_student_is_the_student_plus_a_linear_projector():
 @pytest.fixture(scope="module")
 def features_cache(tmp_path_factory, synth_data, tiny_teacher) -> str:
     """1 epoch of demo32_mix views: every logit and every feature dim stored as float32."""
-    from logitcache.build import build
-    from logitcache.build_features import FeatureRequest
-    from logitcache.codec import create_codec
+    from logitcache.build.features import FeatureRequest
+    from logitcache.build.loop import build
+    from logitcache.build.teacher import Teacher
+    from logitcache.codecs.logits import create_codec
     from logitcache.data.source import open_source
-    from logitcache.teacher import Teacher
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
 
     url = str(tmp_path_factory.mktemp("proj") / "full_features.zarr")
     build(open_source(synth_data, "train"), dataset_name="synth", recipe=create_recipe("demo32_mix"), url=url,
@@ -88,14 +88,16 @@ def _cfg(synth_data, cache, out, **kw) -> TrainConfig:
 
 
 def test_cached_and_online_projector_losses_and_gradients_agree(synth_data, tiny_teacher, features_cache):
-    from logitcache.codec import decode
-    from logitcache.data.source import open_source
-    from logitcache.feature_codec import decode_features
-    from logitcache.store import CacheReader
-    from logitcache.teacher import Teacher
-    from logitcache.trainer.data import CachedRows, create_train_loader, epoch_groups
     from logitcache.trainer.losses import distill_loss
     from logitcache.trainer.step import smoothed_targets
+
+    from logitcache.build.teacher import Teacher
+    from logitcache.codecs.features import decode_features
+    from logitcache.codecs.logits import decode
+    from logitcache.data.source import open_source
+    from logitcache.replay.batches import create_train_loader, epoch_groups
+    from logitcache.replay.rows import CachedRows
+    from logitcache.storage.reader import CacheReader
 
     reader = CacheReader(features_cache)
     recipe, source = reader.manifest.recipe, open_source(synth_data, "train")

@@ -22,15 +22,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from logitcache.teacher import Teacher
 from logitcache.trainer.checkpoint import TrainingStopped
-from logitcache.trainer.config import TrainConfig
+from logitcache.trainer.config import (
+    DEFAULT_TEACHER_LR_FACTOR,
+    ProKTConfig,
+    TrainConfig,
+)
 from logitcache.trainer.losses import LossConfig, hard_label_loss, kd_loss
-from logitcache.trainer.prokt import DEFAULT_TEACHER_LR_FACTOR, ProKTConfig, ProKTTeacher, prokt_teacher_loss
+from logitcache.trainer.prokt import ProKTTeacher, prokt_teacher_loss
 from logitcache.trainer.train import train
 from main_entry import one_error_line, run_main
+from safetensors.torch import load_file
+
+from logitcache.build.teacher import Teacher
 
 torch.set_num_threads(1)
 
@@ -119,11 +123,11 @@ def test_step_distils_from_the_updated_teacher(tiny_teacher):
     import copy
 
     import timm
+    from logitcache.trainer.step import StepSpec, StudentParts, train_step
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    from logitcache.trainer.step import StepSpec, StudentParts, train_step
-    from logitcache.views import create_recipe
+    from logitcache.views.augment import create_recipe
 
     recipe = create_recipe("demo32")
     cfg = TrainConfig(data="-", student="test_resnet", lr=1e-2, warmup_epochs=0, device="cpu",
@@ -167,9 +171,8 @@ def test_step_distils_from_the_updated_teacher(tiny_teacher):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, synth_data, tiny_teacher) -> Path:
     """``logitcache train --kd prokt`` through the command line: 1 epoch of 3 batches of 16."""
-    from typer.testing import CliRunner
-
     from logitcache.cli.main import app
+    from typer.testing import CliRunner
 
     out = tmp_path_factory.mktemp("prokt_cli")
     args = ["train", "--data", synth_data, "--out", str(out), "--student", "test_resnet", "--kd", "prokt",
@@ -223,9 +226,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, synth_data):
     import sys
 
     import timm
-
     from logitcache.trainer.checkpoint import save_student
-    from logitcache.views import create_recipe
+
+    from logitcache.views.augment import create_recipe
 
     weights = tmp_path / "vit_teacher.safetensors"
     with torch.random.fork_rng(devices=[]):

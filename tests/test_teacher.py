@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from main_entry import one_error_line, run_main
 from safetensors.torch import save_file
 
+from logitcache.build.teacher import (
+    META_MODEL,
+    Teacher,
+    create_model_from_weights,
+    read_state_dict,
+)
 from logitcache.errors import WeightsUnavailableError
-from logitcache.teacher import META_MODEL, Teacher, create_model_from_weights, read_state_dict
-from main_entry import one_error_line, run_main
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +106,7 @@ def _build(data: str, weights: Path, out: Path, capsys) -> tuple[int, str]:
 def test_users_own_teachers_build_caches_with_the_datasets_class_count(synth_data, tmp_path, capsys):
     """A teacher fine-tuned elsewhere on the 16-class data, saved without logitcache's metadata:
     a plain state dict, and a DDP training checkpoint; both build a cache."""
-    from logitcache.store import CacheReader
+    from logitcache.storage.reader import CacheReader
 
     torch.manual_seed(1)
     mine = timm.create_model("test_resnet", num_classes=16)

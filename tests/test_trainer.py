@@ -33,19 +33,20 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
-
-from logitcache.codec import create_codec, decode
-from logitcache.data.source import open_source
-from logitcache.errors import LogitcacheError
-from logitcache.store import CacheReader
-from logitcache.teacher import Teacher
-from logitcache.trainer.data import CachedRows, create_train_loader, epoch_groups
-from logitcache.trainer.losses import LossConfig, distill_loss
 from logitcache.trainer.checkpoint import TrainingStopped
 from logitcache.trainer.config import TrainConfig
+from logitcache.trainer.losses import LossConfig, distill_loss
 from logitcache.trainer.step import smoothed_targets
 from logitcache.trainer.train import train
+from safetensors.torch import load_file
+
+from logitcache.build.teacher import Teacher
+from logitcache.codecs.logits import create_codec, decode
+from logitcache.data.source import open_source
+from logitcache.errors import LogitcacheError
+from logitcache.replay.batches import create_train_loader, epoch_groups
+from logitcache.replay.rows import CachedRows
+from logitcache.storage.reader import CacheReader
 
 torch.set_num_threads(1)  # in-process runs: the same arithmetic as the 1-thread subprocesses
 
@@ -87,9 +88,8 @@ def base_config(synth_data: str, cache: str, out: Path, **kw) -> TrainConfig:
 
 def cli_train(*args: str):
     """``logitcache train ...`` in this process (typer's runner); returns the result, checked."""
-    from typer.testing import CliRunner
-
     from logitcache.cli.main import app
+    from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["train", *args])
     if result.exit_code != 0:
@@ -102,8 +102,8 @@ def cli_train(*args: str):
 @pytest.fixture(scope="module")
 def full_cache(tmp_path_factory, synth_data, tiny_teacher) -> str:
     """1 epoch of demo32_mix views (mixup/cutmix pairs), every logit stored as float32."""
-    from logitcache.build import build
-    from logitcache.views import create_recipe
+    from logitcache.build.loop import build
+    from logitcache.views.augment import create_recipe
 
     source = open_source(synth_data, "train")
     url = str(tmp_path_factory.mktemp("full") / "full.zarr")
@@ -455,7 +455,7 @@ def test_mkd_run_logs_moving_positive_temperatures_every_step(tmp_path, synth_da
 
 def test_mkd_with_online_teacher(tmp_path, synth_data, built_cache, tiny_teacher):
     # The teacher answers under inference_mode; MKD's meta step differentiates through it.
-    from logitcache.trainer.mkd import MKDConfig
+    from logitcache.trainer.config import MKDConfig
 
     train(base_config(synth_data, built_cache, tmp_path, limit_batches=1, online_teacher=True,
                       teacher_weights=tiny_teacher, mkd=MKDConfig(meta_every=1)))
@@ -465,7 +465,7 @@ def test_mkd_with_online_teacher(tmp_path, synth_data, built_cache, tiny_teacher
 
 def test_mkd_stopped_and_resumed_equals_uninterrupted(tmp_path, synth_data, built_cache):
     """The meta batches continue where they stopped (not from the start of the meta split)."""
-    from logitcache.trainer.mkd import MKDConfig
+    from logitcache.trainer.config import MKDConfig
 
     cfg = base_config(synth_data, built_cache, tmp_path / "ref", student="test_vit", batch_size=8, limit_batches=6,
                       deterministic=True, meta_fraction=0.3, mkd=MKDConfig(meta_every=2, meta_lr=0.1))
@@ -516,7 +516,7 @@ def test_sigterm_on_an_epochs_last_batch_then_resume_equals_uninterrupted(tmp_pa
 
 
 def test_mkd_needs_vanilla_kd(tmp_path, synth_data, built_cache):
-    from logitcache.trainer.mkd import MKDConfig
+    from logitcache.trainer.config import MKDConfig
 
     with pytest.raises(LogitcacheError, match="MKD"):
         train(base_config(synth_data, built_cache, tmp_path, mkd=MKDConfig(), loss=LossConfig(kind="dkd")))
@@ -541,7 +541,7 @@ def test_ranks_split_the_same_global_batches(synth_data, built_cache_mix):
     """Rank slices of every global batch add up to the 1-process batch, view for view, also
     when a group holds one view (a mixing recipe's odd leftover), whose size the trainer
     needs to weight each rank's loss (``global_batch_views``)."""
-    from logitcache.plan import Groups
+    from logitcache.views.plan import Groups
 
     reader = CacheReader(built_cache_mix)
     recipe = reader.manifest.recipe

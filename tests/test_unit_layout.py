@@ -1,4 +1,4 @@
-"""Tests for logitcache/unit_layout.py: format 3 arrays of every codec (round trip, sizes)
+"""Tests for logitcache/storage/unit_layout.py: format 3 arrays of every codec (round trip, sizes)
 and the format 1/2 reader (:func:`legacy_rows`).
 
 Property tests use hypothesis with ``deadline=None`` and at most 50 examples each.
@@ -14,10 +14,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitcache.bitpack import packed_size, unpack_bits
-from logitcache.codec import CodecSpec, create_codec, decode, encode
-from logitcache.plan import plan_digest
-from logitcache.unit_layout import LEGACY_ARRAYS, legacy_rows, pack_unit, stored_arrays, unpack_unit
+from logitcache.codecs.bitpack import packed_size, unpack_bits
+from logitcache.codecs.logits import CodecSpec, create_codec, decode, encode
+from logitcache.storage.unit_layout import (
+    LEGACY_ARRAYS,
+    legacy_rows,
+    pack_unit,
+    stored_arrays,
+    unpack_unit,
+)
+from logitcache.views.plan import plan_digest
 
 SETTINGS = settings(max_examples=50, deadline=None)
 

@@ -1,4 +1,4 @@
-"""Tests for logitcache/views.py: stable seeds, exact replay of views, mix pairing.
+"""Tests for logitcache/views/augment.py: stable seeds, exact replay of views, mix pairing.
 
 The key test (``test_regenerated_views_are_what_the_teacher_saw``) is the issue's "Done
 when": views regenerated in another process, with another DataLoader worker count and
@@ -20,13 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.codec import CodecSpec, decode
+from logitcache.build.teacher import Teacher
+from logitcache.codecs.logits import CodecSpec, decode
 from logitcache.data.source import open_source
-from logitcache.store import CacheReader
-from logitcache.teacher import Teacher
-from logitcache.loader import render_batch
-from logitcache.plan import pair_seeds, plan_digest, plan_unit, view_seeds
-from logitcache.views import (
+from logitcache.storage.reader import CacheReader
+from logitcache.views.augment import (
     MIX_CUTMIX,
     MIX_MIXUP,
     MIX_NONE,
@@ -39,6 +37,8 @@ from logitcache.views import (
     seeded,
     view_seed,
 )
+from logitcache.views.loader import render_batch
+from logitcache.views.plan import pair_seeds, plan_digest, plan_unit, view_seeds
 
 # -- view seeds -------------------------------------------------------------------------
 
@@ -186,7 +186,7 @@ def _timm_private_mix_params(recipe, pair_seed: int) -> MixParams:
     the pair seed. The oracle that existing caches were built with."""
     from timm.data.mixup import Mixup, cutmix_bbox_and_lam
 
-    from logitcache.views import seeded
+    from logitcache.views.augment import seeded
 
     mixer = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, prob=recipe.mix_prob,
                   switch_prob=recipe.switch_prob, mode="pair", num_classes=2)
@@ -285,9 +285,9 @@ _REGEN_SCRIPT = r"""
 import json, sys
 import torch
 from logitcache.data.source import open_source
-from logitcache.loader import BatchDataset, create_batch_loader
-from logitcache.plan import plan_epoch
-from logitcache.views import create_recipe, view_seed
+from logitcache.views.loader import BatchDataset, create_batch_loader
+from logitcache.views.plan import plan_epoch
+from logitcache.views.augment import create_recipe, view_seed
 
 args = json.loads(sys.argv[1])
 seeds = {"0/3/s0000001": view_seed(0, 3, "s0000001"), "7/0/a/b": view_seed(7, 0, "a/b"),

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from logitcache.build.teacher import META_INPUT, META_MODEL, ModelInput
 from logitcache.errors import LogitcacheError
-from logitcache.teacher import META_INPUT, META_MODEL, ModelInput
-from logitcache.views import Recipe
+from logitcache.views.augment import Recipe
 
 #: ProKT's trained teacher in the checkpoint folder.
 PROKT_WEIGHTS = "prokt_teacher.safetensors"

@@ -9,13 +9,86 @@ from pathlib import Path
 from logitcache.errors import ConfigError
 
 from .losses import LossConfig
-from .mkd import MKDConfig
-from .prokt import ProKTConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # tomllib joined the standard library in 3.11; tomli is the same parser
     import tomli as tomllib
+
+
+#: ``teacher_lr`` when not given: this times the student's ``lr``.
+DEFAULT_TEACHER_LR_FACTOR = 0.1
+
+
+@dataclass
+class ProKTConfig:
+    """ProKT's settings (the paper's names).
+
+    Attributes:
+        lam: the paper's lambda, weight of the constraint (the authors' ``move_back_weight``);
+            in [0, 1]: 0 trains the teacher on the labels only, 1 pulls it to the student only.
+        teacher_lr: the teacher's peak learning rate; None = ``DEFAULT_TEACHER_LR_FACTOR`` x
+            the student's ``lr``.
+    """
+
+    lam: float = 0.4
+    teacher_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"--prokt-lambda must be in [0, 1], not {self.lam}")
+        if self.teacher_lr is not None and not self.teacher_lr > 0:
+            raise ValueError(f"--prokt-teacher-lr must be > 0, not {self.teacher_lr}")
+
+    def resolved_teacher_lr(self, student_lr: float) -> float:
+        return self.teacher_lr if self.teacher_lr is not None else DEFAULT_TEACHER_LR_FACTOR * student_lr
+
+
+@dataclass
+class MKDConfig:
+    """MKD hyper-parameters.
+
+    Attributes:
+        init_teacher_temperature: initial T_t (> 0).
+        init_student_temperature: initial T_s (> 0).
+        meta_every: a meta step every N student steps (bounds the cost: a meta step is two
+            forwards plus a second-order backward, several student steps' worth of compute
+            and about twice a step's activation memory); <= 0 disables meta steps.
+        inner_lr: look-ahead SGD step size; None = the student's current lr.
+        meta_lr: Adam learning rate of the temperature parameters.
+        predictor: per-sample temperatures from a small MLP on logit statistics instead of
+            two learnable scalars.
+        hidden: hidden width of the predictor MLP.
+        min_temperature, max_temperature: range the temperatures are kept in.
+    """
+
+    init_teacher_temperature: float = 1.0
+    init_student_temperature: float = 1.0
+    meta_every: int = 10
+    inner_lr: float | None = None
+    meta_lr: float = 1e-2
+    predictor: bool = False
+    hidden: int = 32
+    min_temperature: float = 0.1
+    max_temperature: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_temperature < self.max_temperature:
+            raise ValueError(
+                f"need 0 < min_temperature < max_temperature, got {self.min_temperature}, {self.max_temperature}"
+            )
+        for name in ("init_teacher_temperature", "init_student_temperature"):
+            v = getattr(self, name)
+            if not self.min_temperature <= v <= self.max_temperature:
+                raise ValueError(
+                    f"{name}={v} outside [{self.min_temperature}, {self.max_temperature}]"
+                )
+        if self.inner_lr is not None and not self.inner_lr > 0:
+            raise ValueError(f"inner_lr must be > 0 or None, got {self.inner_lr}")
+        if not self.meta_lr > 0:
+            raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
 
 
 @dataclass

@@ -12,18 +12,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from logitcache.build import cache_root, check_views_of
-from logitcache.codec import CodecSpec, check_serves_loss
+from logitcache.codecs.logits import CodecSpec, check_serves_loss
 from logitcache.data.source import SampleSource, open_source
 from logitcache.errors import CacheNotFoundError, LogitcacheError
-from logitcache.manifest import check_serves
-from logitcache.cache_stats import list_caches
-from logitcache.store import CacheReader
-from logitcache.plan import Groups
-from logitcache.views import Recipe, create_recipe
+from logitcache.replay.batches import create_train_loader, epoch_groups
+from logitcache.replay.rows import CachedRows
+from logitcache.storage.canary import check_views_of
+from logitcache.storage.catalog import cache_root, list_caches
+from logitcache.storage.manifest import check_serves
+from logitcache.storage.reader import CacheReader
+from logitcache.views.augment import Recipe, create_recipe
+from logitcache.views.plan import Groups
 
 from .config import TrainConfig
-from .data import CachedRows, create_meta_loader, create_train_loader, epoch_groups, meta_split
+from .data import create_meta_loader, meta_split
 
 
 def find_cache(root: str, fingerprint: str, teacher: str | None = None) -> str:
@@ -137,7 +139,7 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
 
 
 def _check_codec_serves(cfg: TrainConfig, codec: CodecSpec, url: str) -> None:
-    """A sampled cache serves KD at T = 1 only (logitcache.codec.check_serves_loss)."""
+    """A sampled cache serves KD at T = 1 only (logitcache.codecs.logits.check_serves_loss)."""
     try:
         check_serves_loss(codec, cfg.loss.kind, cfg.loss.temperature, learns_temperature=cfg.mkd is not None)
     except ValueError as e:

@@ -58,7 +58,7 @@ Choices:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -66,61 +66,14 @@ import torch.nn.functional as F
 from timm.utils import unwrap_model
 from torch import Tensor
 
+from .config import MKDConfig
 from .losses import LossConfig, hard_label_loss, kd_loss
 from .temperatures import Temperatures
 
 __all__ = [
-    "MKDConfig",
     "MetaTemperatureLearner",
     "mkd_loss",
 ]
-
-
-@dataclass
-class MKDConfig:
-    """MKD hyper-parameters.
-
-    Attributes:
-        init_teacher_temperature: initial T_t (> 0).
-        init_student_temperature: initial T_s (> 0).
-        meta_every: a meta step every N student steps (bounds the cost: a meta step is two
-            forwards plus a second-order backward, several student steps' worth of compute
-            and about twice a step's activation memory); <= 0 disables meta steps.
-        inner_lr: look-ahead SGD step size; None = the student's current lr.
-        meta_lr: Adam learning rate of the temperature parameters.
-        predictor: per-sample temperatures from a small MLP on logit statistics instead of
-            two learnable scalars.
-        hidden: hidden width of the predictor MLP.
-        min_temperature, max_temperature: range the temperatures are kept in.
-    """
-
-    init_teacher_temperature: float = 1.0
-    init_student_temperature: float = 1.0
-    meta_every: int = 10
-    inner_lr: float | None = None
-    meta_lr: float = 1e-2
-    predictor: bool = False
-    hidden: int = 32
-    min_temperature: float = 0.1
-    max_temperature: float = 20.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_temperature < self.max_temperature:
-            raise ValueError(
-                f"need 0 < min_temperature < max_temperature, got {self.min_temperature}, {self.max_temperature}"
-            )
-        for name in ("init_teacher_temperature", "init_student_temperature"):
-            v = getattr(self, name)
-            if not self.min_temperature <= v <= self.max_temperature:
-                raise ValueError(
-                    f"{name}={v} outside [{self.min_temperature}, {self.max_temperature}]"
-                )
-        if self.inner_lr is not None and not self.inner_lr > 0:
-            raise ValueError(f"inner_lr must be > 0 or None, got {self.inner_lr}")
-        if not self.meta_lr > 0:
-            raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
-        if self.hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
 
 
 def mkd_loss(

@@ -16,7 +16,7 @@ The paper's three ingredients, as its reference code has them:
 
 The reference adds logit KD at T = 1; here that is ``--kd-weight`` (and ``--temperature``)
 on the usual KD term, and the feature term has its own ``--feature-weight``. Teacher
-features come from the cache (``build --features``; logitcache/feature_codec.py) or from
+features come from the cache (``build --features``; logitcache/codecs/features.py) or from
 the online teacher; they are targets (no gradient).
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitcache.teacher import logits_and_features, pre_logits_dim
+from logitcache.build.teacher import logits_and_features, pre_logits_dim
 
 #: BatchNorm's epsilon in the reference code.
 BN_EPS = 1e-4

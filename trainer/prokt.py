@@ -45,51 +45,23 @@ Choices:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 from torch import Tensor
 
+from .config import ProKTConfig, TrainConfig
 from .losses import HARD_KINDS, hard_label_loss, kd_loss
 
 if TYPE_CHECKING:
-    from logitcache.teacher import Teacher
+    from logitcache.build.teacher import Teacher
 
-    from .config import TrainConfig
+__all__ = ["ProKTTeacher", "prokt_teacher_loss"]
 
-__all__ = ["DEFAULT_TEACHER_LR_FACTOR", "ProKTConfig", "ProKTTeacher", "prokt_teacher_loss"]
-
-#: ``teacher_lr`` when not given: this times the student's ``lr``.
-DEFAULT_TEACHER_LR_FACTOR = 0.1
 
 #: The teacher's logged terms (unweighted, batch means).
 PROKT_TERMS = ("teacher_hard", "teacher_constraint")
-
-
-@dataclass
-class ProKTConfig:
-    """ProKT's settings (the paper's names).
-
-    Attributes:
-        lam: the paper's lambda, weight of the constraint (the authors' ``move_back_weight``);
-            in [0, 1]: 0 trains the teacher on the labels only, 1 pulls it to the student only.
-        teacher_lr: the teacher's peak learning rate; None = ``DEFAULT_TEACHER_LR_FACTOR`` x
-            the student's ``lr``.
-    """
-
-    lam: float = 0.4
-    teacher_lr: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"--prokt-lambda must be in [0, 1], not {self.lam}")
-        if self.teacher_lr is not None and not self.teacher_lr > 0:
-            raise ValueError(f"--prokt-teacher-lr must be > 0, not {self.teacher_lr}")
-
-    def resolved_teacher_lr(self, student_lr: float) -> float:
-        return self.teacher_lr if self.teacher_lr is not None else DEFAULT_TEACHER_LR_FACTOR * student_lr
 
 
 def prokt_teacher_loss(teacher_logits: Tensor, student_logits: Tensor, target: Tensor, lam: float,
@@ -159,7 +131,7 @@ class ProKTTeacher:
 
     def _inputs(self, x: Tensor) -> Tensor:
         """Views (B, 3, H, W) in the recipe's normalisation -> the teacher's input."""
-        from logitcache.teacher import adapt_views
+        from logitcache.build.teacher import adapt_views
 
         x = adapt_views(x.to(self.device), self.mean, self.std, self.io)
         if self.device.type == "cuda" and self.channels_last:

@@ -19,10 +19,10 @@ import torch
 from timm.data.mixup import one_hot
 from timm.utils import ModelEmaV3
 
-from logitcache.codec import CodecSpec, decode
-from logitcache.feature_codec import FeatureSpec, decode_features
-from logitcache.teacher import Teacher
-from logitcache.views import Recipe
+from logitcache.build.teacher import Teacher
+from logitcache.codecs.features import FeatureSpec, decode_features
+from logitcache.codecs.logits import CodecSpec, decode
+from logitcache.views.augment import Recipe
 
 from .config import TrainConfig
 from .losses import distill_loss

@@ -10,17 +10,14 @@ is exact inside the range). The predictor outputs
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import MKDConfig
 from .losses import temperature_from_log
-
-if TYPE_CHECKING:  # mkd.py imports this module
-    from .mkd import MKDConfig
 
 #: Number of per-sample statistics per logit tensor in :func:`logit_features`.
 _FEATURES_PER_LOGITS = 4

@@ -35,13 +35,23 @@ from pathlib import Path
 import timm
 import torch
 
-from logitcache.build import resolve_device
-from logitcache.distributed import DistContext, init_from_env, rank_device
+from logitcache.build.teacher import Teacher
+from logitcache.distributed import (
+    DistContext,
+    init_from_env,
+    rank_device,
+    resolve_device,
+)
 from logitcache.errors import LogitcacheError
-from logitcache.store import CacheReader
-from logitcache.teacher import Teacher
+from logitcache.storage.reader import CacheReader
 
-from .checkpoint import StopFlag, TrainingStopped, load_checkpoint, save_checkpoint, save_student
+from .checkpoint import (
+    StopFlag,
+    TrainingStopped,
+    load_checkpoint,
+    save_checkpoint,
+    save_student,
+)
 from .config import TrainConfig, check_prokt
 from .data import create_eval_loader
 from .evaluate import evaluate

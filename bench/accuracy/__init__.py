@@ -5,7 +5,7 @@
 
 Per dataset (the embedded synthetic set with ``generate_synth``'s defaults, and
 scikit-learn's digits): one teacher (timm ``resnet18``, plain CE, recipe ``demo32``),
-trained once and kept on disk; caches built with :func:`logitcache.build.build` (one per
+trained once and kept on disk; caches built with :func:`logitcache.build.loop.build` (one per
 k, as many epochs as the students train); then the same student (timm ``test_resnet``,
 same epochs / batch / lr / schedule) for every variant and seed:
 

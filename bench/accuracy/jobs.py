@@ -16,7 +16,6 @@ from pathlib import Path
 from ..common import Clock
 from .plan import RECIPE, STUDENT, TEACHER, cache_codec, cache_features
 
-
 #: TrainConfig settings added after earlier studies stored their runs, with the values at which a
 #: run is what it was before them: (table or "", key, value). Left out of a run's spec, so
 #: ``--resume`` still finds those runs.
@@ -74,10 +73,11 @@ def _find_or_train_teacher(name: str, data: Path, work: Path, epochs: int, worke
                            only_existing: bool = False) -> dict | None:
     """Train (once) the dataset's teacher; later calls find it on disk. ``only_existing``:
     None instead of training."""
-    from logitcache.data.source import open_source
     from logitcache.trainer.config import TrainConfig
     from logitcache.trainer.losses import LossConfig
     from logitcache.trainer.train import train
+
+    from logitcache.data.source import open_source
 
     fingerprint = open_source(str(data), "train").fingerprint()
     spec = {"model": TEACHER, "recipe": RECIPE, "epochs": epochs, "loss": "none", "batch_size": 128, "seed": 0,
@@ -132,7 +132,7 @@ def cache_tag(codec, features=None) -> str:
 def views_digest(url: str, epochs: int) -> str:
     """sha256 (12 hex) of the plan digests of every committed unit of ``epochs`` epochs: equal
     for two caches exactly when their views (seeds and pairings) are the same."""
-    from logitcache.store import CacheReader
+    from logitcache.storage.reader import CacheReader
 
     reader = CacheReader(url)
     plans = [str((reader.commit(e, s) or {}).get("plan")) for e in range(epochs) for s in range(reader.num_shards)]
@@ -142,11 +142,11 @@ def views_digest(url: str, epochs: int) -> str:
 def build_cache(name: str, data: Path, work: Path, teacher: dict, cid, epochs: int, workers: int) -> dict:
     """Build (or extend to ``epochs``, or just find) the cache ``cid`` (plan.cache_id: 1, 5, 10,
     "full" for float16 top-k; "top10-gap8"; "sampled32") of this teacher."""
-    from logitcache.build import build
+    from logitcache.build.loop import build
+    from logitcache.build.teacher import Teacher
     from logitcache.data.source import open_source
-    from logitcache.store import CacheReader
-    from logitcache.teacher import Teacher
-    from logitcache.views import create_recipe
+    from logitcache.storage.reader import CacheReader
+    from logitcache.views.augment import create_recipe
 
     source = open_source(str(data), "train")
     codec, features = cache_codec(cid, source.num_classes), cache_features(cid)

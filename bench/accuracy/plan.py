@@ -155,7 +155,7 @@ def cache_id(variant: str) -> int | str:
 
 def cache_features(cid: int | str):
     """The FeatureRequest of the cache :func:`cache_id` names ("top10-feat256"), else None."""
-    from logitcache.build_features import FeatureRequest
+    from logitcache.build.features import FeatureRequest
 
     if isinstance(cid, str) and "-feat" in cid:
         return FeatureRequest(dims=int(cid.split("-feat", 1)[1]))
@@ -164,7 +164,7 @@ def cache_features(cid: int | str):
 
 def cache_codec(cid: int | str, num_classes: int):
     """The CodecSpec of the cache :func:`cache_id` names (topk keeps k >= C as the full codec)."""
-    from logitcache.codec import create_codec
+    from logitcache.codecs.logits import create_codec
 
     from ..common import codec_for_k
 
@@ -178,8 +178,8 @@ def cache_codec(cid: int | str, num_classes: int):
 
 def variant_config(variant: str, caches: dict, teacher: dict) -> dict:
     """TrainConfig keyword arguments that make ``variant`` (besides the shared ones)."""
+    from logitcache.trainer.config import MKDConfig
     from logitcache.trainer.losses import LossConfig
-    from logitcache.trainer.mkd import MKDConfig
 
     main = caches[MAIN_K]["url"]  # caches: cache_id -> build_cache's result
     if variant == "ce":
@@ -205,7 +205,7 @@ def variant_config(variant: str, caches: dict, teacher: dict) -> dict:
     if variant == "projector_online":
         return {"cache": main, "loss": LossConfig(kind="projector"), **online}
     if variant == "prokt":  # no cache (ProKT refuses one): the recipe's views are the caches' views
-        from logitcache.trainer.prokt import ProKTConfig
+        from logitcache.trainer.config import ProKTConfig
 
         return {"recipe": RECIPE, "loss": LossConfig(kind="kd"), "prokt": ProKTConfig(), **online}
     raise ValueError(f"unknown variant {variant!r}")

@@ -21,7 +21,7 @@ from .summary import add_flat_keys, runtime, summarise_datasets
 
 def environment(threads: int) -> dict:
     """Where and with what the study ran."""
-    from logitcache.manifest import device_name
+    from logitcache.storage.manifest import device_name
 
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": device_name("cpu"), "cpu_count": os.cpu_count(),
             "torch_threads": threads, "load_avg_1min_start": os.getloadavg()[0],

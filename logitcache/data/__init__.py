@@ -1,4 +1,9 @@
-"""Dataset sources (tar shards, image folders) and the embedded dataset generators."""
+"""Where samples come from: tar shards and image folders as one random-access
+:class:`SampleSource` (``source``, with its shard indexes, ranged reads and local shard copies),
+and the embedded datasets written as tar shards (``synth``, ``digits``, ``shards``).
+
+Imports: ``logitcache.errors`` only.
+"""
 
 from logitcache.data.digits import generate_digits
 from logitcache.data.shards import write_dataset

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .views import Recipe, derive_seed
+from logitcache.views.augment import Recipe, derive_seed
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _digests(texts) -> np.ndarray:
 
 
 def view_seeds(cache_seed: int, epoch: int, keys: Sequence[str]) -> np.ndarray:
-    """(n,) uint64: :func:`logitcache.views.view_seed` of every key (one hash each)."""
+    """(n,) uint64: :func:`logitcache.views.augment.view_seed` of every key (one hash each)."""
     prefix = f"{cache_seed}/{epoch}/"
     return _digests(prefix + k for k in keys)
 

@@ -1,6 +1,6 @@
 """Writing a cache: :class:`CacheWriter` creates one (or checks that an existing one was
 built the same way), prepares its epoch groups, and writes units whole, each committed
-last with a record of its arrays' checksums (layout and records: logitcache/store.py,
+last with a record of its arrays' checksums (layout and records: logitcache/storage/layout.py,
 docs/FORMAT.md)."""
 
 from __future__ import annotations
@@ -9,11 +9,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .errors import CacheMismatchError
-from .feature_store import BASIS_GROUP, write_basis
-from .manifest import ATTR_KEY, Manifest
-from .store import COMPRESSOR, IO_THREADS, commit_record, committed_units_of, epoch_path, open_group
-from .unit_layout import pack_unit
+from logitcache.errors import CacheMismatchError
+from logitcache.storage.basis import BASIS_GROUP, write_basis
+from logitcache.storage.layout import (
+    COMPRESSOR,
+    IO_THREADS,
+    commit_record,
+    committed_units_of,
+    epoch_path,
+    open_group,
+)
+from logitcache.storage.manifest import ATTR_KEY, Manifest
+from logitcache.storage.unit_layout import pack_unit
 
 
 class CacheWriter:
@@ -23,7 +30,7 @@ class CacheWriter:
     and trains, but adding to it is refused (build a new cache)."""
 
     def __init__(self, url: str, manifest: Manifest, storage_options: dict | None = None, basis=None):
-        """``basis``: a new feature cache's :class:`logitcache.feature_codec.FeatureBasis`,
+        """``basis``: a new feature cache's :class:`logitcache.codecs.features.FeatureBasis`,
         written before the manifest (which records its sha256); unused when the cache exists."""
         self.url = url
         self.manifest = manifest
@@ -77,8 +84,8 @@ class CacheWriter:
     def write_unit(self, epoch: int, shard: int, rows: dict[str, np.ndarray], plan: str,
                    canary: dict | None = None) -> None:
         """Write one unit's teacher rows (sorted by sample index, one per sample of the shard;
-        logitcache/codec.py), then its commit record, last, with the plan digest ``plan``
-        (logitcache/unit_layout.py) and the unit's ``canary`` (logitcache/canary.py).
+        logitcache/codecs/logits.py), then its commit record, last, with the plan digest ``plan``
+        (logitcache/storage/unit_layout.py) and the unit's ``canary`` (logitcache/storage/canary.py).
 
         A unit left half-written by a killed process, or rebuilt because it was damaged,
         is replaced whole; its old commit record is removed first, so no moment exists at

@@ -2,9 +2,9 @@
 
 Format 3 stores only what cannot be recomputed. Rows are sorted by sample index, so row
 ``r`` of unit ``s`` is sample ``start_s + r``; view seeds, labels, mixing partners and
-lambdas are regenerated from the plan (logitcache/plan.py) and the dataset, and the commit
-record holds a digest of the plan (:func:`logitcache.plan.plan_digest`) so a reader that plans otherwise is
-refused. The arrays (n rows; streams are logitcache/bitpack.py bit streams):
+lambdas are regenerated from the plan (logitcache/views/plan.py) and the dataset, and the commit
+record holds a digest of the plan (:func:`logitcache.views.plan.plan_digest`) so a reader that plans otherwise is
+refused. The arrays (n rows; streams are logitcache/codecs/bitpack.py bit streams):
 
 =========  =========================  ==================================================
 codec      array (dtype, shape)       content
@@ -22,7 +22,7 @@ sampled    ids (uint8, stream)        sum(u_r) class ids, row by row, ascending
 sampled    counts (uint8, stream)     sum(u_r) draw counts minus 1, of ceil(log2 N) bits
 features   feat ((n, w) int8/f16/f32) `build --features`: each view's teacher feature, as
                                       w basis coefficients or all D dims
-                                      (logitcache/feature_codec.py)
+                                      (logitcache/codecs/features.py)
 features   feat_scale (float32, (n,)) int8 features only: the per-view scale
 =========  =========================  ==================================================
 
@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bitpack import pack_bits, unpack_bits
-from .codec import CodecSpec
-from .plan import plan_digest
+from logitcache.codecs.bitpack import pack_bits, unpack_bits
+from logitcache.codecs.logits import CodecSpec
+from logitcache.views.plan import plan_digest
 
 #: The arrays of a format 1 or 2 unit, in the order they were written.
 LEGACY_ARRAYS = ("sample_index", "view_seed", "label", "partner_index", "mix_lam", "topk_ids", "topk_logits",
@@ -49,7 +49,7 @@ FEATURE_ARRAYS = ("feat", "feat_scale")
 
 def stored_arrays(spec: CodecSpec, format_version: int, features=None) -> tuple[str, ...]:
     """Names of a unit's arrays, in the order they are written; ``features`` is the cache's
-    :class:`logitcache.feature_codec.FeatureSpec` (None: logits only)."""
+    :class:`logitcache.codecs.features.FeatureSpec` (None: logits only)."""
     if format_version < 3:
         return LEGACY_ARRAYS
     return _logit_arrays(spec) + (tuple(features.stored_arrays()) if features is not None else ())
@@ -64,7 +64,7 @@ def _logit_arrays(spec: CodecSpec) -> tuple[str, ...]:
 
 
 def pack_unit(spec: CodecSpec, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Teacher rows (sorted by sample index; see logitcache/codec.py) -> format 3 arrays.
+    """Teacher rows (sorted by sample index; see logitcache/codecs/logits.py) -> format 3 arrays.
     Feature arrays (``feat``, ``feat_scale``), when present, are stored as they are."""
     features = {k: np.ascontiguousarray(rows[k]) for k in FEATURE_ARRAYS if k in rows}
     return {**_pack_logits(spec, rows), **features}
@@ -128,7 +128,7 @@ def _unpack_logits(spec: CodecSpec, arrays: dict[str, np.ndarray], n: int) -> di
 
 def legacy_rows(spec: CodecSpec, arrays: dict[str, np.ndarray], start: int) -> tuple[dict[str, np.ndarray], str]:
     """A format 1/2 unit (rows in build order) -> (teacher rows sorted by sample index, the
-    digest of its plan, as :func:`logitcache.plan.plan_digest` computes it from the stored seeds and partners)."""
+    digest of its plan, as :func:`logitcache.views.plan.plan_digest` computes it from the stored seeds and partners)."""
     order = np.argsort(arrays["sample_index"], kind="stable")
     values, ids = arrays["topk_logits"][order], arrays["topk_ids"][order]
     if spec.name == "full":  # stored by descending logit with ids; teacher rows are in class order

@@ -2,7 +2,7 @@
 
 A new feature cache with a basis (``--feature-dims r``) first runs the teacher on the first
 ``fit_views`` views of its first epoch (units in shard order, the views the build renders
-anyway) and fits a PCA basis to their features (:func:`logitcache.feature_codec.fit_basis`);
+anyway) and fits a PCA basis to their features (:func:`logitcache.codecs.features.fit_basis`);
 the basis is written before the manifest, which records its sha256. A build that adds to
 or resumes a feature cache reads the cache's basis back (checked) instead of fitting one, so
 every unit of a cache is coded in the same basis. Ranks other than 0 read what rank 0 wrote.
@@ -15,11 +15,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import BadLogitsError, CacheMismatchError, CacheNotFoundError
-from .feature_codec import DEFAULT_RANK, FeatureBasis, FeatureSpec, create_feature_spec, encode_features, fit_basis
-from .loader import BatchDataset, create_batch_loader
-from .teacher import Teacher
-from .views import Recipe
+from logitcache.build.teacher import Teacher
+from logitcache.codecs.features import (
+    DEFAULT_RANK,
+    FeatureBasis,
+    FeatureSpec,
+    create_feature_spec,
+    encode_features,
+    fit_basis,
+)
+from logitcache.errors import BadLogitsError, CacheMismatchError, CacheNotFoundError
+from logitcache.views.augment import Recipe
+from logitcache.views.loader import BatchDataset, create_batch_loader
 
 #: Views of the first epoch the basis is fitted on (an ImageNet epoch has 1.28 M).
 DEFAULT_FIT_VIEWS = 8192
@@ -65,7 +72,7 @@ def feature_entry(spec: FeatureSpec, basis: FeatureBasis | None, fit_views: int)
 def existing_features(url: str, storage_options: dict | None):
     """(the cache's manifest features entry, its checked basis) when ``url`` holds a feature
     cache; (None, None) for a cache without features; None when there is no cache yet."""
-    from .store import CacheReader
+    from logitcache.storage.reader import CacheReader
 
     try:
         reader = CacheReader(url, storage_options)
@@ -81,7 +88,7 @@ def prepare_features(request: FeatureRequest, teacher: Teacher, source, recipe: 
                      num_workers: int) -> BuildFeatures:
     """Rank 0: the spec asked for, with the cache's basis when it has one of that spec, else a
     basis fitted now. A cache of another spec (or without features) gets an entry that the
-    manifest check then refuses with the reason (logitcache/manifest.py)."""
+    manifest check then refuses with the reason (logitcache/storage/manifest.py)."""
     spec = create_feature_spec(teacher.feature_dim, request.dims, request.dtype)
     found = existing_features(url, storage_options)
     if found is not None:
@@ -113,7 +120,7 @@ def _fit_sample(teacher: Teacher, source, recipe: Recipe, epoch: int, fit_views:
                 num_workers: int) -> torch.Tensor:
     """(n, D) teacher features of the first ``fit_views`` views of ``epoch`` (units in shard
     order, each unit's batches as the build cuts them); fewer when the epoch is smaller."""
-    from .build import UnitBatches
+    from logitcache.build.units import UnitBatches
 
     bounds = np.array([(s.start, s.stop) for s in source.shards], dtype=np.int64).reshape(-1, 2)
     sizes = bounds[:, 1] - bounds[:, 0]

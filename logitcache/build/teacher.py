@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import timm
 import torch
 import torch.nn.functional as F
-import timm
 
-from .errors import BadLogitsError, WeightsUnavailableError
+from logitcache.errors import BadLogitsError, WeightsUnavailableError
 
 #: Short names for the teachers people use most (timm names with pretrained tags).
 TEACHER_ALIASES: dict[str, str] = {
@@ -227,7 +227,7 @@ class Teacher:
         """Where and how the logits are computed (recorded in the manifest; informative):
         device name, arithmetic (bf16 autocast on CUDA, float32 on CPU), torch.compile,
         CPU threads. Caches built under other settings differ in the last bits of the logits."""
-        from .manifest import device_name
+        from logitcache.storage.manifest import device_name
 
         dev = self.device
         return {"device": f"{dev.type}: {device_name(dev)}",

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bitpack import bits_for
+from logitcache.codecs.bitpack import bits_for
 
 FLOAT_VALUES = ("float16", "float32")
 FLOAT16_MAX = 65504.0

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from .errors import CorruptCacheError
-from .feature_codec import FeatureBasis
+from logitcache.codecs.features import FeatureBasis
+from logitcache.errors import CorruptCacheError
 
 BASIS_GROUP = "features"
 BASIS_ARRAYS = ("mean", "components")
@@ -21,7 +21,7 @@ _HINT = "the basis cannot be rebuilt in place: build the cache again (another --
 
 def write_basis(root: zarr.Group, basis: FeatureBasis) -> None:
     """Write ``basis`` under ``features/`` (replacing any left by a killed build)."""
-    from .store import COMPRESSOR
+    from logitcache.storage.layout import COMPRESSOR
 
     group = root.create_group(BASIS_GROUP, overwrite=True)
     for key in BASIS_ARRAYS:

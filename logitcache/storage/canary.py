@@ -15,9 +15,10 @@ import hashlib
 
 import torch
 
-from .errors import CacheMismatchError
-from .manifest import Manifest, library_versions
-from .plan import plan_unit
+from logitcache.errors import CacheMismatchError
+from logitcache.storage.manifest import Manifest, library_versions
+from logitcache.storage.reader import CacheReader
+from logitcache.views.plan import plan_unit
 
 #: Views hashed per unit (the first ones of the unit, in build order).
 CANARY_VIEWS = 4
@@ -49,8 +50,8 @@ def check_canary(commit: dict | None, manifest: Manifest, source, epoch: int, sh
     canary = (commit or {}).get("canary")
     if not canary:
         return False
-    from .loader import render_batch
-    from .views import create_train_transform
+    from logitcache.views.augment import create_train_transform
+    from logitcache.views.loader import render_batch
 
     info = source.shards[shard]
     recipe = manifest.recipe
@@ -68,3 +69,18 @@ def check_canary(commit: dict | None, manifest: Manifest, source, epoch: int, sh
             f"--allow-view-drift to use the cache anyway"
         )
     return True
+
+
+def check_views_of(reader: CacheReader, source, epochs: list[int] | None = None, allow_drift: bool = False) -> None:
+    """Render the canary of the first committed unit that has one, in the first of ``epochs``
+    (default: the cache's epochs) with committed units, and compare (logitcache/storage/canary.py);
+    a new or format 1 cache has nothing to check."""
+    if reader.format_version < 2:
+        return
+    for epoch in reader.epochs_present() if epochs is None else epochs:
+        for shard in reader.committed_units(epoch):
+            if check_canary(reader.commit(epoch, shard), reader.manifest, source, epoch, shard, reader.url,
+                            allow_drift):
+                return
+        if reader.committed_units(epoch):
+            return

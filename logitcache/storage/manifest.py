@@ -7,15 +7,15 @@ import datetime as _dt
 import importlib.metadata
 from dataclasses import dataclass, field
 
-from .codec import CodecSpec
-from .errors import CacheMismatchError
-from .views import Recipe
+from logitcache.codecs.logits import CodecSpec
+from logitcache.errors import CacheMismatchError
+from logitcache.views.augment import Recipe
 
 #: The layout new caches are written in; every version in READABLE_VERSIONS still reads.
 #: 2: per-unit commit records under epochs/<EEEE>/commits/ (found by listing) with CRC-32
 #: checksums of every array, checked on every read.
 #: 3: rows sorted by sample index; only what cannot be recomputed is stored (compact codecs:
-#: bit-packed ids, quantised gaps, sampled counts; logitcache/unit_layout.py) with a digest of
+#: bit-packed ids, quantised gaps, sampled counts; logitcache/storage/unit_layout.py) with a digest of
 #: each unit's plan in its commit record.
 #: 4: format 3 plus the teacher's features (``build --features``): the manifest's ``features``
 #: entry, the basis under ``features/``, ``feat`` (and ``feat_scale``) in every unit. A cache
@@ -88,7 +88,7 @@ class Manifest:
     build_env: dict = field(default_factory=dict)  # Teacher.runtime(): device, precision, ... (informative)
     # `build --features`: {"spec": FeatureSpec.to_json(), "label": "pca256/int8", "basis_sha256": str | None,
     # "explained": float | None, "fit_views": int}
-    # (logitcache/feature_codec.py); None: the cache holds logits only.
+    # (logitcache/codecs/features.py); None: the cache holds logits only.
     features: dict | None = None
 
     def to_dict(self) -> dict:
@@ -155,8 +155,8 @@ class Manifest:
 
     @property
     def feature_spec(self):
-        """The cache's :class:`logitcache.feature_codec.FeatureSpec`, or None without features."""
-        from .feature_codec import FeatureSpec
+        """The cache's :class:`logitcache.codecs.features.FeatureSpec`, or None without features."""
+        from logitcache.codecs.features import FeatureSpec
 
         return FeatureSpec.from_json(self.features["spec"]) if self.features is not None else None
 

@@ -2,7 +2,7 @@
 batches out.
 
 Each dataset item is one whole batch: the groups (mixing pairs or single samples, as
-:class:`~logitcache.plan.Groups` arrays) that the caller planned for it, rendered from
+:class:`~logitcache.views.plan.Groups` arrays) that the caller planned for it, rendered from
 their seeds inside the DataLoader worker. Which views land in which batch is fixed by the
 caller, never by the worker count. Workers never touch the cache store (a worker forked
 after the parent opened a zarr store can deadlock on the store's event loop); cached rows
@@ -17,14 +17,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import errors
-from .errors import LogitcacheError
-from .plan import Groups, pair_seeds, view_seeds
-from .views import Recipe, create_train_transform, mix_pair, mix_params, render_view
+from logitcache import errors
+from logitcache.errors import LogitcacheError
+from logitcache.views.augment import (
+    Recipe,
+    create_train_transform,
+    mix_pair,
+    mix_params,
+    render_view,
+)
+from logitcache.views.plan import Groups, pair_seeds, view_seeds
 
 
 def render_batch(recipe: Recipe, transform, source, epoch: int, groups: Groups) -> dict:
-    """The views of ``groups`` at ``epoch``, in group order (see :class:`~logitcache.plan.Groups`).
+    """The views of ``groups`` at ``epoch``, in group order (see :class:`~logitcache.views.plan.Groups`).
 
     Seeds are hashed here, a batch at a time, from the samples' keys. Returns tensors over
     the V views: images (V, 3, H, W) float32; index, partner (V,) int64 global sample

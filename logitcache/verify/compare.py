@@ -1,5 +1,5 @@
 """The comparisons behind ``logitcache verify``: cached teacher rows against the logits the
-teacher gives again for the same views (the pass criterion: logitcache/verify.py).
+teacher gives again for the same views (the pass criterion: logitcache/verify/run.py).
 
 Every codec is compared in logit terms: float values as stored; quantised gaps turned back
 into logits relative to the *recomputed* top logit, against the recomputed logits clipped
@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .codec import CodecSpec, encode
-
-if TYPE_CHECKING:
-    from .verify import VerifyReport
+from logitcache.codecs.logits import CodecSpec, encode
+from logitcache.verify.report import VerifyReport
 
 #: Recomputation noise allowed per entry, relative to the largest |logit| of its row.
 NOISE_REL = 2.0**-20
@@ -180,7 +177,7 @@ def compare_features(report: "VerifyReport", spec, basis, true: torch.Tensor, ro
     rows must lie within the codec's rounding bound (``quantisation_bound``) of the
     projection of ``true`` onto the cache's basis, plus ``max(tol, FEATURE_NOISE_REL)`` x
     ``||true||`` for recomputation noise. Fills the ``feature_*`` fields of ``report``."""
-    from .feature_codec import decode_features, project, quantisation_bound
+    from logitcache.codecs.features import decode_features, project, quantisation_bound
 
     feat = torch.from_numpy(rows["feat"])
     scale = torch.from_numpy(rows["feat_scale"]) if "feat_scale" in rows else None

@@ -4,7 +4,7 @@
 :func:`inspect_cache` also reads every committed unit whole, once (never per item), and
 computes its statistics per unit with vectorised numpy. Both return dataclasses; the CLI
 (``cli/format.py``) turns them into text. Sizes are bytes, entropies nats (T=1).
-:func:`list_caches` finds the caches under a cache root (``ls``, and ``train`` without --cache).
+The caches under a cache root: :mod:`logitcache.storage.catalog`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 
-from .codec import CodecSpec, rebuilt_probs
-from .manifest import Manifest, check_serves
-from .store import CacheReader, is_local
+from logitcache.codecs.logits import CodecSpec, rebuilt_probs
+from logitcache.storage.layout import is_local
+from logitcache.storage.manifest import Manifest, check_serves
+from logitcache.storage.reader import CacheReader
 
 
 def storage_bytes(url: str, storage_options: dict | None = None) -> int:
@@ -42,8 +42,8 @@ def storage_bytes(url: str, storage_options: dict | None = None) -> int:
 
 
 def recipe_name(manifest: Manifest) -> str | None:
-    """The name in :data:`logitcache.views.RECIPES` that the cache's recipe is (any cache_seed)."""
-    from .views import RECIPES
+    """The name in :data:`logitcache.views.augment.RECIPES` that the cache's recipe is (any cache_seed)."""
+    from logitcache.views.augment import RECIPES
 
     recipe = manifest.recipe
     for name, known in RECIPES.items():
@@ -67,7 +67,7 @@ def _complete_epochs(committed: dict[int, dict[int, int]], num_shards: int) -> l
 
 
 def row_stats(codec: CodecSpec, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per view of teacher rows (logitcache/codec.py), from the rebuilt T = 1 distribution:
+    """Per view of teacher rows (logitcache/codecs/logits.py), from the rebuilt T = 1 distribution:
     ``top1`` (n,) its top class, ``top1_prob``, ``entropy`` (nats) and ``tail_mass`` (the
     probability of the classes a topk row does not keep; 0 for full and sampled)."""
     t = {k: torch.from_numpy(np.ascontiguousarray(rows[k])) for k in ("ids", "values", "tail")}
@@ -133,7 +133,7 @@ class CacheStats:
     teacher: str
     teacher_weights: str
     teacher_weights_sha256: str | None
-    recipe_name: str | None  # a name of logitcache.views.RECIPES, or None for a custom recipe
+    recipe_name: str | None  # a name of logitcache.views.augment.RECIPES, or None for a custom recipe
     recipe_sha256: str
     recipe: dict
     dataset: dict  # name, split, fingerprint, num_samples, num_shards, url
@@ -222,33 +222,3 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
     )
 
 
-@dataclass
-class CacheEntry:
-    url: str
-    manifest: Manifest
-
-
-def list_caches(root: str) -> list[CacheEntry]:
-    """The caches directly under ``root`` (a local path or fsspec URL), sorted by URL.
-
-    Folders that are not logitcache caches are ignored; an unreadable manifest is skipped
-    with its error kept out of the way (``inspect`` reports it).
-    """
-    import fsspec
-
-    if is_local(root):
-        base = root.removeprefix("file://")
-        if not os.path.isdir(base):
-            return []
-        children = [os.path.join(base, n) for n in sorted(os.listdir(base))]
-    else:
-        fs, path = fsspec.core.url_to_fs(root)
-        protocol = root.split("://", 1)[0]
-        children = [f"{protocol}://{p}" for p in sorted(fs.ls(path, detail=False))]
-    out = []
-    for child in children:
-        try:
-            out.append(CacheEntry(child, CacheReader(child).manifest))
-        except Exception:  # noqa: BLE001 - not a cache, or not one we can read
-            continue
-    return out

@@ -1,143 +1,40 @@
-"""The cache on storage: a Zarr v3 group on any fsspec URL, written in whole units.
-
-A *unit* is one epoch x one data shard. One process computes and writes a unit whole,
-into arrays that no other process touches (zarr loses data when processes share a
-shard), and commits it last with a record of every array's checksum. Readers and
-resuming builds trust committed units only, and every read checks every array against
-that record, so damage on storage (a flipped byte, a missing or truncated chunk,
-unreadable metadata) stops the read with one line naming the cache, epoch, unit and
-array.
-
-Layout (docs/FORMAT.md has the reader's view)::
-
-    <cache>/zarr.json                         attrs {"logitcache": manifest}
-    <cache>/features/mean, components         (`build --features` with a basis) the PCA basis,
-                                              written before the manifest; its sha256 is in it
-    <cache>/epochs/<EEEE>/units/<SSSSS>/      arrays of one unit
-    <cache>/epochs/<EEEE>/commits/<SSSSS>/    (format 2) a group whose attrs {"commit": {...}}
-                                              mark the unit committed; one listing of
-                                              commits/ finds an epoch's committed units
-    format 1: no commits/ group; the commit record is the unit group's "commit" attribute.
+"""The checked reader of a cache (:class:`CacheReader`): its manifest, its epochs and committed
+units, and every unit read in whole and checked against its commit record before use, so
+damage on storage (a flipped byte, a missing or truncated chunk, unreadable metadata) stops
+the read with one line naming the cache, epoch, unit and array. :meth:`CacheReader.load_epoch`
+gives one epoch's rows indexed by sample (:class:`EpochArrays`). Paths, listings and commit
+records: :mod:`logitcache.storage.layout`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
-from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError
-from .manifest import ATTR_KEY, Manifest
-from .unit_layout import FEATURE_ARRAYS, legacy_rows, stored_arrays, unpack_unit
-
-#: Threads for concurrent zarr requests: units read at once by ``CacheReader.read_units``, arrays
-#: written at once by ``logitcache.writer.CacheWriter.write_unit``.
-IO_THREADS = 8
-#: Integer ids and seeds compress well, fp16 logits a little; zstd's frame checksum makes a
-#: damaged chunk fail to decode instead of decoding to other numbers.
-COMPRESSOR = ZstdCodec(level=3, checksum=True)
-#: How to repair a damaged committed unit (said by every error about one).
-REPAIR_HINT = "re-run the same `logitcache build` command with --recheck to rebuild damaged units"
-
-
-def epoch_path(epoch: int) -> str:
-    return f"epochs/{epoch:04d}"
-
-
-def unit_path(epoch: int, shard: int) -> str:
-    return f"epochs/{epoch:04d}/units/{shard:05d}"
-
-
-def commit_path(epoch: int, shard: int) -> str:
-    """Where format 2 keeps a unit's commit record (a group of its own, written last)."""
-    return f"epochs/{epoch:04d}/commits/{shard:05d}"
-
-
-def list_names(url: str, path: str, storage_options: dict | None = None) -> list[str]:
-    """Names of the entries directly under ``path`` of the cache at ``url``: one directory
-    listing (one LIST request on object storage, a page per 1,000 names); [] if absent."""
-    if is_local(url):
-        try:
-            return os.listdir(os.path.join(url.removeprefix("file://"), path))
-        except FileNotFoundError:
-            return []
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **{"use_listings_cache": False, **(storage_options or {})})
-    try:
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root.rstrip('/')}/{path}", detail=False)]
-    except FileNotFoundError:
-        return []
-
-
-def _numbered(names: list[str]) -> list[int]:
-    """The entries named by a number (epoch or shard groups), sorted; metadata files skipped."""
-    return sorted(int(n) for n in names if n.isdigit())
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
-    """Open the Zarr group at ``url`` (a path, file://, memory://, s3://, any fsspec URL).
-
-    Local paths go through zarr's LocalStore (atomic writes by rename); others through
-    fsspec. ``mode`` as in zarr: "r" read only, "a" read/write and create.
-
-    ``storage_options`` go to the fsspec filesystem (e.g. ``{"endpoint_url": ...}`` for
-    s3fs; without them s3fs reads AWS_ENDPOINT_URL and the other AWS_* variables).
-    Listings are not cached (``use_listings_cache=False`` unless given): fsspec shares one
-    filesystem instance per process, and a cached listing would hide the epochs and units
-    that another process commits while a reader is open.
-    """
-    if is_local(url):
-        path = url.removeprefix("file://")
-        if mode == "r" and not os.path.exists(os.path.join(path, "zarr.json")):
-            raise CacheNotFoundError(f"no cache at {url} (no zarr.json there)")
-        return zarr.open_group(path, mode=mode)
-    try:
-        options = {"use_listings_cache": False, **(storage_options or {})}
-        return zarr.open_group(url, mode=mode, storage_options=options)
-    except FileNotFoundError as e:
-        raise CacheNotFoundError(f"no cache at {url} ({e})") from None
-
-
-def array_digest(arr: np.ndarray) -> str:
-    """sha256 (hex) of the array's C-order bytes: format 1's checksum."""
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-
-def array_crc32(arr: np.ndarray) -> int:
-    """CRC-32 (``zlib.crc32``, as in zip and PNG) of the array's C-order bytes: format 2's
-    checksum (GB/s, read straight from the array's memory)."""
-    arr = np.ascontiguousarray(arr)
-    return zlib.crc32(memoryview(arr).cast("B")) if arr.size else 0
-
-
-def commit_record(arrays: dict[str, np.ndarray], n: int, format_version: int, plan: str | None = None) -> dict:
-    """What a commit stores: the row count, every array's checksum and (format 3) the plan digest."""
-    if format_version == 1:
-        return {"n": n, "sha256": {k: array_digest(a) for k, a in arrays.items()}}
-    record = {"n": n, "crc32": {k: array_crc32(a) for k, a in arrays.items()}}
-    if format_version >= 3:
-        record["plan"] = plan
-    return record
-
-
-def damaged_arrays(commit: dict, arrays: dict[str, np.ndarray]) -> list[str]:
-    """The arrays whose bytes differ from the commit record's checksums (any format)."""
-    if "crc32" in commit:
-        return [k for k, a in arrays.items() if array_crc32(a) != commit["crc32"].get(k)]
-    return [k for k, a in arrays.items() if array_digest(a) != commit.get("sha256", {}).get(k)]
+from logitcache.errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError
+from logitcache.storage.layout import (
+    IO_THREADS,
+    REPAIR_HINT,
+    committed_units_of,
+    damaged_arrays,
+    list_names,
+    numbered_entries,
+    open_group,
+    unit_commit,
+    unit_path,
+)
+from logitcache.storage.manifest import ATTR_KEY, Manifest
+from logitcache.storage.unit_layout import (
+    FEATURE_ARRAYS,
+    legacy_rows,
+    stored_arrays,
+    unpack_unit,
+)
 
 
 async def _read_unit_arrays(root, path: str, names: tuple[str, ...], empty: bool) -> list:
@@ -162,51 +59,14 @@ def _read_manifest(group: zarr.Group, url: str) -> Manifest:
     return Manifest.from_dict(attrs[ATTR_KEY])
 
 
-def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 1, url: str = "") -> dict | None:
-    """The commit record of a unit, or None when the unit is not committed.
-
-    Format 2: a record that exists but cannot be read is damage, and raises
-    :class:`CorruptCacheError`. Format 1 keeps the record in the unit's own metadata, which
-    a killed writer could leave cut short: unreadable there means not committed.
-    """
-    if format_version >= 2:
-        try:
-            group = root[commit_path(epoch, shard)]
-        except (KeyError, FileNotFoundError):
-            return None
-        except Exception as e:  # noqa: BLE001 - garbled metadata: any parser error
-            raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
-                                    f"{commit_path(epoch, shard)} is unreadable ({type(e).__name__}); "
-                                    f"{REPAIR_HINT}") from None
-        record = group.attrs.asdict().get("commit")
-        if not isinstance(record, dict) or "crc32" not in record:
-            raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
-                                    f"{commit_path(epoch, shard)} holds no checksums; {REPAIR_HINT}")
-        return record
-    try:
-        group = root[unit_path(epoch, shard)]
-        return group.attrs.asdict().get("commit")
-    except (KeyError, FileNotFoundError, ValueError):
-        return None
-
-
-def committed_units_of(root: zarr.Group, url: str, storage_options: dict | None, format_version: int, epoch: int,
-                     num_shards: int) -> list[int]:
-    """Format 2: the names under ``commits/`` (one listing); format 1: each unit's metadata."""
-    if format_version >= 2:
-        return [s for s in _numbered(list_names(url, f"{epoch_path(epoch)}/commits", storage_options))
-                if s < num_shards]
-    return [s for s in range(num_shards) if unit_commit(root, epoch, s, 1) is not None]
-
-
 @dataclass
 class EpochArrays:
-    """One epoch's teacher rows (logitcache/codec.py), row ``i`` = global sample ``i`` (N rows).
+    """One epoch's teacher rows (logitcache/codecs/logits.py), row ``i`` = global sample ``i`` (N rows).
 
     Shapes: ``ids``, ``values`` (N, k) (sampled: k = the most distinct ids of a row, 0-padded);
-    ``tail`` (N,); ``plans``: each unit's plan digest (logitcache/unit_layout.py), shard order.
+    ``tail`` (N,); ``plans``: each unit's plan digest (logitcache/storage/unit_layout.py), shard order.
     With features read (``load_epoch(..., features=True)``): ``feat`` (N, w) and, for int8
-    features, ``feat_scale`` (N,) (logitcache/feature_codec.py); else None.
+    features, ``feat_scale`` (N,) (logitcache/codecs/features.py); else None.
     """
 
     epoch: int
@@ -244,7 +104,7 @@ class CacheReader:
 
     def epochs_present(self) -> list[int]:
         """Epochs that have a group in the cache, complete or not, sorted (one listing)."""
-        return _numbered(list_names(self.url, "epochs", self.storage_options))
+        return numbered_entries(list_names(self.url, "epochs", self.storage_options))
 
     def committed_units(self, epoch: int) -> list[int]:
         """Shards of ``epoch`` whose unit is committed, sorted (format 2: one listing)."""
@@ -280,9 +140,9 @@ class CacheReader:
         return stored_arrays(self.manifest.codec, self.format_version)
 
     def feature_basis(self):
-        """The cache's feature basis (:class:`logitcache.feature_codec.FeatureBasis`), checked
+        """The cache's feature basis (:class:`logitcache.codecs.features.FeatureBasis`), checked
         against the manifest's sha256, or None for full features; read once per reader."""
-        from .feature_store import read_basis
+        from logitcache.storage.basis import read_basis
 
         if self._basis is None and self.has_features and self.manifest.feature_spec.rank is not None:
             self._basis = read_basis(self.root, self.manifest, self.url)

@@ -33,7 +33,6 @@ valid top-k of the recomputed logits up to the tolerance.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,71 +41,25 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .cache_stats import committed_views
-from .errors import CacheMismatchError, LogitcacheError, WeightsUnavailableError
-from .manifest import Manifest
-from .store import CacheReader, unit_path
-from .verify_compare import compare_features, compare_logits, compare_sampled
+from logitcache.errors import (
+    CacheMismatchError,
+    LogitcacheError,
+    WeightsUnavailableError,
+)
+from logitcache.storage.layout import unit_path
+from logitcache.storage.manifest import Manifest
+from logitcache.storage.reader import CacheReader
+from logitcache.storage.stats import committed_views
+from logitcache.verify.compare import compare_features, compare_logits, compare_sampled
+from logitcache.verify.report import DEFAULT_ATOL, VerifyReport, default_tolerance
 
 if TYPE_CHECKING:
-    from .data.source import SampleSource
-
-#: Absolute slack of a kept logit, on top of the relative tolerance (see module docstring).
-DEFAULT_ATOL = 1e-6
-#: Multiple of the codec's rounding bound used as default relative tolerance.
-TOLERANCE_FACTOR = 4.0
-
-
-@dataclass
-class VerifyReport:
-    """The outcome of :func:`verify_cache`. ``passed`` iff ``reasons`` is empty."""
-
-    url: str
-    device: str
-    seed: int
-    requested: int  # views asked for
-    views_checked: int
-    units_checked: int
-    epochs: list[int]  # epochs the checked views come from
-    tolerance: float  # relative tolerance on kept logits (and tail_lse)
-    atol: float  # absolute slack (plus NOISE_REL x the row's largest |logit|)
-    max_abs_err: float  # max |cached - recomputed| over kept logits
-    max_rel_err: float  # max relative error beyond the absolute slack (pass iff <= tolerance)
-    tail_max_abs_err: float  # max |cached tail_lse - recomputed| (0 for the full codec)
-    kl_mean: float  # KL(teacher softmax || rebuilt softmax), nats, at T=1
-    kl_max: float
-    top1_agreement: float  # % of views whose cached top-1 id is the recomputed argmax
-    ids_exact: int  # views whose top-k ids equal the recomputed ones
-    ids_tied: int  # views whose ids differ only by ties (within tolerance)
-    ids_wrong: int
-    metadata_failures: list[str] = field(default_factory=list)  # seeds / labels / partners / lambdas
-    # feature caches (``build --features``): views compared, the least cosine of decoded to
-    # recomputed features, and the largest error beyond the codec's bound, relative to |f|
-    feature_views: int = 0
-    feature_cos_min: float | None = None
-    feature_max_excess: float | None = None
-    worst: dict | None = None  # the kept logit nearest to (or furthest past) its bound
-    reasons: list[str] = field(default_factory=list)  # why it failed; empty when passed
-    seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return not self.reasons
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "passed": self.passed}
-
-
-def default_tolerance(manifest: Manifest) -> float:
-    """``TOLERANCE_FACTOR`` x the codec's rounding bound (2**-9 for float16, 2**-22 for float32);
-    0 for quantised gaps, whose bound is absolute (half a step, added to ``atol``)."""
-    values = manifest.codec.values
-    return TOLERANCE_FACTOR * {"float16": 2.0**-11, "float32": 2.0**-24}.get(values, 0.0)
+    from logitcache.data.source import SampleSource
 
 
 def check_teacher_weights(manifest: Manifest, teacher_weights: str | None, url: str) -> None:
     """Raise unless ``teacher_weights`` are the weights the cache was built with."""
-    from .teacher import file_sha256
+    from logitcache.build.teacher import file_sha256
 
     want = manifest.teacher_weights_sha256
     if want is None:
@@ -133,7 +86,7 @@ def check_teacher_weights(manifest: Manifest, teacher_weights: str | None, url: 
 
 def _open_checked_source(manifest: Manifest, data: str | None, url: str) -> SampleSource:
     """The dataset the cache was built on (``data``, else the URL in the manifest), checked by fingerprint."""
-    from .data.source import open_source
+    from logitcache.data.source import open_source
 
     where = data or manifest.dataset.url
     if not where:
@@ -192,8 +145,8 @@ class _Regenerated:
 def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, transform) -> _Regenerated:
     """Read each unit holding a picked view (checked against its commit record), check its plan
     digest against this code's plan, and re-render the picked views."""
-    from .loader import render_batch
-    from .plan import plan_unit, unit_plan_digest
+    from logitcache.views.loader import render_batch
+    from logitcache.views.plan import plan_unit, unit_plan_digest
 
     m = reader.manifest
     keys_all = source.keys()
@@ -259,9 +212,9 @@ def verify_cache(
     :class:`WeightsUnavailableError` before any teacher work; a cache that is merely wrong
     gives a report with ``passed`` False.
     """
-    from .build import resolve_device
-    from .teacher import Teacher
-    from .views import create_train_transform
+    from logitcache.build.teacher import Teacher
+    from logitcache.distributed import resolve_device
+    from logitcache.views.augment import create_train_transform
 
     t0 = time.perf_counter()
     if sample < 1:

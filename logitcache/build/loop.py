@@ -17,25 +17,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .build_features import BuildFeatures, FeatureRequest, adopt_features, prepare_features
-from .canary import canary_of, check_canary
-from .codec import CodecSpec, ValueRangeError, encode
-from .errors import BadLogitsError, CorruptCacheError, LogitcacheError
-from .loader import BatchDataset, create_batch_loader
-from .manifest import DatasetInfo, Manifest
-from .plan import Groups, num_groups, plan_digest, plan_unit
-from .store import CacheReader, unit_path
-from .writer import CacheWriter
-from .teacher import Teacher, check_logits
-from .views import Recipe
-
-DEFAULT_CACHE_ROOT = "~/.cache/logitcache"
-
-
-def cache_root(flag: str | None = None) -> str:
-    """The cache root: ``--cache-root``, else $LOGITCACHE_ROOT, else ~/.cache/logitcache."""
-    root = flag or os.environ.get("LOGITCACHE_ROOT") or DEFAULT_CACHE_ROOT
-    return os.path.expanduser(root) if "://" not in root else root
+from logitcache.build.features import (
+    BuildFeatures,
+    FeatureRequest,
+    adopt_features,
+    prepare_features,
+)
+from logitcache.build.teacher import Teacher, check_logits
+from logitcache.build.units import UnitBatches
+from logitcache.codecs.logits import CodecSpec, ValueRangeError, encode
+from logitcache.errors import BadLogitsError, CorruptCacheError, LogitcacheError
+from logitcache.storage.canary import canary_of, check_views_of
+from logitcache.storage.layout import unit_path
+from logitcache.storage.manifest import DatasetInfo, Manifest
+from logitcache.storage.reader import CacheReader
+from logitcache.storage.writer import CacheWriter
+from logitcache.views.augment import Recipe
+from logitcache.views.loader import BatchDataset, create_batch_loader
+from logitcache.views.plan import plan_digest
 
 
 def default_cache_name(dataset: str, split: str | None, teacher: str, recipe: Recipe, codec: CodecSpec,
@@ -43,12 +42,6 @@ def default_cache_name(dataset: str, split: str | None, teacher: str, recipe: Re
     short = teacher.split(".")[0]
     feat = f"-feat{features.dims}{features.dtype or ''}" if features is not None else ""
     return f"{dataset}-{split or 'all'}-{short}-{codec.name}{codec.k}-{codec.values}{feat}-{recipe.digest()[:8]}.zarr"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def default_workers(device: torch.device) -> int:
@@ -85,39 +78,6 @@ class BuildReport:
         return self.views / self.seconds if self.seconds > 0 else 0.0
 
 
-class UnitBatches:
-    """The teacher batches of a list of units, planned when a batch is asked for.
-
-    Holds O(units) integers whatever the epoch count: item ``j`` is ``(epoch, groups,
-    {"unit": u})``, batch ``j`` of the concatenated batches of the units, where unit ``u``'s
-    groups (:func:`logitcache.plan.plan_unit`) are cut into batches of ``batch_size //
-    group_size`` groups in plan order. A unit's batches are fixed whatever else is built,
-    so a resumed build feeds the teacher the same batches as an uninterrupted one.
-    """
-
-    def __init__(self, recipe: Recipe, bounds: np.ndarray, epochs: np.ndarray, shards: np.ndarray, batch_size: int):
-        self.recipe, self.bounds = recipe, bounds  # bounds (S, 2): [start, stop) of each data shard
-        self.epochs, self.shards = epochs.astype(np.int64), shards.astype(np.int64)  # (U,): the units
-        self.per_batch = max(1, batch_size // recipe.group_size)
-        sizes = bounds[self.shards, 1] - bounds[self.shards, 0]
-        self.unit_views = sizes  # (U,) views of each unit
-        self.unit_batches = -(-num_groups(recipe, sizes) // self.per_batch)
-        self.end = np.cumsum(self.unit_batches)  # (U,): one past each unit's last batch
-        self._last: tuple[int, Groups] | None = None  # the unit planned last (per worker process)
-
-    def __len__(self) -> int:
-        return int(self.end[-1]) if len(self.end) else 0
-
-    def __getitem__(self, j: int) -> tuple[int, Groups, dict]:
-        u = int(np.searchsorted(self.end, j, side="right"))
-        b = j - int(self.end[u] - self.unit_batches[u])
-        if self._last is None or self._last[0] != u:
-            e, s = int(self.epochs[u]), int(self.shards[u])
-            self._last = (u, plan_unit(self.recipe, e, s, int(self.bounds[s, 0]), int(self.bounds[s, 1])))
-        groups = self._last[1].take(slice(b * self.per_batch, (b + 1) * self.per_batch))
-        return int(self.epochs[u]), groups, {"unit": u}
-
-
 def build(
     source,
     *,
@@ -146,8 +106,8 @@ def build(
     ``num_workers`` None picks :func:`default_workers` for the teacher's device.
     ``recheck`` reads every committed unit back and rebuilds those that fail their checksums.
     Adding to a cache first renders one committed unit's canary views again and refuses when
-    they differ from what the teacher saw (logitcache/canary.py), unless ``allow_view_drift``.
-    ``features``: also store each view's pooled teacher features (logitcache/build_features.py).
+    they differ from what the teacher saw (logitcache/storage/canary.py), unless ``allow_view_drift``.
+    ``features``: also store each view's pooled teacher features (logitcache/build/features.py).
     """
     if codec.num_classes != source.num_classes:
         raise LogitcacheError(f"codec has {codec.num_classes} classes, dataset has {source.num_classes}")
@@ -194,21 +154,6 @@ def build(
         _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report, feats), progress)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def check_views_of(reader: CacheReader, source, epochs: list[int] | None = None, allow_drift: bool = False) -> None:
-    """Render the canary of the first committed unit that has one, in the first of ``epochs``
-    (default: the cache's epochs) with committed units, and compare (logitcache/canary.py);
-    a new or format 1 cache has nothing to check."""
-    if reader.format_version < 2:
-        return
-    for epoch in reader.epochs_present() if epochs is None else epochs:
-        for shard in reader.committed_units(epoch):
-            if check_canary(reader.commit(epoch, shard), reader.manifest, source, epoch, shard, reader.url,
-                            allow_drift):
-                return
-        if reader.committed_units(epoch):
-            return
 
 
 def _units_to_build(writer: CacheWriter, recipe: Recipe, source, epochs: list[int], rank: int, world_size: int,
@@ -309,7 +254,13 @@ class _progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.p = Progress(
                 TextColumn("[bold]build[/]"), BarColumn(), MofNCompleteColumn(),

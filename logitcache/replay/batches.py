@@ -1,0 +1,71 @@
+"""A training epoch's batches: the views of one cached epoch, regenerated from the same seeds,
+shuffled into global batches (a function of the seed and epoch alone, whatever the world
+size) and cut into each rank's slice (:func:`create_train_loader`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from logitcache.replay.rows import CachedRows, check_plans
+from logitcache.views.augment import Recipe
+from logitcache.views.loader import BatchDataset, create_batch_loader
+from logitcache.views.plan import Groups, plan_epoch
+
+
+def epoch_groups(source, recipe: Recipe, view_epoch: int) -> Groups:
+    """The groups of ``view_epoch``, as the build made them (every unit, shard after shard)."""
+    return plan_epoch(recipe, view_epoch, [(s.start, s.stop) for s in source.shards])
+
+
+def train_batches(num_groups: int, groups_per_batch: int, *, seed: int, epoch: int) -> np.ndarray:
+    """(B, groups_per_batch) int64: shuffled global batches of group ids (the last partial one
+    dropped), a function of ``(seed, epoch)`` alone: the same whatever the world size."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_groups, generator=g).numpy()
+    nb = num_groups // groups_per_batch
+    return order[:nb * groups_per_batch].reshape(nb, groups_per_batch)
+
+
+class EpochBatches:
+    """This rank's batches of one epoch for :class:`logitcache.views.loader.BatchDataset`: item ``b``
+    is ``(view_epoch, the groups of batch b, {})``. Holds the epoch's group arrays and one
+    row of group ids per batch: no Python object per view."""
+
+    def __init__(self, view_epoch: int, groups: Groups, batch_ids: np.ndarray):
+        self.view_epoch, self.groups, self.batch_ids = view_epoch, groups, batch_ids
+
+    def __len__(self) -> int:
+        return len(self.batch_ids)
+
+    def __getitem__(self, b: int) -> tuple[int, Groups, dict]:
+        return self.view_epoch, self.groups.take(self.batch_ids[b]), {}
+
+
+def create_train_loader(source, recipe: Recipe, view_epoch: int, groups: Groups, rows: CachedRows, *,
+                        batch_size: int, seed: int, epoch: int, num_workers: int, rank: int = 0,
+                        world_size: int = 1, pin_memory: bool = False, limit: int | None = None,
+                        skip: int = 0) -> DataLoader:
+    """Student epoch ``epoch`` over ``groups`` of cached epoch ``view_epoch``. ``batch_size``
+    is the global batch in views; it must split evenly into groups and ranks. Rank ``r`` of
+    ``W`` takes the r-th of W equal slices of every global batch.
+
+    ``limit`` keeps the first batches only; ``skip`` drops the first ones (a resumed epoch)."""
+    gs = recipe.group_size
+    if batch_size % (gs * world_size):
+        raise ValueError(f"batch size {batch_size} must be a multiple of {gs * world_size} (group size x world size)")
+    if rows.arrays is not None:
+        check_plans(rows.arrays, source, recipe, rank=rank, world_size=world_size)
+    batches = train_batches(len(groups), batch_size // gs, seed=seed, epoch=epoch)
+    batches = batches[:limit] if limit else batches
+    # Views per global batch (a mixing recipe's odd leftover sample is a group of one view, so
+    # ranks may hold different numbers of views): the trainer weights each rank's mean loss
+    # by its share, which makes the DDP-averaged gradient the gradient of the global mean.
+    global_views = groups.sizes[batches].sum(axis=1).tolist()
+    per_rank = batch_size // gs // world_size
+    mine = EpochBatches(view_epoch, groups, batches[skip:, rank * per_rank:(rank + 1) * per_rank])
+    loader = create_batch_loader(BatchDataset(source, recipe, mine, extra=rows), num_workers=num_workers,
+                                 pin_memory=pin_memory)
+    loader.global_batch_views = global_views[skip:]
+    return loader

@@ -1,0 +1,60 @@
+"""An epoch's cached teacher rows joined to rendered batches (:class:`CachedRows`), and the
+check that the cached units were planned as this code plans them (:func:`check_plans`).
+
+Cached rows (top-k ids, logits, tail) travel with the images from the DataLoader workers as
+small tensors; the distribution is rebuilt on the device in the step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from logitcache.errors import CacheMismatchError
+from logitcache.storage.reader import EpochArrays
+from logitcache.views.augment import Recipe
+from logitcache.views.plan import unit_plan_digest
+
+
+class CachedRows:
+    """Adds label targets and one epoch's cached teacher rows to a rendered batch, by sample index.
+
+    Runs in the DataLoader workers, once per batch: one vectorised numpy gather per array
+    (no per-sample Python), so rows arrive with the images as small tensors (in their stored
+    dtypes: gap codes, counts or float values; decoded on the device)."""
+
+    def __init__(self, arrays: EpochArrays | None, labels: np.ndarray, source=None):
+        self.arrays = arrays
+        self.labels = labels
+        self.source = source
+
+    def __call__(self, batch: dict, tag: dict | None = None) -> dict[str, torch.Tensor]:
+        idx, partner = batch["index"].numpy(), batch["partner"].numpy()
+        # np.take along axis 0: the same rows as fancy indexing, about 1.7x faster for small batches
+        out = {"label": torch.from_numpy(self.labels.take(idx)), "partner_label": torch.from_numpy(self.labels.take(partner))}
+        if self.arrays is not None:
+            a = self.arrays
+            out["ids"] = torch.from_numpy(a.ids.take(idx, axis=0))
+            out["values"] = torch.from_numpy(a.values.take(idx, axis=0))
+            out["tail"] = torch.from_numpy(a.tail.take(idx))
+            if a.feat is not None:  # features were read: the run distils them
+                out["feat"] = torch.from_numpy(a.feat.take(idx, axis=0))
+                if a.feat_scale is not None:
+                    out["feat_scale"] = torch.from_numpy(a.feat_scale.take(idx))
+        return out
+
+
+def check_plans(arrays: EpochArrays, source, recipe: Recipe, *, rank: int = 0, world_size: int = 1) -> None:
+    """Refuse an epoch whose units were planned otherwise than this code plans them (other
+    view seeds or mixing partners: another recipe, data or logitcache): each unit's plan digest
+    against :func:`logitcache.views.plan.unit_plan_digest`. Rank r checks units r, r + W, ... (about
+    a second per ImageNet epoch in all), so every unit is checked once per epoch."""
+    for s in range(rank, len(source.shards), world_size):
+        shard = source.shards[s]
+        keys = [source.key(i) for i in range(shard.start, shard.stop)]
+        if arrays.plans[s] != unit_plan_digest(recipe, arrays.epoch, s, shard.start, shard.stop, keys):
+            raise CacheMismatchError(
+                f"the views of cached epoch {arrays.epoch}, unit {s} (shard {shard.name}) were planned otherwise "
+                f"than here (other view seeds or mixing partners): cache built with another recipe, data or "
+                f"logitcache version"
+            )
