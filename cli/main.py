@@ -29,7 +29,7 @@ def data_synth(
     num_classes: int = typer.Option(128, metavar="INTEGER", help="Classes, 2 to 128 (shape x colour x texture)."),
     train_per_class: int = typer.Option(40, metavar="INTEGER", help="Training images per class."),
     val_per_class: int = typer.Option(10, metavar="INTEGER", help="Validation images per class."),
-    image_size: int = typer.Option(32, metavar="INTEGER", help="Image side in pixels (at least 25)."),
+    image_size: int = typer.Option(32, metavar="INTEGER", help="Image side in pixels (at least 8)."),
     seed: int = typer.Option(0, metavar="INTEGER", help="Seed of every image."),
 ):
     """Write the procedurally generated default dataset (deterministic)."""

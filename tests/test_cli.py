@@ -195,3 +195,15 @@ def test_train_help_defaults_are_the_config_defaults():
             assert shown == want, (param.name, shown, want)
         checked += 1
     assert checked >= 35, checked
+
+
+def test_synth_help_states_the_smallest_image_size():
+    """`data synth --help` gives the smallest image side as text (no numpy at --help time): the
+    generator's own bound, not a copy that drifts (it said 25 after the bound became 8)."""
+    import typer.main
+    from logitcache.cli import main as cli
+    from logitcache.data.synth import MIN_IMAGE_SIZE
+
+    command = typer.main.get_command(cli.app).commands["data"].commands["synth"]
+    (size,) = [p for p in command.params if p.name == "image_size"]
+    assert f"at least {MIN_IMAGE_SIZE})" in size.help
