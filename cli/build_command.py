@@ -69,6 +69,9 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
     name = _dataset_name(data)
     url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec, feats)}"
     ctx = distributed.init_from_env(dev)
+    note = t.resize_note(rec.input_size)
+    if note and ctx.rank == 0:
+        print(note, flush=True)
     try:
         report = run_build(source, dataset_name=name, teacher=t, recipe=rec, codec=spec, url=url, epochs=epoch_list,
                            batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
@@ -76,9 +79,17 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
                            allow_view_drift=allow_view_drift, features=feats)
     finally:
         ctx.close()
-    who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else ""
+    _print_report(report, f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else "")
+
+
+def _print_report(report, who: str) -> None:
+    """The build's summary: what it wrote, and the rate of each stage with the one that bounds it."""
     print(f"{who}cache {report.url}: {report.units_written} units written, {report.units_skipped} already committed, "
           f"{report.views} views in {report.seconds:.1f} s ({report.views_per_s:.1f} views/s)", flush=True)
+    if report.views:
+        workers = f"{report.workers} worker{'' if report.workers == 1 else 's'}"
+        print(f"{who}stages: rendering {report.render_views_per_s:,.1f} views/s ({workers}), teacher "
+              f"{report.teacher_views_per_s:,.1f} views/s: {report.bound_by} bounds this build", flush=True)
 
 
 def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], fit_views: Optional[int],

@@ -8,6 +8,12 @@ import sys
 
 def run_main(args: list[str], capsys) -> tuple[int, str]:
     """``logitcache ARGS`` in this process: (exit code, stderr); pytest's ``capsys`` captures."""
+    code, _, err = run_main_output(args, capsys)
+    return code, err
+
+
+def run_main_output(args: list[str], capsys) -> tuple[int, str, str]:
+    """``logitcache ARGS`` in this process: (exit code, stdout, stderr)."""
     from logitcache.cli.main import main
 
     argv = sys.argv
@@ -19,7 +25,8 @@ def run_main(args: list[str], capsys) -> tuple[int, str]:
         code = int(e.code or 0)
     finally:
         sys.argv = argv
-    return code, capsys.readouterr().err
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def one_error_line(code: int, err: str) -> str:

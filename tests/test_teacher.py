@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from main_entry import one_error_line, run_main
+from main_entry import one_error_line, run_main, run_main_output
 from safetensors.torch import save_file
 
 from logitcache.build.teacher import (
@@ -126,3 +126,36 @@ def test_a_teacher_of_another_class_count_is_one_line_naming_both(synth_data, tm
     code, err = _build(synth_data, tmp_path / "t128.pth", tmp_path / "c.zarr", capsys)
     line = one_error_line(code, err)
     assert "predicts 128 classes but the dataset has 16" in line and "t128.pth" in line
+
+
+def test_the_build_says_when_views_are_resized_for_the_teacher_and_which_stage_bounds_it(synth_data, tmp_path,
+                                                                                         capsys, model):
+    """A plain state dict carries no input spec, so the teacher runs at its timm default (160 px
+    for test_resnet) over the 32 px views: the build says so, with the cost, before it starts.
+    The same weights saved by logitcache (metadata: 32 px) are taken as they are. The summary
+    gives each stage's rate and names the slower one."""
+    from logitcache.trainer.checkpoint import save_model
+
+    from logitcache.build.teacher import ModelInput
+
+    torch.manual_seed(1)
+    mine = timm.create_model("test_resnet", num_classes=16)
+    torch.save(mine.state_dict(), tmp_path / "plain.pth")
+    save_model(mine, tmp_path / "ours.safetensors", "test_resnet", 16,
+               ModelInput(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    args = ["build", "--data", synth_data, "--teacher", "test_resnet", "--recipe", "demo32", "--epochs", "1",
+            "--topk", "5", "--batch-size", "32", "--workers", "0", "--no-progress"]
+    code, out, err = run_main_output([*args, "--teacher-weights", str(tmp_path / "plain.pth"),
+                                      "--out", str(tmp_path / "a.zarr")], capsys)
+    assert code == 0, err
+    assert "teacher test_resnet takes 160 px input (its timm default): the 32 px views are resized to it on the " \
+           "device, 25.0x the pixels per view" in out
+    stages = [ln for ln in out.splitlines() if ln.startswith("stages: ")]
+    assert len(stages) == 1 and "(0 workers)" in stages[0] and stages[0].endswith("bounds this build"), out
+    render, teacher = (float(stages[0].split(w)[0].split()[-1].replace(",", "")) for w in (" views/s (", " views/s:"))
+    assert render > 0 and teacher > 0
+    assert ("rendering bounds" in stages[0]) == (render < teacher)
+    code, out, err = run_main_output([*args, "--teacher-weights", str(tmp_path / "ours.safetensors"),
+                                      "--out", str(tmp_path / "b.zarr")], capsys)
+    assert code == 0, err
+    assert "resized" not in out and "stages: " in out

@@ -67,15 +67,35 @@ def dataset_info(source, name: str) -> DatasetInfo:
 
 @dataclass
 class BuildReport:
+    """What a build did, and how fast each of its two stages ran (seconds are wall time)."""
+
     url: str
     units_written: int = 0
     units_skipped: int = 0
     views: int = 0
     seconds: float = 0.0
+    workers: int = 0  # DataLoader workers that rendered the views (0: the main process did)
+    render_seconds: float = 0.0  # summed over batches: reading and rendering, in the workers
+    teacher_seconds: float = 0.0  # summed over batches: the teacher's forward and its logit check
 
     @property
     def views_per_s(self) -> float:
         return self.views / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def render_views_per_s(self) -> float:
+        """What the renderers together deliver: views / render seconds x the workers rendering
+        at once (with 0 workers the main process renders between teacher calls)."""
+        return self.views / self.render_seconds * max(self.workers, 1) if self.render_seconds > 0 else 0.0
+
+    @property
+    def teacher_views_per_s(self) -> float:
+        return self.views / self.teacher_seconds if self.teacher_seconds > 0 else 0.0
+
+    @property
+    def bound_by(self) -> str:
+        """The slower stage, "rendering" or "teacher": what to add (workers or a faster device)."""
+        return "rendering" if self.render_views_per_s < self.teacher_views_per_s else "teacher"
 
 
 def build(
@@ -140,7 +160,7 @@ def build(
             manifest.add_features(feats.entry)
         writer = CacheWriter(url, manifest, storage_options)
 
-    report = BuildReport(url=url)
+    report = BuildReport(url=url, workers=num_workers)
     units = _units_to_build(writer, recipe, source, epochs, rank, world_size, batch_size, report, recheck)
     t0 = time.perf_counter()
     for u in np.flatnonzero(units.unit_views == 0):  # an empty data shard has no batches: commit it now
@@ -211,13 +231,16 @@ def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) ->
             where = f"{sink.writer.url} {unit_path(epoch, shard)}, shard {sink.source.shards[shard].name}"
             if u not in canaries:
                 canaries[u] = canary_of(batch["images"], batch["index"])
+            t0 = time.perf_counter()
             if sink.features is not None:
                 logits, feats = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std, features=True)
             else:
                 logits, feats = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std), None
             index = batch["index"].numpy()
             keys = [sink.source.key(int(i)) for i in index]
-            check_logits(logits, sink.codec.num_classes, keys, where)
+            check_logits(logits, sink.codec.num_classes, keys, where)  # waits for the device: timed with it
+            sink.report.teacher_seconds += time.perf_counter() - t0
+            sink.report.render_seconds += batch["render_s"]
             seeds = batch["seed"].numpy().view(np.uint64)
             try:
                 rows = encode(sink.codec, logits, seeds)

@@ -186,6 +186,7 @@ class Teacher:
             self.weights_label = f"timm:{self.name}"
             self.weights_sha256 = None
         self.io = io or ModelInput.from_timm(model)
+        self.io_origin = "recorded in its weights file" if io is not None else "its timm default"
         self.num_classes = model.num_classes
         model.eval().requires_grad_(False).to(self.device)
         if self.device.type == "cuda":
@@ -233,6 +234,15 @@ class Teacher:
         return {"device": f"{dev.type}: {device_name(dev)}",
                 "precision": "bf16 autocast" if dev.type == "cuda" else "float32",
                 "compile": self.compiled, "torch_threads": torch.get_num_threads()}
+
+    def resize_note(self, view_size: int) -> str | None:
+        """One line saying that views of ``view_size`` px are resized for this teacher (and what
+        that costs), or None when the teacher takes them as they are."""
+        size = self.io.input_size
+        if size == view_size:
+            return None
+        return (f"teacher {self.name} takes {size} px input ({self.io_origin}): the {view_size} px views are "
+                f"resized to it on the device, {(size / view_size) ** 2:.1f}x the pixels per view")
 
     @property
     def feature_dim(self) -> int:

@@ -11,6 +11,7 @@ reach them as plain numpy arrays.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -70,7 +71,8 @@ class BatchDataset(Dataset):
     """Item ``b`` is batch ``b`` of ``batches`` rendered: a dict as :func:`render_batch` makes
     it, plus ``"errors"`` (a list of (error class name, one-line message); a sample that
     cannot be read comes back as an error, not an exception, and :class:`BatchLoader`
-    raises it in the main process) and
+    raises it in the main process), ``"render_s"`` (float: the seconds this worker spent
+    reading and rendering the batch, for the build's stage rates) and
     whatever ``extra(batch, tag)`` adds (e.g. the trainer's cached rows: one vectorised
     gather per batch, in the worker).
 
@@ -90,13 +92,14 @@ class BatchDataset(Dataset):
         if self._transform is None:
             self._transform = create_train_transform(self.recipe)
         epoch, groups, tag = self.batches[b]
+        t0 = time.perf_counter()
         try:
             batch = render_batch(self.recipe, self._transform, self.source, epoch, groups)
             if self.extra is not None:
                 batch.update(self.extra(batch, tag))
         except LogitcacheError as e:  # crosses the process boundary as (class name, message)
             return {"errors": [(type(e).__name__, str(e))], **tag}
-        return {**batch, **tag, "errors": []}
+        return {**batch, **tag, "errors": [], "render_s": time.perf_counter() - t0}
 
 
 class BatchLoader(DataLoader):
