@@ -86,7 +86,7 @@ def teacher_on_views(ctx: Ctx, data: str, weights: str, recipe, n_views: int, *,
 
     from logitcache.build.teacher import META_MODEL, Teacher
     from logitcache.data.source import open_source
-    from logitcache.views.augment import create_train_transform, render_view, view_seed
+    from logitcache.views.augment import create_train_transform, render_view, rng_preserved, view_seed
 
     with safe_open(weights, framework="pt") as f:
         name = (f.metadata() or {})[META_MODEL]
@@ -98,9 +98,10 @@ def teacher_on_views(ctx: Ctx, data: str, weights: str, recipe, n_views: int, *,
     for epoch in epochs:
         out = []
         for b in range(0, n, 256):
-            views = torch.stack([render_view(tf, source.load_image(i), view_seed(recipe.cache_seed, epoch,
-                                                                                 source.key(i)))
-                                 for i in range(b, min(n, b + 256))])
+            with rng_preserved():
+                views = torch.stack([render_view(tf, source.load_image(i),
+                                                 view_seed(recipe.cache_seed, epoch, source.key(i)))
+                                     for i in range(b, min(n, b + 256))])
             z = teacher(views, recipe.mean, recipe.std, features=True)[1] if features else \
                 teacher(views, recipe.mean, recipe.std)
             out.append(z.cpu().float())

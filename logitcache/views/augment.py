@@ -123,24 +123,37 @@ def view_seed(cache_seed: int, epoch: int, key: str) -> int:
     return derive_seed(cache_seed, epoch, key)
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed Python ``random``, ``numpy.random`` and torch's CPU generator; restore them after.
+def seed_all(seed: int) -> None:
+    """Seed Python ``random``, ``numpy.random`` and torch's CPU generator from one view seed.
 
     timm's transforms draw from all three (crop and RandAugment magnitudes from ``random``,
     RandAugment ops from ``numpy``, erasing noise from torch), so all three are fixed per view.
-    Restoring keeps the caller's own random streams (e.g. shuffling) undisturbed.
     """
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
     torch.random.default_generator.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Restore the three global generators on leaving: the caller's own random streams (e.g.
+    shuffling) stay undisturbed by whatever the block seeds. Saving and restoring them costs
+    about as much as seeding, so a batch of views is rendered inside one of these."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         yield
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
         torch.set_rng_state(torch_state)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """The block runs with the generators seeded from ``seed`` (:func:`seed_all`); restored after."""
+    with rng_preserved():
+        seed_all(seed)
+        yield
 
 
 def create_train_transform(recipe: Recipe):
@@ -175,9 +188,10 @@ def create_eval_transform(recipe: Recipe):
 
 
 def render_view(transform, image: Image.Image, seed: int) -> torch.Tensor:
-    """Apply ``transform`` with every random draw fixed by ``seed``. Returns (3, H, W) float32."""
-    with seeded(seed):
-        return transform(image)
+    """Apply ``transform`` with every random draw fixed by ``seed``. Returns (3, H, W) float32.
+    Leaves the global generators seeded: call it inside :func:`rng_preserved` (once per batch)."""
+    seed_all(seed)
+    return transform(image)
 
 
 @dataclass(frozen=True)

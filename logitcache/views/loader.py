@@ -26,6 +26,7 @@ from logitcache.views.augment import (
     mix_pair,
     mix_params,
     render_view,
+    rng_preserved,
 )
 from logitcache.views.plan import Groups, pair_seeds, view_seeds
 
@@ -46,20 +47,21 @@ def render_batch(recipe: Recipe, transform, source, epoch: int, groups: Groups) 
     mix_seeds = iter(pair_seeds(recipe.cache_seed, epoch, [key(a) for a, b in zip(first, second) if b >= 0],
                                 [key(b) for b in paired]).tolist())
     images, index, partner, lam, seed = [], [], [], [], []
-    for a, b, sa in zip(first, second, seeds_a):
-        va = render_view(transform, source.load_image(a), sa)
-        if b < 0:
-            images.append(va)
-            index.append(a), partner.append(a), lam.append(1.0), seed.append(sa)
-            continue
-        sb = next(seeds_b)
-        vb = render_view(transform, source.load_image(b), sb)
-        params = mix_params(recipe, next(mix_seeds))
-        images += mix_pair(va, vb, params)
-        index += [a, b]
-        partner += [b, a]
-        lam += [params.lam, params.lam]
-        seed += [sa, sb]
+    with rng_preserved():
+        for a, b, sa in zip(first, second, seeds_a):
+            va = render_view(transform, source.load_image(a), sa)
+            if b < 0:
+                images.append(va)
+                index.append(a), partner.append(a), lam.append(1.0), seed.append(sa)
+                continue
+            sb = next(seeds_b)
+            vb = render_view(transform, source.load_image(b), sb)
+            params = mix_params(recipe, next(mix_seeds))
+            images += mix_pair(va, vb, params)
+            index += [a, b]
+            partner += [b, a]
+            lam += [params.lam, params.lam]
+            seed += [sa, sb]
     return {
         "images": torch.stack(images), "index": torch.tensor(index, dtype=torch.int64),
         "partner": torch.tensor(partner, dtype=torch.int64), "lam": torch.tensor(lam, dtype=torch.float32),
