@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .common import RESULTS_DIR
 
-ORDER = ("build", "train_step", "reader", "frontier", "scale", "features")
+ORDER = ("build", "train_step", "reader", "frontier", "scale", "features", "replay")
 TITLES = {
     "build": "1. Build throughput (build vs raw teacher)",
     "train_step": "2. Student step time (CE vs cached KD vs online KD)",
@@ -20,6 +20,7 @@ TITLES = {
     "frontier": "4. Codec frontier: bytes per view on disk vs fidelity (TinyViT side by side)",
     "scale": "5. ImageNet-1k x 300 epochs: planning, resume scan, first unit",
     "features": "6. Teacher features (`build --features`): bytes per view, reconstruction, projector step cost",
+    "replay": "7. Replay loader vs timm's loader: views/s of a training epoch's loader, side by side",
 }
 
 # (benchmark, summary key, target, direction, what)
@@ -44,6 +45,8 @@ TARGETS = [
     ("scale", "cli_first_unit_s", 20.0, "<=", "CLI build --epochs 300 over tiny images: first unit, s"),
     ("scale", "cli_build_peak_rss_mb", 1536, "<=", "its build process peak memory, MB"),
     ("features", "projector_over_kd_step", 1.05, "<=", "cached projector step / cached KD step (ResNet-50)"),
+    ("replay", "ours_over_timm_32px_w2", 1.0, ">=", "replay loader / timm's loader views/s, 32 px, 2 workers"),
+    ("replay", "ours_over_timm_224px_w2", 1.0, ">=", "replay loader / timm's loader views/s, 224 px, 2 workers"),
     ("accuracy_codecs", "acc_gap8_minus_float16_abs_pp", 0.5, "<=",
      "|mean paired difference| gap8 vs float16 top-10, pp"),
 ]
@@ -288,7 +291,7 @@ def _number(v) -> bool:
 def _codecs_markdown(acc: dict) -> list[str]:
     """The codec study (accuracy_codecs.json): per variant mean +- std of final val top-1 and the
     paired (same seed) difference to vanilla KD from the float16 top-10 cache."""
-    lines = ["## 8. Accuracy by cache codec: float16 vs gap8 top-10, sampled N = 32", ""]
+    lines = ["## 9. Accuracy by cache codec: float16 vs gap8 top-10, sampled N = 32", ""]
     for ds, d in acc["datasets"].items():
         if "codecs" not in d:
             continue
@@ -327,7 +330,7 @@ METHOD_ROWS = (("projector_cache_minus_kd", "projector (cache) - vanilla KD (cac
 def _methods_markdown(acc: dict) -> list[str]:
     """The methods study (accuracy_methods.json): per variant mean +- std of final val top-1, and
     the paired (same seed: same init, batch order and views) differences between methods."""
-    lines = ["## 9. Accuracy by method: projector feature distillation (cache and online) and ProKT", ""]
+    lines = ["## 10. Accuracy by method: projector feature distillation (cache and online) and ProKT", ""]
     for ds, d in acc["datasets"].items():
         st, h = d["settings"], d["headline"]
         lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "
@@ -348,7 +351,7 @@ def _methods_markdown(acc: dict) -> list[str]:
 
 def _accuracy_markdown(acc: dict, rel: Path) -> list[str]:
     """Mean +- std of final val top-1 per variant and dataset (``python -m bench.accuracy``)."""
-    lines = ["## 7. Accuracy study (students from the cache vs CE vs online)", ""]
+    lines = ["## 8. Accuracy study (students from the cache vs CE vs online)", ""]
     for ds, d in acc["datasets"].items():
         st = d["settings"]
         lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "

@@ -23,7 +23,7 @@ from logitcache.distributed import resolve_device
 
 from .common import RESULTS_DIR, Clock, Ctx, environment
 
-BENCHMARKS = ("build", "train_step", "reader", "frontier", "scale", "features")
+BENCHMARKS = ("build", "train_step", "reader", "frontier", "scale", "features", "replay")
 
 
 def _jsonable(o):

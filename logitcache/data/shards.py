@@ -73,7 +73,8 @@ def _write_shard(path: Path, samples: list[Sample], split: str, num_classes: int
                 if not 0 <= label < num_classes:
                     raise ValueError(f"split {split!r}, key {key!r}: label {label} not in [0, {num_classes})")
                 data = image if isinstance(image, bytes) else png_bytes(image)
-                writer.write({"__key__": key, "png": data, "cls": str(label).encode("ascii")})
+                ext = "jpg" if data[:3] == b"\xff\xd8\xff" else "png"  # already-encoded JPEG bytes keep their format
+                writer.write({"__key__": key, ext: data, "cls": str(label).encode("ascii")})
     os.replace(tmp, path)
     # The index comes from walking the shard just written: exactly what a reader's walk finds.
     write_index(str(path), index_tar(str(path), num_classes), path.stat().st_size)
@@ -89,7 +90,8 @@ def write_dataset(
     """Write every split as tar shards of at most ``shard_size`` samples; return ``root``.
 
     ``splits`` maps a split name to an iterable of ``(key, image, label)``: ``image`` is a
-    PIL image (encoded to PNG here) or already-encoded PNG bytes, ``label`` an int in
+    PIL image (encoded to PNG here) or already-encoded PNG or JPEG bytes (a ``.png`` or
+    ``.jpg`` member), ``label`` an int in
     ``[0, len(classes))``. Keys must be unique within a split and contain no dots.
     Samples are consumed lazily, one shard at a time. ``dataset.json`` is written last,
     so a dataset root with a ``dataset.json`` is complete.
