@@ -53,7 +53,7 @@ def test_update_readme_replaces_only_the_block(tmp_path):
 def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
     readme_before = (ROOT / "README.md").read_text()
     out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,frontier,scale", "--device", "cpu",
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,frontier,scale,replay", "--device", "cpu",
                         "--results-dir", str(out), "--workdir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert p.returncode == 0, p.stdout + p.stderr
