@@ -145,7 +145,8 @@ def timed_build(ctx: Ctx, source, teacher, recipe, codec, *, batch_size: int, nu
 
 def render_profile(source, recipe, n_views: int) -> dict:
     """Per-view CPU cost of what a DataLoader worker does, one thread (as in a worker):
-    a whole batch of the build (``BatchDataset.__getitem__``: seeds, decode, transform, mix),
+    a whole batch of the build (``BatchDataset.__getitem__``: seeds, decode, transform to uint8,
+    mixing parameters; finishing is the main process's),
     and each stage of the transform separately."""
     from logitcache.build.units import UnitBatches
     from logitcache.views.augment import (
@@ -164,12 +165,12 @@ def render_profile(source, recipe, n_views: int) -> dict:
     try:
         bounds = np.array([(s.start, s.stop) for s in source.shards], dtype=np.int64)
         units = UnitBatches(recipe, bounds, np.zeros(len(bounds), np.int64), np.arange(len(bounds)), 16)
-        ds = BatchDataset(source, recipe, units)
-        ds[0]  # builds the transform
+        ds = BatchDataset(source, recipe)
+        ds[units[0]]  # builds the transform
         t0 = time.perf_counter()
         views = 0
-        for j in range(len(ds)):
-            views += len(ds[j]["index"])
+        for j in range(len(units)):
+            views += len(ds[units[j]]["index"])
             if views >= n_views:
                 break
         item_s = (time.perf_counter() - t0) / views

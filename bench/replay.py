@@ -92,10 +92,12 @@ def ours(source, recipe, *, batch_size: int, workers: int):
     groups = epoch_groups(source, recipe, 0)
     rows = CachedRows(random_rows(source, recipe, 0), np.array(source.labels()))
 
+    kept = {}
+
     def epoch(e: int) -> int:
-        loader = create_train_loader(source, recipe, 0, groups, rows, batch_size=batch_size, seed=0, epoch=e,
-                                     num_workers=workers)
-        return sum(len(b["index"]) for b in loader)
+        kept["loader"] = create_train_loader(source, recipe, 0, groups, rows, batch_size=batch_size, seed=0,
+                                             epoch=e, num_workers=workers, reuse=kept.get("loader"))
+        return sum(len(b["index"]) for b in kept["loader"])
 
     return epoch
 

@@ -27,7 +27,6 @@ the device by :func:`teacher_logits`; plus ``index``, ``partner``, ``seed`` (B,)
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
 
 from logitcache.codecs.features import decode_features
 from logitcache.codecs.logits import CodecSpec, decode, rebuilt_probs
@@ -38,6 +37,7 @@ from logitcache.replay.rows import CachedRows
 from logitcache.storage.canary import check_views_of
 from logitcache.storage.manifest import check_serves
 from logitcache.storage.reader import CacheReader
+from logitcache.views.loader import BatchLoader
 
 __all__ = ["CachedTrainData", "open_cache", "teacher_features", "teacher_logits", "teacher_probs"]
 
@@ -80,6 +80,7 @@ class CachedTrainData:
         self.feature_dim = spec.dim if spec is not None else None
         self._labels = self.source.labels()
         self._basis: dict[str, tuple] = {}  # device -> the feature basis there (read and checked once)
+        self._loaders: dict[tuple, BatchLoader] = {}  # (workers, pin, device) -> a loader kept between epochs
 
     def view_epoch(self, epoch: int) -> int:
         """The cached epoch that student epoch ``epoch`` trains on (cached epochs cycle)."""
@@ -87,25 +88,31 @@ class CachedTrainData:
 
     def loader(self, epoch: int, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                num_workers: int = 0, pin_memory: bool = False, limit: int | None = None,
-               features: bool = False) -> DataLoader:
+               features: bool = False, device: torch.device | str | None = None) -> BatchLoader:
         """Student epoch ``epoch``: this rank's slice of every shuffled global batch.
 
         ``batch_size`` is the global batch in views (a multiple of the recipe's group size,
         2 with mixup/cutmix, times ``world_size``); each rank's batches hold
         ``batch_size // world_size`` views (a group of one leftover view may make one
         smaller). The batches are a function of ``(seed, epoch)``; ``limit`` keeps the first
-        ones. Items are the dicts described in this module's docstring; ``features`` adds the
-        cached teacher features (a cache built without ``--features`` raises, saying so)."""
+        ones. Items are the dicts described in this module's docstring, the views made on
+        ``device`` (default: the CPU); ``features`` adds the cached teacher features (a cache
+        built without ``--features`` raises, saying so). Loaders with the same workers, pinning
+        and device are one loader, given each epoch's batches: its workers stay up between epochs."""
         view_epoch = self.view_epoch(epoch)
         gs = self.recipe.group_size
         if batch_size < 1 or batch_size % (gs * world_size):
             raise LogitcacheError(f"batch size {batch_size} must be a positive multiple of {gs * world_size} "
                                   f"(views per group x world size)")
         rows = CachedRows(self.reader.load_epoch(view_epoch, features=features), self._labels, self.source)
+        dev = torch.device(device) if device is not None else None
+        key = (num_workers, pin_memory, str(dev))
         loader = create_train_loader(self.source, self.recipe, view_epoch,
                                      epoch_groups(self.source, self.recipe, view_epoch), rows,
                                      batch_size=batch_size, seed=seed, epoch=epoch, num_workers=num_workers,
-                                     rank=rank, world_size=world_size, pin_memory=pin_memory, limit=limit)
+                                     rank=rank, world_size=world_size, pin_memory=pin_memory, limit=limit,
+                                     device=dev, reuse=self._loaders.get(key))
+        self._loaders[key] = loader
         return loader  # a BatchLoader: an unreadable sample raises, naming shard and key
 
 

@@ -357,7 +357,7 @@ def test_rendered_views_byte_equal_across_batch_sizes_and_workers(tiny):
     for bs, workers in ((2, 0), (8, 0), (32, 0), (8, 2)):
         units = UnitBatches(recipe, bounds, np.zeros(len(bounds), np.int64), np.arange(len(bounds)), bs)
         views = {}
-        for batch in create_batch_loader(BatchDataset(source, recipe, units), num_workers=workers):
+        for batch in create_batch_loader(BatchDataset(source, recipe), units, num_workers=workers):
             assert not batch["errors"]
             for idx, img in zip(batch["index"].tolist(), batch["images"]):
                 views[idx] = img.numpy().tobytes()

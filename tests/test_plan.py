@@ -17,7 +17,6 @@ from logitcache.views.augment import (
     mix_params,
     render_view,
 )
-from logitcache.views.loader import render_batch
 from logitcache.views.plan import (
     Groups,
     num_groups,
@@ -26,6 +25,7 @@ from logitcache.views.plan import (
     plan_unit,
     view_seeds,
 )
+from logitcache.views.render import create_view_transform, render_batch
 
 
 def old_plan_unit(recipe, epoch: int, shard: int, start: int, keys: list[str]) -> list[tuple]:
@@ -99,7 +99,7 @@ def test_render_batch_equals_rendering_each_group(synth_data):
     info = source.shards[1]
     groups = plan_unit(recipe, 2, 1, info.start, info.start + 9).take(slice(0, 5))  # 4 pairs + a single
     assert groups.num_views == 9 and (groups.second[:4] >= 0).all() and groups.second[4] == -1
-    batch = render_batch(recipe, transform, source, 2, groups)
+    batch = render_batch(recipe, create_view_transform(recipe), source, 2, groups)
     old = old_plan_unit(recipe, 2, 1, info.start, source.keys()[info.start:info.start + 9])
     images, index, partner, lam = [], [], [], []
     for idx, seeds, pseed in old:

@@ -30,15 +30,14 @@ from logitcache.views.augment import (
     MIX_NONE,
     MixParams,
     create_recipe,
-    create_train_transform,
     derive_seed,
     mix_pair,
     mix_params,
     seeded,
     view_seed,
 )
-from logitcache.views.loader import render_batch
 from logitcache.views.plan import pair_seeds, plan_digest, plan_unit, view_seeds
+from logitcache.views.render import create_view_transform, render_batch
 
 # -- view seeds -------------------------------------------------------------------------
 
@@ -259,10 +258,10 @@ def test_replay_is_independent_of_order(synth_data, recipe_name):
         return out
 
     n = len(groups)
-    forward = render(range(n), False, create_train_transform(recipe))
+    forward = render(range(n), False, create_view_transform(recipe))
     shuffled_order = list(range(n))
     random.Random(7).shuffle(shuffled_order)
-    transform = create_train_transform(recipe)  # used for both orders, after other renders
+    transform = create_view_transform(recipe)  # used for both orders, after other renders
     for other in (render(reversed(range(n)), True, transform), render(shuffled_order, True, transform)):
         for j in range(n):
             x, y = forward[j], other[j]
@@ -300,7 +299,7 @@ for name, out_path in args["outputs"].items():
     for epoch in args["epochs"]:
         groups = plan_epoch(recipe, epoch, bounds)
         batches += [(epoch, groups.take(slice(i, i + per)), {"epoch": epoch}) for i in range(0, len(groups), per)]
-    loader = create_batch_loader(BatchDataset(source, recipe, batches[::-1]), num_workers=args["workers"])
+    loader = create_batch_loader(BatchDataset(source, recipe), batches[::-1], num_workers=args["workers"])
     parts = {k: [] for k in ("images", "index", "partner", "lam", "seed", "epoch")}
     for batch in loader:
         assert not batch["errors"], batch["errors"]

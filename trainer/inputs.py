@@ -5,12 +5,11 @@ held-out meta split, the batches per epoch, and each epoch's train loader."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from logitcache.codecs.logits import CodecSpec, check_serves_loss
 from logitcache.data.source import SampleSource, open_source
@@ -21,6 +20,7 @@ from logitcache.storage.canary import check_views_of
 from logitcache.storage.catalog import cache_root, list_caches
 from logitcache.storage.manifest import check_serves
 from logitcache.storage.reader import CacheReader
+from logitcache.views.loader import BatchLoader
 from logitcache.views.augment import Recipe, create_recipe
 from logitcache.views.plan import Groups
 
@@ -56,6 +56,8 @@ class RunInputs:
     steps_per_epoch: int  # batches per epoch (scheduler, DKD warm-up)
     labels: np.ndarray  # (N,) int64 train labels
     epochs_needed: int = 0  # student epochs of the run
+    # The train loader, kept between epochs: its workers render epoch after epoch.
+    _loader: BatchLoader | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -82,19 +84,22 @@ class RunInputs:
         return _without(epoch_groups(self.train_src, self.recipe, view_epoch), self.held_out)
 
     def train_loader(self, cfg: TrainConfig, epoch: int, *, first_batch: int, rank: int, world_size: int,
-                     pin_memory: bool) -> DataLoader:
+                     device: torch.device) -> BatchLoader:
         """Student epoch ``epoch`` from batch ``first_batch`` on: this rank's slice of every global
-        batch, each with its cached rows (none with an online teacher)."""
+        batch, each with its cached rows (none with an online teacher), views finished on
+        ``device``. The same loader (and workers) every epoch."""
         view_epoch = self.view_epoch(epoch)
         arrays = None
         if self.reader is not None and not cfg.online_teacher:
             arrays = self.reader.load_epoch(view_epoch, features=cfg.needs_teacher_features)
         rows = CachedRows(arrays, self.labels, self.train_src)
-        return create_train_loader(
+        self._loader = create_train_loader(
             self.train_src, self.recipe, view_epoch, self.train_groups(view_epoch), rows,
-            batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, num_workers=cfg.num_workers,
-            rank=rank, world_size=world_size, pin_memory=pin_memory, limit=cfg.limit_batches, skip=first_batch,
+            batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, num_workers=cfg.num_workers, rank=rank,
+            world_size=world_size, pin_memory=device.type == "cuda", limit=cfg.limit_batches, skip=first_batch,
+            device=device, reuse=self._loader,
         )
+        return self._loader
 
     def meta_batches(self, cfg: TrainConfig, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """An endless stream of (images, labels) from the meta split, through the eval transform,

@@ -118,7 +118,7 @@ def _train(cfg: TrainConfig, env: DistContext, on_step: StepCallback | None) -> 
         for epoch in range(run.pos.epoch, cfg.epochs):
             tally = EpochTally.from_state(resumed_tally) if run.pos.batch and resumed_tally else EpochTally()
             loader = inputs.train_loader(cfg, epoch, first_batch=run.pos.batch, rank=env.rank,
-                                         world_size=env.world_size, pin_memory=env.device.type == "cuda")
+                                         world_size=env.world_size, device=env.device)
             seconds = train_one_epoch(run, loader, epoch, tally)
             _end_epoch(run, inputs, eval_loader, epoch, tally, seconds)
     finally:

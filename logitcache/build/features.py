@@ -127,8 +127,8 @@ def _fit_sample(teacher: Teacher, source, recipe: Recipe, epoch: int, fit_views:
     count = int(np.searchsorted(np.cumsum(sizes), fit_views) + 1)  # units that hold fit_views views
     shards = np.arange(min(count, len(bounds)))
     units = UnitBatches(recipe, bounds, np.full(len(shards), epoch), shards, batch_size)
-    loader = create_batch_loader(BatchDataset(source, recipe, units), num_workers=num_workers,
-                                 pin_memory=teacher.device.type == "cuda")
+    loader = create_batch_loader(BatchDataset(source, recipe), units, num_workers=num_workers,
+                                 pin_memory=teacher.device.type == "cuda", device=teacher.device)
     parts, held = [], 0
     for batch in loader:
         _, feats = teacher(batch["images"], recipe.mean, recipe.std, features=True)

@@ -169,8 +169,8 @@ def build(
         writer.write_unit(int(units.epochs[u]), int(units.shards[u]), empty, plan_digest(np.zeros(0), np.zeros(0)))
         report.units_written += 1
     if len(units):
-        loader = create_batch_loader(BatchDataset(source, recipe, units), num_workers=num_workers,
-                                     pin_memory=teacher.device.type == "cuda")
+        loader = create_batch_loader(BatchDataset(source, recipe), units, num_workers=num_workers,
+                                     pin_memory=teacher.device.type == "cuda", device=teacher.device)
         _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report, feats), progress)
     report.seconds = time.perf_counter() - t0
     return report

@@ -26,7 +26,7 @@ class UnitBatches:
         self.unit_views = sizes  # (U,) views of each unit
         self.unit_batches = -(-num_groups(recipe, sizes) // self.per_batch)
         self.end = np.cumsum(self.unit_batches)  # (U,): one past each unit's last batch
-        self._last: tuple[int, Groups] | None = None  # the unit planned last (per worker process)
+        self._last: tuple[int, Groups] | None = None  # the unit planned last
 
     def __len__(self) -> int:
         return int(self.end[-1]) if len(self.end) else 0

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from logitcache.replay.rows import CachedRows, check_plans
 from logitcache.views.augment import Recipe
-from logitcache.views.loader import BatchDataset, create_batch_loader
+from logitcache.views.loader import BatchDataset, BatchLoader, create_batch_loader
 from logitcache.views.plan import Groups, plan_epoch
 
 
@@ -46,12 +45,17 @@ class EpochBatches:
 def create_train_loader(source, recipe: Recipe, view_epoch: int, groups: Groups, rows: CachedRows, *,
                         batch_size: int, seed: int, epoch: int, num_workers: int, rank: int = 0,
                         world_size: int = 1, pin_memory: bool = False, limit: int | None = None,
-                        skip: int = 0) -> DataLoader:
+                        skip: int = 0, device: torch.device | None = None,
+                        reuse: BatchLoader | None = None) -> BatchLoader:
     """Student epoch ``epoch`` over ``groups`` of cached epoch ``view_epoch``. ``batch_size``
     is the global batch in views; it must split evenly into groups and ranks. Rank ``r`` of
-    ``W`` takes the r-th of W equal slices of every global batch.
+    ``W`` takes the r-th of W equal slices of every global batch. Views are finished on
+    ``device`` (None: the CPU).
 
-    ``limit`` keeps the first batches only; ``skip`` drops the first ones (a resumed epoch)."""
+    ``limit`` keeps the first batches only; ``skip`` drops the first ones (a resumed epoch).
+    ``reuse``: the loader of an earlier epoch of the same source and recipe, given this
+    epoch's batches (its persistent workers carry on); else a new loader with persistent
+    workers. Returns the loader, with ``global_batch_views`` (one int per batch) set."""
     gs = recipe.group_size
     if batch_size % (gs * world_size):
         raise ValueError(f"batch size {batch_size} must be a multiple of {gs * world_size} (group size x world size)")
@@ -65,7 +69,11 @@ def create_train_loader(source, recipe: Recipe, view_epoch: int, groups: Groups,
     global_views = groups.sizes[batches].sum(axis=1).tolist()
     per_rank = batch_size // gs // world_size
     mine = EpochBatches(view_epoch, groups, batches[skip:, rank * per_rank:(rank + 1) * per_rank])
-    loader = create_batch_loader(BatchDataset(source, recipe, mine, extra=rows), num_workers=num_workers,
-                                 pin_memory=pin_memory)
+    if reuse is None:
+        reuse = create_batch_loader(BatchDataset(source, recipe), (), num_workers=num_workers,
+                                    pin_memory=pin_memory, device=device, persistent=True)
+    elif reuse.dataset.source is not source or reuse.dataset.recipe != recipe:
+        raise ValueError("reuse: that loader renders another source or recipe")
+    loader = reuse.set_orders(mine, extra=rows)
     loader.global_batch_views = global_views[skip:]
     return loader

@@ -1,8 +1,9 @@
 """An epoch's cached teacher rows joined to rendered batches (:class:`CachedRows`), and the
 check that the cached units were planned as this code plans them (:func:`check_plans`).
 
-Cached rows (top-k ids, logits, tail) travel with the images from the DataLoader workers as
-small tensors; the distribution is rebuilt on the device in the step.
+Cached rows (top-k ids, logits, tail) join each batch in the main process as it arrives from
+the DataLoader workers (one gather per array), as small tensors; the distribution is rebuilt
+on the device in the step.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from logitcache.views.plan import unit_plan_digest
 class CachedRows:
     """Adds label targets and one epoch's cached teacher rows to a rendered batch, by sample index.
 
-    Runs in the DataLoader workers, once per batch: one vectorised numpy gather per array
-    (no per-sample Python), so rows arrive with the images as small tensors (in their stored
-    dtypes: gap codes, counts or float values; decoded on the device)."""
+    Runs in the main process (the loader's ``extra``), once per batch: one vectorised numpy
+    gather per array (no per-sample Python), so rows join the images as small tensors (in
+    their stored dtypes: gap codes, counts or float values; decoded on the device). Workers
+    need not hold the epoch's arrays, so one set of workers serves every epoch."""
 
     def __init__(self, arrays: EpochArrays | None, labels: np.ndarray, source=None):
         self.arrays = arrays
         self.labels = labels
         self.source = source
 
-    def __call__(self, batch: dict, tag: dict | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         idx, partner = batch["index"].numpy(), batch["partner"].numpy()
         # np.take along axis 0: the same rows as fancy indexing, about 1.7x faster for small batches
         out = {"label": torch.from_numpy(self.labels.take(idx)), "partner_label": torch.from_numpy(self.labels.take(partner))}

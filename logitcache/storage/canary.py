@@ -26,7 +26,7 @@ CANARY_VIEWS = 4
 
 def view_digest(view: torch.Tensor) -> str:
     """sha256 (hex) of one rendered view's float32 bytes, shape (3, H, W)."""
-    return hashlib.sha256(view.contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(view.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def canary_of(images: torch.Tensor, index: torch.Tensor) -> dict:
@@ -50,13 +50,12 @@ def check_canary(commit: dict | None, manifest: Manifest, source, epoch: int, sh
     canary = (commit or {}).get("canary")
     if not canary:
         return False
-    from logitcache.views.augment import create_train_transform
-    from logitcache.views.loader import render_batch
+    from logitcache.views.render import create_view_transform, render_batch
 
     info = source.shards[shard]
     recipe = manifest.recipe
     groups = plan_unit(recipe, epoch, shard, info.start, info.stop).take(slice(0, CANARY_VIEWS))
-    batch = render_batch(recipe, create_train_transform(recipe), source, epoch, groups)
+    batch = render_batch(recipe, create_view_transform(recipe), source, epoch, groups)
     n = len(canary["index"])
     index = batch["index"][:n].tolist()
     bad = [j for j in range(n) if index[j] != canary["index"][j] or view_digest(batch["images"][j]) != canary["sha256"][j]]

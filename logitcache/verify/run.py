@@ -145,8 +145,8 @@ class _Regenerated:
 def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, transform) -> _Regenerated:
     """Read each unit holding a picked view (checked against its commit record), check its plan
     digest against this code's plan, and re-render the picked views."""
-    from logitcache.views.loader import render_batch
     from logitcache.views.plan import plan_unit, unit_plan_digest
+    from logitcache.views.render import render_batch
 
     m = reader.manifest
     keys_all = source.keys()
@@ -214,7 +214,7 @@ def verify_cache(
     """
     from logitcache.build.teacher import Teacher
     from logitcache.distributed import resolve_device
-    from logitcache.views.augment import create_train_transform
+    from logitcache.views.render import create_view_transform
 
     t0 = time.perf_counter()
     if sample < 1:
@@ -231,7 +231,7 @@ def verify_cache(
     teacher = Teacher(m.teacher, weights=teacher_weights, num_classes=C, device=dev)
     if teacher.num_classes != C:
         raise CacheMismatchError(f"teacher {teacher.name} predicts {teacher.num_classes} classes, cache {url} has {C}")
-    got = _regenerate(reader, source, picked, create_train_transform(m.recipe))
+    got = _regenerate(reader, source, picked, create_view_transform(m.recipe))
 
     n = len(got.images)
     report = VerifyReport(
