@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from .build_fast import markdown_fast, run_fast
 from .common import Ctx, PeakRSS, save_figure, sync
 
 NUM_CLASSES = 1000
@@ -283,6 +284,8 @@ def run(ctx: Ctx) -> dict:
     predicted = raw_s / (raw_s + render_total / cores + other) if not ctx.cuda else None
 
     best = max(builds, key=lambda b: b["build_over_raw_teacher"])
+    fast = run_fast(ctx)
+    fast["cuda"] = ctx.cuda
     return {
         "settings": {**s, "views": views, "teacher_batches": n_batches, "setup_seconds": setup_s},
         "results": {
@@ -294,6 +297,7 @@ def run(ctx: Ctx) -> dict:
             "cpu_model": {"render_cpu_seconds": render_total, "encode_write_seconds": other,
                           "predicted_build_over_raw": predicted},
             "best_num_workers": best["num_workers"],
+            "fast_teacher": fast,
         },
         "summary": {
             "build_over_raw_teacher": best["build_over_raw_teacher"],
@@ -302,6 +306,7 @@ def run(ctx: Ctx) -> dict:
             "raw_teacher_views_per_s": raw_vps,
             "render_ms_per_view": prof["item_ms_per_view"],
             "teacher_slowdown_in_build": best["teacher_slowdown_in_build"],
+            **fast["summary"],
         },
     }
 
@@ -356,6 +361,8 @@ def markdown(data: dict) -> str:
             f"teacher call inside the build over the raw one: the workers' rendering steals cores from the "
             f"teacher's threads.",
         ]
+    if "fast_teacher" in r:
+        lines += ["", markdown_fast(r["fast_teacher"])]
     return "\n".join(lines)
 
 

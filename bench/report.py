@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .common import RESULTS_DIR
 
-ORDER = ("build", "train_step", "reader", "frontier", "scale", "features", "replay")
+ORDER = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch")
 TITLES = {
     "build": "1. Build throughput (build vs raw teacher)",
     "train_step": "2. Student step time (CE vs cached KD vs online KD)",
@@ -21,11 +21,14 @@ TITLES = {
     "scale": "5. ImageNet-1k x 300 epochs: planning, resume scan, first unit",
     "features": "6. Teacher features (`build --features`): bytes per view, reconstruction, projector step cost",
     "replay": "7. Replay loader vs timm's loader: views/s of a training epoch's loader, side by side",
+    "epoch": "8. Whole training epochs, loader included: logitcache train vs timm's loop (CE, KD)",
 }
 
 # (benchmark, summary key, target, direction, what)
 TARGETS = [
     ("build", "build_over_raw_teacher", 0.9, ">=", "build / raw teacher throughput, ResNet-152 224 px batch 16"),
+    ("build", "fast_build_over_allowed", 0.9, ">=",
+     "build / what its stages allow, fast teacher (ResNet-18 32 px), shared cores"),
     ("train_step", "cached_over_ce_step", 1.05, "<=", "cached-KD step / CE step (ResNet-50)"),
     ("train_step", "speedup_over_ideal_resnet152", 0.9, ">=", "speedup over online / ideal, teacher ResNet-152"),
     ("train_step", "speedup_over_ideal_beitv2_l", 0.9, ">=", "speedup over online / ideal, teacher BEiTv2-L"),
@@ -47,6 +50,8 @@ TARGETS = [
     ("features", "projector_over_kd_step", 1.05, "<=", "cached projector step / cached KD step (ResNet-50)"),
     ("replay", "ours_over_timm_32px_w2", 1.0, ">=", "replay loader / timm's loader views/s, 32 px, 2 workers"),
     ("replay", "ours_over_timm_224px_w2", 1.0, ">=", "replay loader / timm's loader views/s, 224 px, 2 workers"),
+    ("epoch", "ce_epoch_over_timm", 1.05, "<=", "CE epoch, logitcache train / timm's loop (loader included)"),
+    ("epoch", "kd_speedup_over_ideal", 0.9, ">=", "cached KD epoch vs timm online KD, share of the ideal speed-up"),
     ("accuracy_codecs", "acc_gap8_minus_float16_abs_pp", 0.5, "<=",
      "|mean paired difference| gap8 vs float16 top-10, pp"),
 ]
@@ -291,7 +296,7 @@ def _number(v) -> bool:
 def _codecs_markdown(acc: dict) -> list[str]:
     """The codec study (accuracy_codecs.json): per variant mean +- std of final val top-1 and the
     paired (same seed) difference to vanilla KD from the float16 top-10 cache."""
-    lines = ["## 9. Accuracy by cache codec: float16 vs gap8 top-10, sampled N = 32", ""]
+    lines = ["## 10. Accuracy by cache codec: float16 vs gap8 top-10, sampled N = 32", ""]
     for ds, d in acc["datasets"].items():
         if "codecs" not in d:
             continue
@@ -330,7 +335,7 @@ METHOD_ROWS = (("projector_cache_minus_kd", "projector (cache) - vanilla KD (cac
 def _methods_markdown(acc: dict) -> list[str]:
     """The methods study (accuracy_methods.json): per variant mean +- std of final val top-1, and
     the paired (same seed: same init, batch order and views) differences between methods."""
-    lines = ["## 10. Accuracy by method: projector feature distillation (cache and online) and ProKT", ""]
+    lines = ["## 11. Accuracy by method: projector feature distillation (cache and online) and ProKT", ""]
     for ds, d in acc["datasets"].items():
         st, h = d["settings"], d["headline"]
         lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "
@@ -351,7 +356,7 @@ def _methods_markdown(acc: dict) -> list[str]:
 
 def _accuracy_markdown(acc: dict, rel: Path) -> list[str]:
     """Mean +- std of final val top-1 per variant and dataset (``python -m bench.accuracy``)."""
-    lines = ["## 8. Accuracy study (students from the cache vs CE vs online)", ""]
+    lines = ["## 9. Accuracy study (students from the cache vs CE vs online)", ""]
     for ds, d in acc["datasets"].items():
         st = d["settings"]
         lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "

@@ -23,7 +23,7 @@ from logitcache import errors
 from logitcache.errors import LogitcacheError
 from logitcache.views.augment import Recipe
 from logitcache.views.plan import Groups
-from logitcache.views.render import create_view_transform, finish_batch, render_raw_batch
+from logitcache.views.render import create_view_transform, finish_batch, finish_views, render_raw_batch
 
 
 class BatchDataset(Dataset):
@@ -35,13 +35,15 @@ class BatchDataset(Dataset):
     message): a sample that cannot be read comes back as an error, not an exception, and
     :class:`BatchLoader` raises it in the main process) and ``"render_s"`` (float: the
     seconds this worker spent reading and rendering the batch, for the build's stage rates).
+    With ``finish`` the worker also finishes the views (``"images"``, float32): for a consumer
+    on the CPU, whose own core is the scarce one.
 
     The orders come from the loader's sampler (:class:`BatchOrders`), so one set of workers
     can render epoch after epoch. Used with ``batch_size=None``: the dataset makes whole batches.
     """
 
-    def __init__(self, source, recipe: Recipe):
-        self.source, self.recipe = source, recipe
+    def __init__(self, source, recipe: Recipe, finish: bool = False):
+        self.source, self.recipe, self.finish = source, recipe, finish
         self._transform = None  # built lazily, once per worker process
 
     def __getitem__(self, order: tuple[int, Groups, dict]) -> dict:
@@ -51,6 +53,8 @@ class BatchDataset(Dataset):
         t0 = time.perf_counter()
         try:
             batch = render_raw_batch(self.recipe, self._transform, self.source, epoch, groups)
+            if self.finish:
+                finish_views(batch, self.recipe)
         except LogitcacheError as e:  # crosses the process boundary as (class name, message)
             return {"errors": [(type(e).__name__, str(e))], **tag}
         return {**batch, **tag, "errors": [], "render_s": time.perf_counter() - t0}
@@ -115,8 +119,10 @@ def create_batch_loader(dataset: BatchDataset, orders: Sequence, *, num_workers:
                         prefetch_factor: int = 4, device: torch.device | None = None,
                         persistent: bool = False, extra: Callable[[dict], dict] | None = None) -> BatchLoader:
     """A :class:`BatchLoader` over ``orders`` (see :class:`BatchOrders`), in order, finishing
-    views on ``device`` (None: the CPU). ``persistent`` keeps the workers between iterations
+    views on ``device`` (an accelerator), or in the workers for the CPU (None: the CPU). ``persistent`` keeps the workers between iterations
     (for a loader that :meth:`~BatchLoader.set_orders` reuses, epoch after epoch)."""
+    # A CPU consumer (teacher or student) has no core to spare: the workers finish the views.
+    dataset.finish = num_workers > 0 and (device is None or torch.device(device).type == "cpu")
     loader = BatchLoader(
         dataset, batch_size=None, sampler=BatchOrders(orders), num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,

@@ -9,8 +9,9 @@ erasing) happen batched, on the device. Replay does the same, in two stages:
    the uint8 pixels; draw random erasing on a NaN canvas (its rectangles and noise do not
    depend on the pixels underneath); draw each pair's mixing parameters. A batch crosses
    the process boundary as uint8 pixels (a quarter of float32's bytes) plus small arrays.
-2. :func:`finish_batch` (in the main process, on the batch's device): float, ``/ 255``,
-   normalise, lay the erased rectangles over, mix the pairs: one vectorised pass per step.
+2. :func:`finish_views` (on the consumer's device in the main process; in the workers when
+   the consumer is a CPU model, whose core is the scarce one): float, ``/ 255``, normalise,
+   lay the erased rectangles over, mix the pairs: a few vectorised passes per batch.
 
 Every operation of stage 2 is the same elementwise float32 operation the per-view transform
 applies (``to_tensor``'s ``/ 255``, ``Normalize``'s ``sub_``/``div_``, the erasing's
@@ -139,12 +140,25 @@ def render_raw_batch(recipe: Recipe, vt: ViewTransform, source, epoch: int, grou
 
 def finish_batch(batch: dict, recipe: Recipe, device: torch.device | str | None = None,
                  batched: bool | None = None) -> dict:
+    """Complete a batch of :func:`render_raw_batch` (or of :func:`finish_views`, already
+    finished in a worker): ``images`` (V, 3, H, W) float32 on ``device`` (default: where they
+    are), and index, partner, lam, seed as tensors. The other entries stay as they are."""
+    if "pixels" in batch:
+        finish_views(batch, recipe, device, batched)
+    elif device is not None:
+        batch["images"] = batch["images"].to(device, non_blocking=True)
+    for k in ("index", "partner", "lam", "seed"):
+        if isinstance(batch[k], np.ndarray):
+            batch[k] = torch.from_numpy(batch[k])
+    return batch
+
+
+def finish_views(batch: dict, recipe: Recipe, device: torch.device | str | None = None,
+                 batched: bool | None = None) -> dict:
     """Turn a raw batch's uint8 pixels into the views (on ``device``, default: where they
     are): ``images`` (V, 3, H, W) float32, normalised, erased and mixed (``batched``: see
-    :func:`_mix`). Pops the raw keys (:data:`RAW_KEYS`); the other entries stay as they are."""
+    :func:`_mix`). Pops the raw keys (:data:`RAW_KEYS`); returns ``batch``."""
     raw = {k: batch.pop(k) for k in RAW_KEYS}
-    for k in ("index", "partner", "lam", "seed"):
-        batch[k] = torch.from_numpy(batch[k])
     dev = raw["pixels"].device if device is None else torch.device(device)
     x = raw["pixels"].to(dev, non_blocking=True).float().div_(255)
     mean = torch.tensor(recipe.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
