@@ -12,11 +12,12 @@ worker count. What the two stages allow:
   threads, raw rate T(c), measured for every c), the renderers on the other C - c, or the
   teacher on all C and rendering between its batches:
   ``allowed = max(max_c min(T(c), (C - c) / r), 1 / (1 / T(C) + r))`` with r the render
-  CPU-seconds per view (a build with W workers runs its teacher on C - W threads, at least 1);
+  CPU-seconds per view;
 * on a GPU machine the stages run on different hardware: ``allowed = min(raw teacher
   views/s, workers / r)``.
 
-Key figure ``fast_build_over_allowed`` = build views/s / allowed (best worker count).
+Key figure ``fast_build_over_allowed`` = build views/s / allowed (best worker count tried;
+0 workers is the teacher on every core with rendering between its batches).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def settings(ctx: Ctx) -> dict:
         "num_classes": NUM_CLASSES, "codec": "topk", "k": 10,
         "images": ctx.pick(quick_cpu=1600, full_cpu=3200, quick_cuda=8192, full_cuda=16384, tiny=32),
         "batch_size": ctx.pick(quick_cpu=64, full_cpu=64, quick_cuda=256, full_cuda=256, tiny=8),
-        "num_workers": ctx.pick(quick_cpu=[2], full_cpu=[1, 2], quick_cuda=[15], full_cuda=[8, 15], tiny=[1]),
+        "num_workers": ctx.pick(quick_cpu=[0, 2], full_cpu=[0, 1, 2], quick_cuda=[15], full_cuda=[8, 15], tiny=[1]),
     }
 
 

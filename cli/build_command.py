@@ -44,7 +44,7 @@ def _values(value_dtype: str | None, value_bits: int | None) -> str:
     return value_dtype or f"gap{value_bits or 8}"
 
 
-def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
+def _build_rank(*, data, teacher, teacher_weights, teacher_input_size, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
                 value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck, allow_view_drift,
                 features, feature_dims, feature_dtype, feature_fit_views) -> None:
     """The body of ``build`` for one process: the whole build, or one rank of it when the
@@ -63,7 +63,8 @@ def _build_rank(*, data, teacher, teacher_weights, split, recipe, cache_seed, ou
     epoch_list = parse_epochs(epochs)
     dev = distributed.rank_device(resolve_device(device))
     source = open_source(data, split)
-    t = Teacher(teacher, weights=teacher_weights, num_classes=source.num_classes, device=dev, compile=compile)
+    t = Teacher(teacher, weights=teacher_weights, num_classes=source.num_classes, device=dev, compile=compile,
+                input_size=teacher_input_size)
     spec = create_codec(codec, source.num_classes, topk, _values(value_dtype, value_bits))
     feats = _feature_request(features, feature_dims, feature_dtype, feature_fit_views, t.feature_dim)
     name = _dataset_name(data)
@@ -117,6 +118,9 @@ def build(
     teacher: str = typer.Option(..., metavar="NAME", help="timm model name or alias (beitv2_l, beitv2_b, resnet152)."),
     teacher_weights: Optional[str] = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights",
                                                   help="Weights file (safetensors or a plain state dict)."),
+    teacher_input_size: Optional[int] = typer.Option(None, metavar="PIXELS", min=8,
+                                                     show_default="recorded in the weights file, else timm's default",
+                                                     help="Input size the teacher runs at (views are resized to it)."),
     split: str = typer.Option("train", metavar="TEXT", help="Dataset split to cache."),
     recipe: str = typer.Option("vanillakd_a2", metavar="NAME",
                                help="Augmentation recipe: vanillakd_a2, imagenet_basic, demo32, demo32_mix."),

@@ -49,15 +49,18 @@ def test_update_readme_replaces_only_the_block(tmp_path):
     assert not update_readme({"cached_over_ce_step": 1.0}, plain) and plain.read_text() == "no markers\n"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
     readme_before = (ROOT / "README.md").read_text()
     out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,frontier,scale,replay", "--device", "cpu",
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,frontier,scale,replay,epoch", "--device", "cpu",
                         "--results-dir", str(out), "--workdir", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=280)
+                       cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout + p.stderr
     summary = json.loads((out / "summary.json").read_text())
+    epoch = json.loads((out / "epoch.json").read_text())["summary"]
+    assert epoch["ce_epoch_over_timm"] > 0 and epoch["kd_speedup_over_ideal"] > 0
+    assert summary["epoch.ce_epoch_over_timm"] == epoch["ce_epoch_over_timm"]
     assert summary["reader_views_per_s"] > 0 and summary["bytes_per_view_k10"] > 0
     reader = json.loads((out / "reader.json").read_text())
     assert reader["meta"]["tiny"] is True and reader["meta"]["device"] == "cpu"

@@ -280,7 +280,8 @@ def test_documented_fields_match_a_real_cache(built_cache):
     text = FORMAT_MD.read_text()
     manifest_section = text.split("## Root attributes", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)` \|", manifest_section, re.M))
-    assert documented == set(DocReader(built_cache).manifest) | {"features"}  # features: feature caches only
+    # features: feature caches only; teacher_input_size: builds with --teacher-input-size only
+    assert documented == set(DocReader(built_cache).manifest) | {"features", "teacher_input_size"}
     units_section = text.split("## Units", 1)[1].split("### Commit", 1)[0]
     rows = re.findall(r"^\| (\w+)[^|]* \| `(\w+)` \|", units_section, re.M)
     from logitcache.codecs.logits import create_codec

@@ -17,7 +17,7 @@ from logitcache.build.teacher import (
     create_model_from_weights,
     read_state_dict,
 )
-from logitcache.errors import WeightsUnavailableError
+from logitcache.errors import LogitcacheError, WeightsUnavailableError
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,35 @@ def test_the_build_says_when_views_are_resized_for_the_teacher_and_which_stage_b
                                       "--out", str(tmp_path / "b.zarr")], capsys)
     assert code == 0, err
     assert "resized" not in out and "stages: " in out
+
+
+def test_teacher_input_size_sets_the_teachers_input_and_is_part_of_the_cache(synth_data, tmp_path, capsys):
+    """--teacher-input-size runs a plain state dict at the views' 32 px instead of its timm
+    default (no resize, other logits than at 160 px); the manifest records it, verify and an
+    online teacher run at it, and adding to the cache without it (or with another) is refused."""
+    from logitcache.storage.reader import CacheReader
+    from logitcache.verify.run import verify_cache
+
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_resnet", num_classes=16).state_dict(), tmp_path / "plain.pth")
+    args = ["build", "--data", synth_data, "--teacher", "test_resnet", "--teacher-weights", str(tmp_path / "plain.pth"),
+            "--recipe", "demo32", "--topk", "5", "--batch-size", "32", "--workers", "0", "--no-progress"]
+    url = str(tmp_path / "c.zarr")
+    code, out, err = run_main_output([*args, "--epochs", "1", "--teacher-input-size", "32", "--out", url], capsys)
+    assert code == 0, err
+    assert "resized" not in out
+    manifest = CacheReader(url).manifest
+    assert manifest.teacher_input_size == 32 and manifest.identity()["teacher_input_size"] == 32
+    assert verify_cache(url, data=synth_data, teacher_weights=str(tmp_path / "plain.pth"), sample=8).passed
+    for extra in ([], ["--teacher-input-size", "48"]):
+        code, out, err = run_main_output([*args, "--epochs", "0:2", *extra, "--out", url], capsys)
+        line = one_error_line(code, err)
+        assert "teacher_input_size: cache has 32" in line, line
+    at_32 = Teacher("test_resnet", weights=str(tmp_path / "plain.pth"), num_classes=16, input_size=32)
+    at_default = Teacher("test_resnet", weights=str(tmp_path / "plain.pth"), num_classes=16)
+    assert at_32.io.input_size == 32 and at_default.io.input_size == 160 and at_32.resize_note(32) is None
+    views = torch.randn(4, 3, 32, 32)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert not torch.allclose(at_32(views, mean, std), at_default(views, mean, std))
+    with pytest.raises(LogitcacheError, match="at least 8 px"):
+        Teacher("test_resnet", weights=str(tmp_path / "plain.pth"), num_classes=16, input_size=4)

@@ -199,7 +199,9 @@ def _create_online_teacher(cfg: TrainConfig, reader: CacheReader | None, num_cla
                               "--teacher-weights FILE or timm's pretrained ones)")
     if name is None:
         raise LogitcacheError("--online-teacher needs --teacher NAME (or a cache that names its teacher)")
-    return Teacher(name, weights=cfg.teacher_weights, num_classes=num_classes, device=device)
+    # The cache's teacher runs as it ran in the build (at the input size the build set, if any).
+    size = reader.manifest.teacher_input_size if reader is not None and name == reader.manifest.teacher else None
+    return Teacher(name, weights=cfg.teacher_weights, num_classes=num_classes, device=device, input_size=size)
 
 
 def _end_epoch(run: Run, inputs: RunInputs, eval_loader, epoch: int, tally: EpochTally, seconds: float) -> None:

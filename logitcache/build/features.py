@@ -128,7 +128,8 @@ def _fit_sample(teacher: Teacher, source, recipe: Recipe, epoch: int, fit_views:
     shards = np.arange(min(count, len(bounds)))
     units = UnitBatches(recipe, bounds, np.full(len(shards), epoch), shards, batch_size)
     loader = create_batch_loader(BatchDataset(source, recipe), units, num_workers=num_workers,
-                                 pin_memory=teacher.device.type == "cuda", device=teacher.device)
+                                 pin_memory=teacher.device.type == "cuda", device=teacher.device,
+                                 finish_in_workers=teacher.device.type == "cpu")
     parts, held = [], 0
     for batch in loader:
         _, feats = teacher(batch["images"], recipe.mean, recipe.std, features=True)

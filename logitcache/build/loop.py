@@ -10,7 +10,6 @@ the same batches whatever happened before.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -56,21 +55,6 @@ def default_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(8, (os.cpu_count() or 2) - 1))
     return 1
-
-
-@contextlib.contextmanager
-def _cores_left_to_teacher(device: torch.device, num_workers: int):
-    """A CPU teacher runs on the cores the renderers leave it (at least one): its threads wait
-    for each other at every op, so one thread sharing a core with a worker stalls them all
-    (measured on 2 cores, ResNet-18 at 32 px: 1 worker beside a 2-thread teacher builds at
-    0.8 x the rate of the same worker beside a 1-thread teacher; bench/build_fast.py)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and num_workers > 0:
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - num_workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def dataset_info(source, name: str) -> DatasetInfo:
@@ -152,13 +136,13 @@ def build(
             f"teacher {teacher.name} predicts {teacher.num_classes} classes but dataset {source.url} has "
             f"{source.num_classes}"
         )
+    if num_workers is None:
+        num_workers = default_workers(teacher.device)
     manifest = Manifest(
         teacher=teacher.name, teacher_weights=teacher.weights_label, teacher_weights_sha256=teacher.weights_sha256,
         recipe=recipe, dataset=dataset_info(source, dataset_name), codec=codec, num_classes=source.num_classes,
-        build_env=teacher.runtime(),
+        build_env=teacher.runtime(), teacher_input_size=teacher.input_size_override,
     )
-    if num_workers is None:
-        num_workers = default_workers(teacher.device)
     feats = None
     if rank == 0:
         if features is not None:
@@ -186,9 +170,9 @@ def build(
         report.units_written += 1
     if len(units):
         loader = create_batch_loader(BatchDataset(source, recipe), units, num_workers=num_workers,
-                                     pin_memory=teacher.device.type == "cuda", device=teacher.device)
-        with _cores_left_to_teacher(teacher.device, num_workers):
-            _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report, feats), progress)
+                                     pin_memory=teacher.device.type == "cuda", device=teacher.device,
+                                     finish_in_workers=teacher.device.type == "cpu")
+        _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report, feats), progress)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import socket
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from logitcache.errors import BadLogitsError, WeightsUnavailableError
+from logitcache.errors import BadLogitsError, LogitcacheError, WeightsUnavailableError
 
 #: Short names for the teachers people use most (timm names with pretrained tags).
 TEACHER_ALIASES: dict[str, str] = {
@@ -174,7 +175,11 @@ class Teacher:
     """A frozen classifier that turns views into float32 logits (B, C)."""
 
     def __init__(self, name: str, *, weights: str | None = None, num_classes: int | None = None,
-                 device: str | torch.device = "cpu", compile: bool = False):
+                 device: str | torch.device = "cpu", compile: bool = False, input_size: int | None = None):
+        """``input_size`` (pixels, square) overrides the input size recorded in the weights file
+        or timm's default (``build --teacher-input-size``); the cache records it."""
+        if input_size is not None and input_size < 8:
+            raise LogitcacheError(f"teacher input size must be at least 8 px, not {input_size}")
         self.name = resolve_name(name)
         self.device = torch.device(device)
         if weights is not None:
@@ -187,6 +192,10 @@ class Teacher:
             self.weights_sha256 = None
         self.io = io or ModelInput.from_timm(model)
         self.io_origin = "recorded in its weights file" if io is not None else "its timm default"
+        self.input_size_override = input_size
+        if input_size is not None:
+            self.io = dataclasses.replace(self.io, input_size=int(input_size))
+            self.io_origin = "set by --teacher-input-size"
         self.num_classes = model.num_classes
         model.eval().requires_grad_(False).to(self.device)
         if self.device.type == "cuda":

@@ -90,6 +90,9 @@ class Manifest:
     # "explained": float | None, "fit_views": int}
     # (logitcache/codecs/features.py); None: the cache holds logits only.
     features: dict | None = None
+    # `build --teacher-input-size`: the square input size the teacher ran at, in pixels; None:
+    # its own (recorded in its weights file, else timm's default).
+    teacher_input_size: int | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -106,6 +109,7 @@ class Manifest:
             "created": self.created,
             "build_env": self.build_env,
             **({"features": self.features} if self.features is not None else {}),
+            **({"teacher_input_size": self.teacher_input_size} if self.teacher_input_size is not None else {}),
         }
 
     @classmethod
@@ -128,6 +132,7 @@ class Manifest:
             created=d.get("created", ""),
             build_env=d.get("build_env", {}),
             features=d.get("features"),
+            teacher_input_size=d.get("teacher_input_size"),
         )
 
     def identity(self) -> dict:
@@ -140,6 +145,7 @@ class Manifest:
             "codec": self.codec.to_dict(),
             "num_classes": self.num_classes,
             "features": self.feature_identity(),
+            "teacher_input_size": self.teacher_input_size,
         }
 
     def add_features(self, entry: dict) -> None:

@@ -228,7 +228,7 @@ def verify_cache(
     picked = _pick_views(reader, sample, seed, url)
 
     dev = resolve_device(device)
-    teacher = Teacher(m.teacher, weights=teacher_weights, num_classes=C, device=dev)
+    teacher = Teacher(m.teacher, weights=teacher_weights, num_classes=C, device=dev, input_size=m.teacher_input_size)
     if teacher.num_classes != C:
         raise CacheMismatchError(f"teacher {teacher.name} predicts {teacher.num_classes} classes, cache {url} has {C}")
     got = _regenerate(reader, source, picked, create_view_transform(m.recipe))

@@ -117,12 +117,14 @@ def _as_is(batch: dict) -> dict:
 
 def create_batch_loader(dataset: BatchDataset, orders: Sequence, *, num_workers: int, pin_memory: bool = False,
                         prefetch_factor: int = 4, device: torch.device | None = None,
-                        persistent: bool = False, extra: Callable[[dict], dict] | None = None) -> BatchLoader:
+                        persistent: bool = False, extra: Callable[[dict], dict] | None = None,
+                        finish_in_workers: bool = False) -> BatchLoader:
     """A :class:`BatchLoader` over ``orders`` (see :class:`BatchOrders`), in order, finishing
-    views on ``device`` (an accelerator), or in the workers for the CPU (None: the CPU). ``persistent`` keeps the workers between iterations
+    views on ``device`` (None: the CPU) in the main process, as timm's prefetcher does, or
+    with ``finish_in_workers`` in the workers: for a CPU teacher, whose process is the
+    build's bottleneck (bench/build_fast.py). ``persistent`` keeps the workers between iterations
     (for a loader that :meth:`~BatchLoader.set_orders` reuses, epoch after epoch)."""
-    # A CPU consumer (teacher or student) has no core to spare: the workers finish the views.
-    dataset.finish = num_workers > 0 and (device is None or torch.device(device).type == "cpu")
+    dataset.finish = finish_in_workers and num_workers > 0
     loader = BatchLoader(
         dataset, batch_size=None, sampler=BatchOrders(orders), num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,

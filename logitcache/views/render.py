@@ -9,8 +9,8 @@ erasing) happen batched, on the device. Replay does the same, in two stages:
    the uint8 pixels; draw random erasing on a NaN canvas (its rectangles and noise do not
    depend on the pixels underneath); draw each pair's mixing parameters. A batch crosses
    the process boundary as uint8 pixels (a quarter of float32's bytes) plus small arrays.
-2. :func:`finish_views` (on the consumer's device in the main process; in the workers when
-   the consumer is a CPU model, whose core is the scarce one): float, ``/ 255``, normalise,
+2. :func:`finish_views` (in the main process, on the consumer's device; for a CPU teacher
+   in the workers, as its process is the build's bottleneck): float, ``/ 255``, normalise,
    lay the erased rectangles over, mix the pairs: a few vectorised passes per batch.
 
 Every operation of stage 2 is the same elementwise float32 operation the per-view transform
