@@ -44,9 +44,9 @@ def _values(value_dtype: str | None, value_bits: int | None) -> str:
     return value_dtype or f"gap{value_bits or 8}"
 
 
-def _build_rank(*, data, teacher, teacher_weights, teacher_input_size, split, recipe, cache_seed, out, cache_root, epochs, codec, topk,
-                value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck, allow_view_drift,
-                features, feature_dims, feature_dtype, feature_fit_views) -> None:
+def _build_rank(*, data, teacher, teacher_weights, teacher_input_size, split, recipe, cache_seed, out, cache_root,
+                epochs, codec, topk, value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck,
+                allow_view_drift, features, feature_dims, feature_dtype, feature_fit_views) -> None:
     """The body of ``build`` for one process: the whole build, or one rank of it when the
     environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
     from logitcache import distributed

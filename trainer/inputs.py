@@ -20,8 +20,8 @@ from logitcache.storage.canary import check_views_of
 from logitcache.storage.catalog import cache_root, list_caches
 from logitcache.storage.manifest import check_serves
 from logitcache.storage.reader import CacheReader
-from logitcache.views.loader import BatchLoader
 from logitcache.views.augment import Recipe, create_recipe
+from logitcache.views.loader import BatchLoader
 from logitcache.views.plan import Groups
 
 from .config import TrainConfig

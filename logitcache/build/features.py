@@ -127,9 +127,10 @@ def _fit_sample(teacher: Teacher, source, recipe: Recipe, epoch: int, fit_views:
     count = int(np.searchsorted(np.cumsum(sizes), fit_views) + 1)  # units that hold fit_views views
     shards = np.arange(min(count, len(bounds)))
     units = UnitBatches(recipe, bounds, np.full(len(shards), epoch), shards, batch_size)
-    loader = create_batch_loader(BatchDataset(source, recipe), units, num_workers=num_workers,
-                                 pin_memory=teacher.device.type == "cuda", device=teacher.device,
-                                 finish_in_workers=teacher.device.type == "cpu")
+    # A CPU teacher's process is the bottleneck: the workers finish its views (bench/build_fast.py).
+    dataset = BatchDataset(source, recipe, finish=teacher.device.type == "cpu")
+    loader = create_batch_loader(dataset, units, num_workers=num_workers, pin_memory=teacher.device.type == "cuda",
+                                 device=teacher.device)
     parts, held = [], 0
     for batch in loader:
         _, feats = teacher(batch["images"], recipe.mean, recipe.std, features=True)

@@ -169,9 +169,10 @@ def build(
         writer.write_unit(int(units.epochs[u]), int(units.shards[u]), empty, plan_digest(np.zeros(0), np.zeros(0)))
         report.units_written += 1
     if len(units):
-        loader = create_batch_loader(BatchDataset(source, recipe), units, num_workers=num_workers,
-                                     pin_memory=teacher.device.type == "cuda", device=teacher.device,
-                                     finish_in_workers=teacher.device.type == "cpu")
+        # A CPU teacher's process is the bottleneck: the workers finish its views (bench/build_fast.py).
+        dataset = BatchDataset(source, recipe, finish=teacher.device.type == "cpu")
+        loader = create_batch_loader(dataset, units, num_workers=num_workers, pin_memory=teacher.device.type == "cuda",
+                                     device=teacher.device)
         _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report, feats), progress)
     report.seconds = time.perf_counter() - t0
     return report

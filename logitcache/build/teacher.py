@@ -7,11 +7,11 @@ autocast and channels_last.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import socket
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse

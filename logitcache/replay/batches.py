@@ -72,8 +72,10 @@ def create_train_loader(source, recipe: Recipe, view_epoch: int, groups: Groups,
     if reuse is None:
         reuse = create_batch_loader(BatchDataset(source, recipe), (), num_workers=num_workers,
                                     pin_memory=pin_memory, device=device, persistent=True)
-    elif reuse.dataset.source is not source or reuse.dataset.recipe != recipe:
-        raise ValueError("reuse: that loader renders another source or recipe")
+    elif (reuse.dataset.source is not source or reuse.dataset.recipe != recipe or reuse.num_workers != num_workers
+          or reuse.pin_memory != pin_memory or reuse.device != device):
+        raise ValueError("reuse: that loader renders another source or recipe, or with other workers, pinning "
+                         "or device")
     loader = reuse.set_orders(mine, extra=rows)
     loader.global_batch_views = global_views[skip:]
     return loader

@@ -8,7 +8,7 @@ their seeds to uint8 pixels inside the DataLoader worker and finished into float
 (logitcache/views/render.py). Which views land in which batch is fixed by the
 caller, never by the worker count. Workers never touch the cache store (a worker forked
 after the parent opened a zarr store can deadlock on the store's event loop); cached rows
-reach them as plain numpy arrays.
+join the batches in the main process (the loader's ``extra``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ class BatchDataset(Dataset):
     message): a sample that cannot be read comes back as an error, not an exception, and
     :class:`BatchLoader` raises it in the main process) and ``"render_s"`` (float: the
     seconds this worker spent reading and rendering the batch, for the build's stage rates).
-    With ``finish`` the worker also finishes the views (``"images"``, float32): for a consumer
-    on the CPU, whose own core is the scarce one.
+    With ``finish`` the dataset also finishes the views (``"images"``, float32), in the
+    worker: for a CPU teacher, whose process is the build's bottleneck (bench/build_fast.py).
 
     The orders come from the loader's sampler (:class:`BatchOrders`), so one set of workers
     can render epoch after epoch. Used with ``batch_size=None``: the dataset makes whole batches.
@@ -117,14 +117,12 @@ def _as_is(batch: dict) -> dict:
 
 def create_batch_loader(dataset: BatchDataset, orders: Sequence, *, num_workers: int, pin_memory: bool = False,
                         prefetch_factor: int = 4, device: torch.device | None = None,
-                        persistent: bool = False, extra: Callable[[dict], dict] | None = None,
-                        finish_in_workers: bool = False) -> BatchLoader:
+                        persistent: bool = False, extra: Callable[[dict], dict] | None = None) -> BatchLoader:
     """A :class:`BatchLoader` over ``orders`` (see :class:`BatchOrders`), in order, finishing
-    views on ``device`` (None: the CPU) in the main process, as timm's prefetcher does, or
-    with ``finish_in_workers`` in the workers: for a CPU teacher, whose process is the
-    build's bottleneck (bench/build_fast.py). ``persistent`` keeps the workers between iterations
-    (for a loader that :meth:`~BatchLoader.set_orders` reuses, epoch after epoch)."""
-    dataset.finish = finish_in_workers and num_workers > 0
+    views on ``device`` (None: the CPU) in the main process, as timm's prefetcher does, unless
+    the dataset finishes them itself (``BatchDataset(..., finish=True)``). ``persistent``
+    keeps the workers between iterations (for a loader that :meth:`~BatchLoader.set_orders`
+    reuses, epoch after epoch)."""
     loader = BatchLoader(
         dataset, batch_size=None, sampler=BatchOrders(orders), num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
