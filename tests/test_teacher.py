@@ -189,5 +189,12 @@ def test_teacher_input_size_sets_the_teachers_input_and_is_part_of_the_cache(syn
     views = torch.randn(4, 3, 32, 32)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     assert not torch.allclose(at_32(views, mean, std), at_default(views, mean, std))
+    from logitcache.errors import CorruptCacheError
+    from logitcache.storage.manifest import Manifest
+
+    for bad in ("32", 4, True, 32.0):  # an edited manifest: refused, naming the field
+        with pytest.raises(CorruptCacheError, match="teacher_input_size"):
+            Manifest.from_dict({**manifest.to_dict(), "teacher_input_size": bad})
+    assert Manifest.from_dict(manifest.to_dict()).teacher_input_size == 32
     with pytest.raises(LogitcacheError, match="at least 8 px"):
         Teacher("test_resnet", weights=str(tmp_path / "plain.pth"), num_classes=16, input_size=4)

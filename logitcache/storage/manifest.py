@@ -8,7 +8,7 @@ import importlib.metadata
 from dataclasses import dataclass, field
 
 from logitcache.codecs.logits import CodecSpec
-from logitcache.errors import CacheMismatchError
+from logitcache.errors import CacheMismatchError, CorruptCacheError
 from logitcache.views.augment import Recipe
 
 #: The layout new caches are written in; every version in READABLE_VERSIONS still reads.
@@ -132,7 +132,7 @@ class Manifest:
             created=d.get("created", ""),
             build_env=d.get("build_env", {}),
             features=d.get("features"),
-            teacher_input_size=d.get("teacher_input_size"),
+            teacher_input_size=_input_size_field(d.get("teacher_input_size")),
         )
 
     def identity(self) -> dict:
@@ -175,6 +175,13 @@ class Manifest:
         if diffs:
             detail = "; ".join(f"{k}: cache has {theirs[k]!r}, this build has {mine[k]!r}" for k in diffs)
             raise CacheMismatchError(f"cache {where} was built differently ({detail}). Use another --out.")
+
+
+def _input_size_field(value) -> int | None:
+    """The manifest's ``teacher_input_size``: absent, or an int of at least 8 pixels."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 8):
+        raise CorruptCacheError(f"manifest field teacher_input_size is {value!r}: not an input size in pixels (>= 8)")
+    return value
 
 
 def _feature_mismatch(cached: dict | None, asked: dict | None, where: str) -> str:
