@@ -32,7 +32,7 @@ from logitcache.codecs.features import decode_features
 from logitcache.codecs.logits import CodecSpec, decode, rebuilt_probs
 from logitcache.data.source import open_source
 from logitcache.errors import LogitcacheError
-from logitcache.replay.batches import create_train_loader, epoch_groups
+from logitcache.replay.batches import check_batch_size, create_train_loader, epoch_groups
 from logitcache.replay.rows import CachedRows
 from logitcache.storage.canary import check_views_of
 from logitcache.storage.manifest import check_serves
@@ -100,10 +100,10 @@ class CachedTrainData:
         built without ``--features`` raises, saying so). Loaders with the same workers, pinning
         and device are one loader, given each epoch's batches: its workers stay up between epochs."""
         view_epoch = self.view_epoch(epoch)
-        gs = self.recipe.group_size
-        if batch_size < 1 or batch_size % (gs * world_size):
-            raise LogitcacheError(f"batch size {batch_size} must be a positive multiple of {gs * world_size} "
-                                  f"(views per group x world size)")
+        try:
+            check_batch_size(self.recipe, batch_size, world_size)
+        except ValueError as e:
+            raise LogitcacheError(str(e)) from None
         rows = CachedRows(self.reader.load_epoch(view_epoch, features=features), self._labels, self.source)
         dev = torch.device(device) if device is not None else None
         key = (num_workers, pin_memory, str(dev))

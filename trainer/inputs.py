@@ -14,7 +14,7 @@ import torch
 from logitcache.codecs.logits import CodecSpec, check_serves_loss
 from logitcache.data.source import SampleSource, open_source
 from logitcache.errors import CacheNotFoundError, LogitcacheError
-from logitcache.replay.batches import create_train_loader, epoch_groups
+from logitcache.replay.batches import check_batch_size, create_train_loader, epoch_groups
 from logitcache.replay.rows import CachedRows
 from logitcache.storage.canary import check_views_of
 from logitcache.storage.catalog import cache_root, list_caches
@@ -22,7 +22,7 @@ from logitcache.storage.manifest import check_serves
 from logitcache.storage.reader import CacheReader
 from logitcache.views.augment import Recipe, create_recipe
 from logitcache.views.loader import BatchLoader
-from logitcache.views.plan import Groups
+from logitcache.views.plan import Groups, block_views
 
 from .config import TrainConfig
 from .data import create_meta_loader, meta_split
@@ -131,9 +131,14 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
         recipe = create_recipe(cfg.recipe)
         view_epochs = list(range(cfg.epochs))
     gs = recipe.group_size
-    if cfg.batch_size % (gs * world_size):
-        raise LogitcacheError(f"--batch-size {cfg.batch_size} must be a multiple of {gs * world_size} "
-                              f"(views per group x world size)")
+    try:
+        check_batch_size(recipe, cfg.batch_size, world_size)
+    except ValueError as e:
+        raise LogitcacheError(f"--{e}") from None
+    if cfg.batch_size % block_views(recipe):
+        warnings.warn(f"--batch-size {cfg.batch_size} is not a multiple of a repeat block ({block_views(recipe)} "
+                      f"views): at each batch boundary one block's repeats straddle two batches (as in timm's "
+                      f"RepeatAugSampler)", UserWarning, stacklevel=3)
     held_out = meta_split(train_src, cfg.meta_fraction, cfg.seed) if cfg.mkd is not None else None
     # Every epoch has as many groups as the first unless MKD's meta split removes a slightly
     # different number of pairs.

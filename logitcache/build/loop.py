@@ -34,7 +34,7 @@ from logitcache.storage.reader import CacheReader
 from logitcache.storage.writer import CacheWriter
 from logitcache.views.augment import Recipe
 from logitcache.views.loader import BatchDataset, create_batch_loader
-from logitcache.views.plan import plan_digest
+from logitcache.views.plan import plan_digest, row_of
 
 
 def default_cache_name(dataset: str, split: str | None, teacher: str, recipe: Recipe, codec: CodecSpec,
@@ -248,7 +248,7 @@ def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) ->
                 rows = encode(sink.codec, logits, seeds)
             except ValueRangeError as e:
                 raise BadLogitsError(f"{e} (--value-dtype float32; {where})") from None
-            rows.update(index=index, seed=seeds, partner=batch["partner"].numpy())
+            rows.update(index=index, seed=seeds, partner=batch["partner"].numpy(), repeat=batch["repeat"].numpy())
             if feats is not None:
                 rows.update(sink.features.encode(feats, keys, where))
             pending.setdefault(u, []).append(rows)
@@ -261,12 +261,14 @@ def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) ->
 
 
 def _write_unit(sink: _Sink, epoch: int, shard: int, parts: list[dict], canary: dict) -> None:
-    """Sort a finished unit's rows by sample index and write it with the digest of its plan."""
+    """Sort a finished unit's rows by (sample index, repeat) and write it with the digest of its plan."""
     whole = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(whole["index"], kind="stable")
-    start = sink.source.shards[shard].start
-    plan = plan_digest(whole["seed"][order], whole["partner"][order] - start)
-    stored = [k for k in whole if k not in ("index", "seed", "partner")]
+    order = np.lexsort((whole["repeat"], whole["index"]))
+    index, repeat = whole["index"][order], whole["repeat"][order]
+    held = np.unique(index)
+    partner_rows = row_of(held, whole["partner"][order], repeat, sink.recipe.aug_repeats)  # a pair shares its repeat
+    plan = plan_digest(whole["seed"][order], partner_rows)
+    stored = [k for k in whole if k not in ("index", "seed", "partner", "repeat")]
     sink.writer.write_unit(epoch, shard, {k: whole[k][order] for k in stored}, plan, canary=canary)
     sink.report.units_written += 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from logitcache.views.augment import Recipe
-from logitcache.views.plan import Groups, num_groups, plan_unit
+from logitcache.views.plan import Groups, num_groups, plan_unit, unit_views
 
 
 class UnitBatches:
@@ -23,7 +23,7 @@ class UnitBatches:
         self.epochs, self.shards = epochs.astype(np.int64), shards.astype(np.int64)  # (U,): the units
         self.per_batch = max(1, batch_size // recipe.group_size)
         sizes = bounds[self.shards, 1] - bounds[self.shards, 0]
-        self.unit_views = sizes  # (U,) views of each unit
+        self.unit_views = unit_views(recipe, sizes)  # (U,) views of each unit
         self.unit_batches = -(-num_groups(recipe, sizes) // self.per_batch)
         self.end = np.cumsum(self.unit_batches)  # (U,): one past each unit's last batch
         self._last: tuple[int, Groups] | None = None  # the unit planned last

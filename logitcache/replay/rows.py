@@ -18,7 +18,8 @@ from logitcache.views.plan import unit_plan_digest
 
 
 class CachedRows:
-    """Adds label targets and one epoch's cached teacher rows to a rendered batch, by sample index.
+    """Adds label targets and one epoch's cached teacher rows to a rendered batch, by view
+    (sample index, and repeat: :meth:`~logitcache.storage.reader.EpochArrays.rows_of`).
 
     Runs in the main process (the loader's ``extra``), once per batch: one vectorised numpy
     gather per array (no per-sample Python), so rows join the images as small tensors (in
@@ -36,13 +37,14 @@ class CachedRows:
         out = {"label": torch.from_numpy(self.labels.take(idx)), "partner_label": torch.from_numpy(self.labels.take(partner))}
         if self.arrays is not None:
             a = self.arrays
-            out["ids"] = torch.from_numpy(a.ids.take(idx, axis=0))
-            out["values"] = torch.from_numpy(a.values.take(idx, axis=0))
-            out["tail"] = torch.from_numpy(a.tail.take(idx))
+            row = idx if a.held is None else a.rows_of(idx, batch["repeat"].numpy())
+            out["ids"] = torch.from_numpy(a.ids.take(row, axis=0))
+            out["values"] = torch.from_numpy(a.values.take(row, axis=0))
+            out["tail"] = torch.from_numpy(a.tail.take(row))
             if a.feat is not None:  # features were read: the run distils them
-                out["feat"] = torch.from_numpy(a.feat.take(idx, axis=0))
+                out["feat"] = torch.from_numpy(a.feat.take(row, axis=0))
                 if a.feat_scale is not None:
-                    out["feat_scale"] = torch.from_numpy(a.feat_scale.take(idx))
+                    out["feat_scale"] = torch.from_numpy(a.feat_scale.take(row))
         return out
 
 

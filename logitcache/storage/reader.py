@@ -35,6 +35,7 @@ from logitcache.storage.unit_layout import (
     stored_arrays,
     unpack_unit,
 )
+from logitcache.views.plan import plan_epoch, row_of, unit_views
 
 
 async def _read_unit_arrays(root, path: str, names: tuple[str, ...], empty: bool) -> list:
@@ -61,12 +62,14 @@ def _read_manifest(group: zarr.Group, url: str) -> Manifest:
 
 @dataclass
 class EpochArrays:
-    """One epoch's teacher rows (logitcache/codecs/logits.py), row ``i`` = global sample ``i`` (N rows).
+    """One epoch's teacher rows (logitcache/codecs/logits.py), one per view (V rows): row ``i``
+    = global sample ``i`` (V = N), or with repeated augmentation rows sorted by (sample,
+    repeat), ``repeats`` per sample of ``held`` (:meth:`rows_of`).
 
-    Shapes: ``ids``, ``values`` (N, k) (sampled: k = the most distinct ids of a row, 0-padded);
-    ``tail`` (N,); ``plans``: each unit's plan digest (logitcache/storage/unit_layout.py), shard order.
-    With features read (``load_epoch(..., features=True)``): ``feat`` (N, w) and, for int8
-    features, ``feat_scale`` (N,) (logitcache/codecs/features.py); else None.
+    Shapes: ``ids``, ``values`` (V, k) (sampled: k = the most distinct ids of a row, 0-padded);
+    ``tail`` (V,); ``plans``: each unit's plan digest (logitcache/storage/unit_layout.py), shard order.
+    With features read (``load_epoch(..., features=True)``): ``feat`` (V, w) and, for int8
+    features, ``feat_scale`` (V,) (logitcache/codecs/features.py); else None.
     """
 
     epoch: int
@@ -76,10 +79,16 @@ class EpochArrays:
     plans: list[str]
     feat: np.ndarray | None = None
     feat_scale: np.ndarray | None = None
+    repeats: int = 1
+    held: np.ndarray | None = None  # (V / repeats,) sorted samples with rows (repeats > 1)
 
     @property
     def num_views(self) -> int:
         return len(self.tail)
+
+    def rows_of(self, index: np.ndarray, repeat: np.ndarray) -> np.ndarray:
+        """The rows of views (sample ``index``, repeat ``repeat``), arrays of one shape."""
+        return index if self.held is None else row_of(self.held, index, repeat, self.repeats)
 
 
 class CacheReader:
@@ -188,8 +197,9 @@ class CacheReader:
 
     def read_rows(self, epoch: int, shard: int, features: bool = False) -> tuple[dict[str, np.ndarray], str]:
         """One committed unit's teacher rows, sorted by sample index (row r = the shard's r-th
-        sample), and its plan digest; every array read is checked. Any format. ``features``:
-        also the unit's ``feat`` (and ``feat_scale``) rows (a feature cache only)."""
+        sample; with repeated augmentation by (sample, repeat), the unit's views), and its plan
+        digest; every array read is checked. Any format. ``features``: also the unit's ``feat``
+        (and ``feat_scale``) rows (a feature cache only)."""
         commit = self._commit_of(epoch, shard)
         arrays = self._read_checked(epoch, shard, commit, features)
         d = self.manifest.dataset
@@ -200,11 +210,12 @@ class CacheReader:
                 raise CorruptCacheError(f"{self._where(epoch, shard)}: its rows do not cover the shard's samples "
                                         f"{start}..{start + size - 1} exactly once; {REPAIR_HINT}")
             return legacy_rows(self.manifest.codec, arrays, start)
-        if int(commit["n"]) != size:
+        views = int(unit_views(self.manifest.recipe, size))
+        if int(commit["n"]) != views:
             raise CorruptCacheError(f"{self._where(epoch, shard)}: holds {commit['n']} rows for a shard of {size} "
-                                    f"samples; {REPAIR_HINT}")
+                                    f"samples, {views} views; {REPAIR_HINT}")
         try:
-            rows = unpack_unit(self.manifest.codec, arrays, size)
+            rows = unpack_unit(self.manifest.codec, arrays, views)
         except ValueError as e:  # arrays too short for their row count (a writer bug, never storage damage)
             raise CorruptCacheError(f"{self._where(epoch, shard)}: {e}; {REPAIR_HINT}") from None
         return rows, str(commit.get("plan"))
@@ -220,8 +231,9 @@ class CacheReader:
             return list(pool.map(lambda s: self.read_rows(epoch, s, features), range(self.num_shards)))
 
     def load_epoch(self, epoch: int, features: bool = False) -> EpochArrays:
-        """All views of ``epoch`` as teacher rows indexed by global sample index: units in
-        shard order, each sorted by sample index, so concatenating them is the epoch.
+        """All views of ``epoch`` as teacher rows indexed by global sample index (with repeats:
+        :meth:`EpochArrays.rows_of`): units in shard order, each sorted by sample index, so
+        concatenating them is the epoch.
         ``features``: the teacher features too (a feature cache only; else an error)."""
         if features and not self.has_features:
             raise CacheMismatchError(f"cache {self.url} holds no teacher features; build one with "
@@ -238,4 +250,9 @@ class CacheReader:
 
         ids, values, tail = cat("ids"), cat("values"), np.concatenate([u["tail"] for u, _ in units])
         feat = {k: np.concatenate([u[k] for u, _ in units]) for k in FEATURE_ARRAYS if k in units[0][0]}
-        return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units], **feat)
+        recipe, held = self.manifest.recipe, None
+        if recipe.aug_repeats > 1:  # which samples have rows: the plan's, as the build wrote them
+            bounds = np.cumsum([0, *self.manifest.dataset.shard_sizes])
+            held = np.unique(plan_epoch(recipe, epoch, list(zip(bounds[:-1], bounds[1:]))).views())
+        return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units],
+                           repeats=recipe.aug_repeats, held=held, **feat)

@@ -21,6 +21,7 @@ from logitcache.codecs.logits import CodecSpec, rebuilt_probs
 from logitcache.storage.layout import is_local
 from logitcache.storage.manifest import Manifest, check_serves
 from logitcache.storage.reader import CacheReader
+from logitcache.views.plan import plan_unit, row_samples
 
 
 def storage_bytes(url: str, storage_options: dict | None = None) -> int:
@@ -197,7 +198,9 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
     for e, units in committed.items():
         for s in units:
             rows, _ = reader.read_rows(e, s)
-            sums.add(m.codec, rows, labels[starts[s]:starts[s + 1]] if labels is not None else None)
+            if labels is not None:  # each row's sample: with repeats, the unit's plan says which
+                held = row_samples(plan_unit(m.recipe, e, s, starts[s], starts[s + 1]), m.recipe.aug_repeats)
+            sums.add(m.codec, rows, labels[held] if labels is not None else None)
     views = sums.views
     payload = m.codec.payload_bits_per_view
 

@@ -21,6 +21,7 @@ from logitcache.storage.layout import (
 )
 from logitcache.storage.manifest import ATTR_KEY, Manifest
 from logitcache.storage.unit_layout import pack_unit
+from logitcache.views.plan import unit_views
 
 
 class CacheWriter:
@@ -83,7 +84,7 @@ class CacheWriter:
 
     def write_unit(self, epoch: int, shard: int, rows: dict[str, np.ndarray], plan: str,
                    canary: dict | None = None) -> None:
-        """Write one unit's teacher rows (sorted by sample index, one per sample of the shard;
+        """Write one unit's teacher rows (sorted by (sample index, repeat), one per view of the unit;
         logitcache/codecs/logits.py), then its commit record, last, with the plan digest ``plan``
         (logitcache/storage/unit_layout.py) and the unit's ``canary`` (logitcache/storage/canary.py).
 
@@ -92,10 +93,10 @@ class CacheWriter:
         which a record vouches for arrays being rewritten.
         """
         n = len(rows["tail"])
-        size = self.manifest.dataset.shard_sizes[shard]
+        size = int(unit_views(self.manifest.recipe, self.manifest.dataset.shard_sizes[shard]))
         expected = ("ids", "values", *(self.manifest.feature_spec.stored_arrays() if self.manifest.features else ()))
         if n != size or any(k not in rows or len(rows[k]) != n for k in expected):
-            raise ValueError(f"unit {shard} needs {size} rows (its shard's samples), got "
+            raise ValueError(f"unit {shard} needs {size} rows (its shard's views), got "
                              f"{ {k: len(v) for k, v in rows.items()} }")
         arrays = pack_unit(self.manifest.codec, rows)
         commits = self.root.require_group(f"{epoch_path(epoch)}/commits")

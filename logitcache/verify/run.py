@@ -145,7 +145,7 @@ class _Regenerated:
 def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, transform) -> _Regenerated:
     """Read each unit holding a picked view (checked against its commit record), check its plan
     digest against this code's plan, and re-render the picked views."""
-    from logitcache.views.plan import plan_unit, unit_plan_digest
+    from logitcache.views.plan import plan_unit, row_samples, unit_plan_digest
     from logitcache.views.render import render_batch
 
     m = reader.manifest
@@ -161,12 +161,14 @@ def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, trans
             out.metadata_failures.append(f"{unit_path(e, s)}: its plan (view seeds, mixing partners) differs from "
                                          f"the one regenerated here")
         groups = plan_unit(m.recipe, e, s, info.start, info.stop)
-        group_of = {int(i): g for g, i in enumerate(groups.first)}
-        group_of.update({int(i): g for g, i in enumerate(groups.second) if i >= 0})
+        reps = groups.repeats.tolist()
+        group_of = {(int(i), r): g for g, (i, r) in enumerate(zip(groups.first.tolist(), reps))}
+        group_of.update({(int(i), r): g for g, (i, r) in enumerate(zip(groups.second.tolist(), reps)) if i >= 0})
+        held, repeats = row_samples(groups, m.recipe.aug_repeats), m.recipe.aug_repeats
         rendered: dict[int, dict] = {}
         for r in (picked.picks[picked.unit_of == j] - picked.starts[j]).tolist():
-            idx = info.start + r  # rows are sorted by sample index
-            g = group_of[idx]
+            idx = int(held[r])  # rows are sorted by (sample index, repeat)
+            g = group_of[(idx, r % repeats)]
             if g not in rendered:  # a mix pair renders together: once for both views
                 rendered[g] = render_batch(m.recipe, transform, source, e, groups.take([g]))
             rg = rendered[g]

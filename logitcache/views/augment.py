@@ -56,6 +56,14 @@ class Recipe:
     mix_prob: float = 1.0  # probability that a pair is mixed at all
     switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     cache_seed: int = 0  # root of every view seed
+    # Repeated augmentation (timm's --aug-repeats; DeiT, VanillaKD A1/A2): an epoch holds about
+    # one view per sample, of about 1 / aug_repeats of the samples, each aug_repeats times
+    # (logitcache/views/plan.py); 1 = every sample once.
+    aug_repeats: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.aug_repeats, int) or isinstance(self.aug_repeats, bool) or self.aug_repeats < 1:
+            raise ValueError(f"aug_repeats must be an int >= 1, got {self.aug_repeats!r}")
 
     @property
     def mixes(self) -> bool:
@@ -67,7 +75,10 @@ class Recipe:
         return 2 if self.mixes else 1
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        if d["aug_repeats"] == 1:  # absent when off: recipes from before the field keep their digests
+            del d["aug_repeats"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":

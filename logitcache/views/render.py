@@ -92,16 +92,20 @@ def render_raw_batch(recipe: Recipe, vt: ViewTransform, source, epoch: int, grou
     when E > 0); mix_mode (V,) int8 (``MIX_*``), mix_w (V, 2) float32 (the weights of the
     view's own and its partner's pixels), mix_box (V, 4) int64 (cutmix y0, y1, x0, x1),
     pair_pos (V,) int64 (the partner's position in the batch); and as :func:`render_batch`
-    documents (here numpy arrays): index, partner, lam, seed.
+    documents (here numpy arrays): index, partner, lam, seed, repeat.
     """
-    key = source.key
+    key, cs = source.key, recipe.cache_seed
     first, second = groups.first.tolist(), groups.second.tolist()
     v = len(first) + sum(b >= 0 for b in second)
     paired = [b for b in second if b >= 0]
-    seeds_a = view_seeds(recipe.cache_seed, epoch, [key(a) for a in first]).tolist()
-    seeds_b = iter(view_seeds(recipe.cache_seed, epoch, [key(b) for b in paired]).tolist())
-    mix_seeds = iter(pair_seeds(recipe.cache_seed, epoch, [key(a) for a, b in zip(first, second) if b >= 0],
-                                [key(b) for b in paired]).tolist())
+    reps = reps_paired = None  # repeat indices (a repeats recipe): a pair's two views share theirs
+    if groups.repeat is not None:
+        reps = groups.repeat.tolist()
+        reps_paired = [r for r, b in zip(reps, second) if b >= 0]
+    seeds_a = view_seeds(cs, epoch, [key(a) for a in first], reps).tolist()
+    seeds_b = iter(view_seeds(cs, epoch, [key(b) for b in paired], reps_paired).tolist())
+    mix_seeds = iter(pair_seeds(cs, epoch, [key(a) for a, b in zip(first, second) if b >= 0],
+                                [key(b) for b in paired], reps_paired).tolist())
     pixels = np.empty((v, 3, vt.size, vt.size), np.uint8)
     index, partner, pair_pos = (np.empty(v, np.int64) for _ in range(3))
     seed = np.empty(v, np.uint64)
@@ -135,6 +139,7 @@ def render_raw_batch(recipe: Recipe, vt: ViewTransform, source, epoch: int, grou
         "erase": torch.stack([erased[p] for p in at]) if at else np.zeros((0, 3, vt.size, vt.size), np.float32),
         "mix_mode": mode, "mix_w": weights, "mix_box": box, "pair_pos": pair_pos, "index": index,
         "partner": partner, "lam": lam.astype(np.float32), "seed": seed.view(np.int64),
+        "repeat": groups.view_repeats(),
     }
 
 
@@ -142,13 +147,13 @@ def finish_batch(batch: dict, recipe: Recipe, device: torch.device | str | None 
                  batched: bool | None = None) -> dict:
     """Complete a batch of :func:`render_raw_batch` (or of :func:`finish_views`, already
     finished in a worker): ``images`` (V, 3, H, W) float32 on ``device`` (default: where they
-    are), and index, partner, lam, seed as tensors. The other entries stay as they are."""
+    are), and index, partner, lam, seed, repeat as tensors. The other entries stay as they are."""
     if "pixels" in batch:
         finish_views(batch, recipe, device, batched)
     elif device is not None:
         batch["images"] = batch["images"].to(device, non_blocking=True)
-    for k in ("index", "partner", "lam", "seed"):
-        if isinstance(batch[k], np.ndarray):
+    for k in ("index", "partner", "lam", "seed", "repeat"):
+        if isinstance(batch.get(k), np.ndarray):
             batch[k] = torch.from_numpy(batch[k])
     return batch
 
@@ -209,6 +214,7 @@ def render_batch(recipe: Recipe, vt: ViewTransform, source, epoch: int, groups: 
     Seeds are hashed here, a batch at a time, from the samples' keys. Returns tensors over
     the V views: images (V, 3, H, W) float32; index, partner (V,) int64 global sample
     indices (partner = the view itself when not mixed); lam (V,) float32, the weight of
-    the view's own image; seed (V,) int64 (the uint64 view seed's bit pattern).
+    the view's own image; seed (V,) int64 (the uint64 view seed's bit pattern); repeat (V,)
+    int64, the view's repeat index (0 without repeated augmentation).
     """
     return finish_batch(render_raw_batch(recipe, vt, source, epoch, groups), recipe)
