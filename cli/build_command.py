@@ -44,7 +44,8 @@ def _values(value_dtype: str | None, value_bits: int | None) -> str:
     return value_dtype or f"gap{value_bits or 8}"
 
 
-def _build_rank(*, data, teacher, teacher_weights, teacher_input_size, split, recipe, cache_seed, out, cache_root,
+def _build_rank(*, data, teacher, teacher_weights, teacher_input_size, split, recipe, aug_repeats, cache_seed, out,
+                cache_root,
                 epochs, codec, topk, value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck,
                 allow_view_drift, features, feature_dims, feature_dtype, feature_fit_views) -> None:
     """The body of ``build`` for one process: the whole build, or one rank of it when the
@@ -59,7 +60,7 @@ def _build_rank(*, data, teacher, teacher_weights, teacher_input_size, split, re
     from logitcache.storage.catalog import cache_root as root_of
     from logitcache.views.augment import create_recipe
 
-    rec = create_recipe(recipe, cache_seed=cache_seed)
+    rec = create_recipe(recipe, cache_seed=cache_seed, **({"aug_repeats": aug_repeats} if aug_repeats else {}))
     epoch_list = parse_epochs(epochs)
     dev = distributed.rank_device(resolve_device(device))
     source = open_source(data, split)
@@ -124,6 +125,9 @@ def build(
     split: str = typer.Option("train", metavar="TEXT", help="Dataset split to cache."),
     recipe: str = typer.Option("vanillakd_a2", metavar="NAME",
                                help="Augmentation recipe: vanillakd_a2, imagenet_basic, demo32, demo32_mix."),
+    aug_repeats: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="the recipe's",
+                                              help="Repeated augmentation (timm's --aug-repeats): about 1/N of the "
+                                                   "samples per epoch, each N times as its own view."),
     cache_seed: int = typer.Option(0, metavar="INTEGER", help="Root seed of every view seed."),
     out: Optional[str] = typer.Option(None, metavar="URL", show_default="a named folder under the cache root", help="Cache URL."),
     cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",

@@ -87,20 +87,27 @@ def _recording_teacher(weights: str, record: BuildRecord):
     return RecordingTeacher("test_resnet", weights=weights, num_classes=NUM_CLASSES, device="cpu")
 
 
+def recipe_of(spec: str):
+    """A recipe from a test spec: a recipe name, or ``name@R`` for it with ``aug_repeats=R``."""
+    from logitcache.views.augment import create_recipe
+
+    name, _, repeats = spec.partition("@")
+    return create_recipe(name, aug_repeats=int(repeats or 1))
+
+
 def _build(tmp_path_factory, synth_data: str, tiny_teacher: str, recipe_name: str) -> BuildRecord:
     from logitcache.build.loop import build
     from logitcache.codecs.logits import create_codec
     from logitcache.data.source import open_source
-    from logitcache.views.augment import create_recipe
 
-    url = str(tmp_path_factory.mktemp("caches") / f"{recipe_name}.zarr")
+    url = str(tmp_path_factory.mktemp("caches") / f"{recipe_name.replace('@', '_ra')}.zarr")
     record = BuildRecord(url=url, recipe=recipe_name, epochs=list(BUILD_EPOCHS), batch_size=BUILD_BATCH_SIZE)
     source = open_source(synth_data, "train")
     build(
         source,
         dataset_name="synth",
         teacher=_recording_teacher(tiny_teacher, record),
-        recipe=create_recipe(recipe_name),
+        recipe=recipe_of(recipe_name),
         codec=create_codec("topk", source.num_classes, k=BUILD_K, values=BUILD_VALUES),
         url=url,
         epochs=list(BUILD_EPOCHS),
@@ -121,6 +128,12 @@ def built_cache_record(tmp_path_factory, synth_data, tiny_teacher) -> BuildRecor
 def built_cache_mix_record(tmp_path_factory, synth_data, tiny_teacher) -> BuildRecord:
     """The demo32_mix build (mixup/cutmix pairs), otherwise as ``built_cache_record``."""
     return _build(tmp_path_factory, synth_data, tiny_teacher, "demo32_mix")
+
+
+@pytest.fixture(scope="session")
+def built_cache_repeats_record(tmp_path_factory, synth_data, tiny_teacher) -> BuildRecord:
+    """demo32_mix with repeated augmentation (``aug_repeats=3``), otherwise as ``built_cache_record``."""
+    return _build(tmp_path_factory, synth_data, tiny_teacher, "demo32_mix@3")
 
 
 @pytest.fixture(scope="session")

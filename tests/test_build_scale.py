@@ -71,19 +71,19 @@ def tiny(tmp_path_factory):
 
 
 def build_here(tiny, url, *, recipe="demo32", epochs=(0, 1, 2), batch_size=8, data=None, storage_options=None,
-               num_workers=0):
+               num_workers=0, aug_repeats=1):
     """A one-process build in this process, with the CLI's defaults (top-10, 8-bit gaps)."""
     source = open_source(data or tiny["data"], "train")
     teacher = Teacher("test_resnet", weights=tiny["weights"])
-    return build(source, dataset_name="synth", teacher=teacher, recipe=create_recipe(recipe),
+    return build(source, dataset_name="synth", teacher=teacher, recipe=create_recipe(recipe, aug_repeats=aug_repeats),
                  codec=create_codec("topk", source.num_classes, 10, "gap8"), url=str(url), epochs=list(epochs),
                  batch_size=batch_size, num_workers=num_workers, progress=False, storage_options=storage_options)
 
 
-def cli_args(tiny, out, *, recipe="demo32", epochs="3", batch_size=8, workers=0, data=None):
+def cli_args(tiny, out, *, recipe="demo32", epochs="3", batch_size=8, workers=0, data=None, aug_repeats=1):
     return ["build", "--data", data or tiny["data"], "--teacher", "test_resnet", "--teacher-weights", tiny["weights"],
             "--recipe", recipe, "--epochs", epochs, "--workers", str(workers), "--batch-size", str(batch_size),
-            "--no-progress", "--out", str(out)]
+            "--aug-repeats", str(aug_repeats), "--no-progress", "--out", str(out)]
 
 
 def logitcache_cmd() -> list[str]:
@@ -275,6 +275,35 @@ def test_resume_after_sigkill_is_byte_identical(tiny, ref, launcher):
     print("\n".join(log))
     assert "no cache yet" in log[0], log  # the import phase writes nothing
     assert any("half-written: none" not in line for line in log), log  # some kill landed inside a unit
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_with_repeats_is_byte_identical(tiny, launcher):
+    """Repeated augmentation (demo32_mix, --aug-repeats 3): SIGKILL between units and inside a
+    unit's writes, build again to the end: every file equals the uninterrupted build's."""
+    ref_repeats = tiny["root"] / "ref_repeats.zarr"
+    build_here(tiny, ref_repeats, recipe="demo32_mix", aug_repeats=3)
+    args = dict(recipe="demo32_mix", aug_repeats=3)
+    rng = random.Random(77)
+    for i, phase in enumerate(("between-units", "mid-unit")):
+        cache = tiny["root"] / f"killed_repeats{i}.zarr"
+        deadline = time.monotonic() + TIMEOUT
+        after = rng.randint(2, 10)
+        pid = launcher.start(cli_args(tiny, cache, **args), write_delay=0.01 if phase == "mid-unit" else 0.0)
+        if phase == "between-units":
+            _wait_for(lambda: _committed(cache) >= after, pid, deadline)
+        else:
+            _wait_for(lambda: _committed(cache) >= after and _writing(cache), pid, deadline)
+            time.sleep(rng.uniform(0.0, 0.1))
+        os.kill(pid, signal.SIGKILL)
+        assert launcher.status() == -signal.SIGKILL, f"{phase}: the build ended before the kill"
+        assert _committed(cache) < 3 * NUM_SHARDS
+        launcher.start(cli_args(tiny, cache, **args))
+        assert launcher.status() == 0
+        assert CacheReader(str(cache)).manifest.recipe.aug_repeats == 3
+        assert_same_units(ref_repeats, cache, [0, 1, 2])
+        assert_same_tree(ref_repeats, cache)
+        shutil.rmtree(cache)
 
 
 def test_resume_repairs_epoch_group_without_parent(tiny, ref):

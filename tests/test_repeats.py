@@ -227,3 +227,28 @@ def test_a_batch_that_cannot_hold_a_repeat_block_is_refused(synth_data, caches):
     data = logitcache.CachedTrainData(synth_data, logitcache.open_cache(caches["mix"]))
     with pytest.raises(LogitcacheError, match="use a multiple of 12"):
         data.loader(1, batch_size=6)
+
+
+def test_verify_and_inspect_read_a_repeats_cache(caches, synth_data, tiny_teacher):
+    """verify re-renders random views (any repeat) and re-runs the teacher; inspect counts every
+    repeat as a view and pairs each row with its own sample's label."""
+    from logitcache.storage.stats import inspect_cache
+    from logitcache.verify.run import verify_cache
+
+    source = open_source(synth_data, "train")
+    report = verify_cache(caches["mix"], data=synth_data, teacher_weights=tiny_teacher, sample=40, device="cpu")
+    assert report.passed, report.reasons
+    stats = inspect_cache(caches["mix"], source=source)
+    recipe = _recipe("mix")
+    assert stats.views == len(EPOCHS) * sum(int(unit_views(recipe, s.stop - s.start)) for s in source.shards)
+    assert stats.recipe["aug_repeats"] == 3
+    # the labels inspect pairs with rows: each row's own sample (the teacher's top-1 agreement
+    # computed here from the rows read directly and the plan's samples)
+    reader = CacheReader(caches["mix"])
+    labels, agree, n = source.labels(), 0, 0
+    for e in EPOCHS:
+        arrays = reader.load_epoch(e)
+        held = np.repeat(arrays.held, recipe.aug_repeats)
+        top = arrays.ids[:, 0]  # top-k ids start with the top class
+        agree, n = agree + int((top == labels[held]).sum()), n + len(held)
+    assert stats.top1_agreement == pytest.approx(100.0 * agree / n)

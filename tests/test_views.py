@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import recipe_of
 
 from logitcache.build.teacher import Teacher
 from logitcache.codecs.logits import CodecSpec, decode
@@ -36,7 +37,7 @@ from logitcache.views.augment import (
     seeded,
     view_seed,
 )
-from logitcache.views.plan import pair_seeds, plan_digest, plan_unit, view_seeds
+from logitcache.views.plan import pair_seeds, plan_digest, plan_unit, unit_views, view_seeds
 from logitcache.views.render import create_view_transform, render_batch
 
 # -- view seeds -------------------------------------------------------------------------
@@ -288,22 +289,26 @@ from logitcache.views.loader import BatchDataset, create_batch_loader
 from logitcache.views.plan import plan_epoch
 from logitcache.views.augment import create_recipe, view_seed
 
+def recipe_of(spec):
+    name, _, repeats = spec.partition("@")
+    return create_recipe(name, aug_repeats=int(repeats or 1))
+
 args = json.loads(sys.argv[1])
 seeds = {"0/3/s0000001": view_seed(0, 3, "s0000001"), "7/0/a/b": view_seed(7, 0, "a/b"),
          "0/1/s0000000": view_seed(0, 1, "s0000000")}
 source = open_source(args["data"], "train")
 bounds = [(s.start, s.stop) for s in source.shards]
 for name, out_path in args["outputs"].items():
-    recipe = create_recipe(name)
+    recipe = recipe_of(name)
     per, batches = args["groups_per_batch"], []
     for epoch in args["epochs"]:
         groups = plan_epoch(recipe, epoch, bounds)
         batches += [(epoch, groups.take(slice(i, i + per)), {"epoch": epoch}) for i in range(0, len(groups), per)]
     loader = create_batch_loader(BatchDataset(source, recipe), batches[::-1], num_workers=args["workers"])
-    parts = {k: [] for k in ("images", "index", "partner", "lam", "seed", "epoch")}
+    parts = {k: [] for k in ("images", "index", "partner", "lam", "seed", "repeat", "epoch")}
     for batch in loader:
         assert not batch["errors"], batch["errors"]
-        for k in ("images", "index", "partner", "lam", "seed"):
+        for k in ("images", "index", "partner", "lam", "seed", "repeat"):
             parts[k].append(batch[k])
         parts["epoch"].append(torch.full((len(batch["index"]),), batch["epoch"], dtype=torch.int64))
     torch.save({k: torch.cat(v) for k, v in parts.items()}, out_path)
@@ -312,13 +317,13 @@ print(json.dumps({"view_seeds": seeds}))
 
 
 REGEN_EPOCHS = [0, 1]  # the epochs of the session caches (tests/conftest.py)
-REGEN_RECIPES = ["demo32", "demo32_mix"]
+REGEN_RECIPES = ["demo32", "demo32_mix", "demo32_mix@3"]  # name@R: aug_repeats R (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def another_process(tmp_path_factory, synth_data):
     """What a fresh Python process (PYTHONHASHSEED=12345) computes: view seeds, and every view
-    of REGEN_EPOCHS of both recipes as {recipe: {(epoch, sample index): {images, partner, lam, seed}}}."""
+    of REGEN_EPOCHS of each recipe as {recipe: {(epoch, sample index, repeat): {images, partner, lam, seed}}}."""
     out_dir = tmp_path_factory.mktemp("regen")
     outputs = {name: str(out_dir / f"{name}.pt") for name in REGEN_RECIPES}
     args = {"data": synth_data, "outputs": outputs, "epochs": REGEN_EPOCHS, "workers": REGEN_WORKERS,
@@ -332,16 +337,17 @@ def another_process(tmp_path_factory, synth_data):
     for name, path in outputs.items():
         saved = torch.load(path, weights_only=True)
         views = {
-            (int(e), int(i)): {k: saved[k][row] for k in ("images", "partner", "lam", "seed")}
-            for row, (e, i) in enumerate(zip(saved["epoch"].tolist(), saved["index"].tolist()))
+            (int(e), int(i), int(r)): {k: saved[k][row] for k in ("images", "partner", "lam", "seed")}
+            for row, (e, i, r) in enumerate(zip(saved["epoch"].tolist(), saved["index"].tolist(),
+                                                saved["repeat"].tolist()))
         }
-        assert len(views) == len(saved["index"])  # no (epoch, sample) rendered twice
+        assert len(views) == len(saved["index"])  # no (epoch, sample, repeat) rendered twice
         result["views"][name] = views
     return result
 
 
 def _build_feed(source, recipe, epochs, batch_size):
-    """(epoch, sample index) of every view in the order the build feeds the teacher, and the
+    """(epoch, sample index, repeat) of every view in the order the build feeds the teacher, and the
     sizes of its teacher calls: units in (epoch, shard) order, groups in plan order,
     ``batch_size // group_size`` groups per call, never across units."""
     order, batch_sizes = [], []
@@ -350,9 +356,10 @@ def _build_feed(source, recipe, epochs, batch_size):
         for shard, info in enumerate(source.shards):
             groups = plan_unit(recipe, epoch, shard, info.start, info.stop)
             for b in range(0, len(groups), per_batch):
-                chunk = groups.take(slice(b, b + per_batch)).views().tolist()
+                part = groups.take(slice(b, b + per_batch))
+                chunk = list(zip(part.views().tolist(), part.view_repeats().tolist()))
                 batch_sizes.append(len(chunk))
-                order += [(epoch, i) for i in chunk]
+                order += [(epoch, i, r) for i, r in chunk]
     return order, batch_sizes
 
 
@@ -382,14 +389,15 @@ def _assert_matches_teacher(spec: CodecSpec, ids: np.ndarray, values: np.ndarray
     assert tail_err.max() <= spec.gap_step / 2 + 1e-4, f"{where}: tail fill off by {float(tail_err.max())}"
 
 
-@pytest.mark.parametrize("which", ["built_cache_record", "built_cache_mix_record"])
+@pytest.mark.parametrize("which", ["built_cache_record", "built_cache_mix_record", "built_cache_repeats_record"])
 def test_regenerated_views_are_what_the_teacher_saw(request, which, synth_data, tiny_teacher, another_process):
     record = request.getfixturevalue(which)
     assert set(record.epochs) <= set(REGEN_EPOCHS) and record.recipe in REGEN_RECIPES
-    recipe = create_recipe(record.recipe)
+    recipe = recipe_of(record.recipe)
     source = open_source(synth_data, "train")
     order, batch_sizes = _build_feed(source, recipe, record.epochs, record.batch_size)
-    assert len(order) == len(record.epochs) * len(source)
+    views_per_epoch = sum(int(unit_views(recipe, s.stop - s.start)) for s in source.shards)
+    assert len(order) == len(record.epochs) * views_per_epoch
 
     # 1. the build fed the teacher exactly the planned batches ...
     assert [len(v) for v in record.teacher_inputs] == batch_sizes
@@ -414,14 +422,17 @@ def test_regenerated_views_are_what_the_teacher_saw(request, which, synth_data, 
     bounds = np.cumsum([0] + batch_sizes)
     true = torch.cat([teacher(again[a:b], recipe.mean, recipe.std) for a, b in zip(bounds[:-1], bounds[1:])])
     for epoch in record.epochs:
-        rows = [j for j, (e, _) in enumerate(order) if e == epoch]
-        index = np.array([order[j][1] for j in rows])
+        rows = [j for j, (e, _, _) in enumerate(order) if e == epoch]
         ep = reader.load_epoch(epoch)
+        index = ep.rows_of(np.array([order[j][1] for j in rows]), np.array([order[j][2] for j in rows]))
         _assert_matches_teacher(spec, ep.ids[index], ep.values[index], ep.tail[index],
                                 true[rows], f"{record.recipe} epoch {epoch}")
-        for s, info in enumerate(source.shards):
-            keys = [(epoch, i) for i in range(info.start, info.stop)]
+        for s, info in enumerate(source.shards):  # a unit's rows in (sample, repeat) order
+            keys = sorted(k for k in regen if k[0] == epoch and info.start <= k[1] < info.stop)
             seeds = np.array([int(regen[k]["seed"]) for k in keys], np.int64).view(np.uint64)
-            assert np.array_equal(seeds, [view_seed(recipe.cache_seed, epoch, source.key(i)) for _, i in keys])
-            partners = np.array([int(regen[k]["partner"]) for k in keys]) - info.start
+            assert np.array_equal(seeds, [view_seed(recipe.cache_seed, epoch, source.key(i)) if r == 0 else
+                                          view_seeds(recipe.cache_seed, epoch, [source.key(i)], [r])[0]
+                                          for _, i, r in keys])
+            position = {k: p for p, k in enumerate(keys)}  # a pair's views share their repeat
+            partners = np.array([position[(e, int(regen[(e, i, r)]["partner"]), r)] for e, i, r in keys])
             assert ep.plans[s] == plan_digest(seeds, partners), (epoch, s)
