@@ -34,7 +34,7 @@ IMAGE_SIZE = 256  # stored PNGs; views are 224 px random-resized crops
 def settings(ctx: Ctx) -> dict:
     return {
         "teacher": "resnet18" if ctx.tiny else "resnet152",
-        "recipe": "vanillakd_a2",
+        "recipe": "vanillakd_a2_norepeat",
         "codec": "topk",
         "k": 10,
         "input_size": 224,
@@ -81,7 +81,7 @@ def make_teacher_weights(path, name: str, input_size: int = 224) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
-    save_student(model, path, name, NUM_CLASSES, create_recipe("vanillakd_a2", input_size=input_size))
+    save_student(model, path, name, NUM_CLASSES, create_recipe("vanillakd_a2_norepeat", input_size=input_size))
     return str(path)
 
 

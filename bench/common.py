@@ -257,7 +257,7 @@ def synthetic_manifest(num_samples: int, shard_sizes: list[int], codec, recipe=N
     from logitcache.storage.manifest import DatasetInfo, Manifest
     from logitcache.views.augment import create_recipe
 
-    recipe = recipe or create_recipe("vanillakd_a2")
+    recipe = recipe or create_recipe("vanillakd_a2_norepeat")
     shards = [f"train-{i:06d}.tar" for i in range(len(shard_sizes))]
     info = DatasetInfo(name="bench-synthetic", split="train", fingerprint=f"bench-{num_samples}", num_samples=num_samples,
                        shards=shards, shard_sizes=list(shard_sizes))

@@ -31,7 +31,7 @@ def settings(ctx: Ctx) -> dict:
     return {
         "sizes": {"32": {"image": 48, "recipe": "demo32_mix",
                          "images": ctx.pick(quick_cpu=1600, full_cpu=3200, tiny=32)},
-                  "224": {"image": 256, "recipe": "vanillakd_a2",
+                  "224": {"image": 256, "recipe": "vanillakd_a2_norepeat",
                           "images": ctx.pick(quick_cpu=192, full_cpu=768, quick_cuda=1024, full_cuda=2048, tiny=8)}},
         "workers": ctx.pick(quick_cpu=[2], full_cpu=[1, 2], quick_cuda=[8], full_cuda=[8, 15], tiny=[1]),
         "batch_size": ctx.pick(quick_cpu=64, full_cpu=64, quick_cuda=128, full_cuda=128, tiny=4),

@@ -114,6 +114,14 @@ def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], 
                           fit_views=fit_views or DEFAULT_FIT_VIEWS)
 
 
+_AUG_REPEATS = typer.Option(None, metavar="INTEGER", min=1, show_default="the recipe's",
+                            help="Repeated augmentation (timm's --aug-repeats): about 1/N of the samples per epoch, "
+                                 "each N times as its own view.")
+
+_RECHECK = typer.Option(False, help="Read every committed unit back, check it against its commit record, and "
+                                    "rebuild the damaged ones.")
+
+
 def build(
     data: str = typer.Option(..., metavar="URL", help="Dataset root (with dataset.json) or image folder; any fsspec URL."),
     teacher: str = typer.Option(..., metavar="NAME", help="timm model name or alias (beitv2_l, beitv2_b, resnet152)."),
@@ -125,9 +133,7 @@ def build(
     split: str = typer.Option("train", metavar="TEXT", help="Dataset split to cache."),
     recipe: str = typer.Option("vanillakd_a2", metavar="NAME",
                                help="Augmentation recipe: vanillakd_a2, imagenet_basic, demo32, demo32_mix."),
-    aug_repeats: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="the recipe's",
-                                              help="Repeated augmentation (timm's --aug-repeats): about 1/N of the "
-                                                   "samples per epoch, each N times as its own view."),
+    aug_repeats: Optional[int] = _AUG_REPEATS,
     cache_seed: int = typer.Option(0, metavar="INTEGER", help="Root seed of every view seed."),
     out: Optional[str] = typer.Option(None, metavar="URL", show_default="a named folder under the cache root", help="Cache URL."),
     cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
@@ -149,8 +155,7 @@ def build(
     compile: bool = typer.Option(False, help="torch.compile the teacher."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     procs: int = typer.Option(1, metavar="INTEGER", min=1, help="Build processes on this machine (ranks; each writes its own units)."),
-    recheck: bool = typer.Option(False, help="Read every committed unit back, check it against its commit "
-                                             "record, and rebuild the damaged ones."),
+    recheck: bool = _RECHECK,
     allow_view_drift: bool = typer.Option(False, help="Add to a cache even when views rendered here differ from "
                                                       "those its teacher saw (library versions)."),
     features: bool = typer.Option(False, help="Also store each view's pooled pre-logit teacher features (for --kd projector)."),

@@ -125,6 +125,22 @@ def _train_settings(flags: dict, settings: dict) -> dict:
     return settings
 
 
+#: train's options added for the papers' commands (module constants: train's signature stays short).
+_LR_BASE_SIZE = typer.Option(None, metavar="INTEGER", show_default="no scaling",
+                             help="--lr is the rate at this global batch: the run uses lr x batch-size / this (DeiT: 512).")
+_WARMUP_LR = typer.Option(None, metavar="FLOAT", show_default="1% of the peak lr", help="First learning rate of the warm-up.")
+_SCHED_ON_UPDATES = typer.Option(None, "--sched-on-updates/--no-sched-on-updates", show_default="yes",
+                                 help="Move the learning rate every step; --no-sched-on-updates: every epoch (timm's "
+                                      "train.py default, the papers' runs).")
+_DROP = typer.Option(None, metavar="FLOAT", show_default="0.0", help="Dropout before the student's classifier.")
+_DROP_PATH = typer.Option(None, metavar="FLOAT", show_default="the model's", help="Stochastic depth rate of the student.")
+_RECIPE = typer.Option(None, metavar="NAME", show_default="the cache's; without one demo32",
+                       help="Augmentation recipe: without a cache, the views'; with one, checked against the cache's.")
+_ALLOW_VIEW_DRIFT = typer.Option(None, "--allow-view-drift/--no-allow-view-drift", show_default="no",
+                                 help="Train even when views rendered here differ from those the teacher saw "
+                                      "(library versions).")
+
+
 @app.command()
 def train(
     data: Optional[str] = typer.Option(None, metavar="URL", help="Dataset root with train and val splits."),
@@ -166,16 +182,19 @@ def train(
     teacher: Optional[str] = typer.Option(None, metavar="NAME", show_default="the cache's teacher", help="Online teacher."),
     teacher_weights: Optional[str] = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights",
                                                   help="Online teacher weights file."),
-    recipe: Optional[str] = typer.Option(None, metavar="NAME", show_default="demo32", help="Augmentation recipe when no cache is used."),
+    recipe: Optional[str] = _RECIPE,
     epochs: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="10", help="Student epochs."),
     reuse_epochs: Optional[bool] = typer.Option(None, "--reuse-epochs/--no-reuse-epochs", show_default="no",
                                                 help="Cycle cached epochs when training longer than the cache."),
-    allow_view_drift: Optional[bool] = typer.Option(None, "--allow-view-drift/--no-allow-view-drift", show_default="no",
-                                                    help="Train even when views rendered here differ from those the "
-                                                         "teacher saw (library versions)."),
+    allow_view_drift: Optional[bool] = _ALLOW_VIEW_DRIFT,
     batch_size: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="128", help="Global batch, in views."),
     opt: Optional[str] = typer.Option(None, metavar="NAME", show_default="adamw", help="timm optimiser name: adamw, lamb, sgd, ..."),
     lr: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="2e-3", help="Peak learning rate."),
+    lr_base_size: Optional[int] = _LR_BASE_SIZE,
+    warmup_lr: Optional[float] = _WARMUP_LR,
+    sched_on_updates: Optional[bool] = _SCHED_ON_UPDATES,
+    drop: Optional[float] = _DROP,
+    drop_path: Optional[float] = _DROP_PATH,
     weight_decay: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.05", help="Weight decay."),
     momentum: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.9", help="Momentum for SGD-like optimisers."),
     sched: Optional[str] = typer.Option(None, metavar="NAME", show_default="cosine", help="timm scheduler name: cosine, step, ..."),

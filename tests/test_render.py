@@ -46,12 +46,12 @@ def reference_views(recipe, source, epoch: int, groups) -> torch.Tensor:
     transform, key = create_train_transform(recipe), source.key
     out = []
     with rng_preserved():
-        for a, b in zip(groups.first.tolist(), groups.second.tolist()):
-            idx = [a] if b < 0 else [a, b]
-            seeds = view_seeds(recipe.cache_seed, epoch, [key(i) for i in idx]).tolist()
+        for a, b, r in zip(groups.first.tolist(), groups.second.tolist(), groups.repeats.tolist()):
+            idx = [a] if b < 0 else [a, b]  # a pair's views share their repeat index
+            seeds = view_seeds(recipe.cache_seed, epoch, [key(i) for i in idx], [r] * len(idx)).tolist()
             views = [render_view(transform, source.load_image(i), s) for i, s in zip(idx, seeds)]
             if b >= 0:
-                p = mix_params(recipe, int(pair_seeds(recipe.cache_seed, epoch, [key(a)], [key(b)])[0]))
+                p = mix_params(recipe, int(pair_seeds(recipe.cache_seed, epoch, [key(a)], [key(b)], [r])[0]))
                 views = list(mix_pair(views[0], views[1], p))
             out += views
     return torch.stack(out)

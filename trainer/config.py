@@ -100,17 +100,20 @@ class TrainConfig:
     out: str = "runs/student"
     cache: str | None = None  # cache URL; None = the one cache for this data under the cache root
     cache_root: str | None = None
-    recipe: str = "demo32"  # only without a cache (a cache carries its own recipe)
+    recipe: str | None = None  # without a cache: the views' recipe (None: demo32); with one: must be the cache's
     epochs: int = 10
     reuse_epochs: bool = False  # cycle cached epochs when training longer than the cache
     allow_view_drift: bool = False  # train even if views rendered here differ from the cache's canary
     batch_size: int = 128  # global, in views
     opt: str = "adamw"
     lr: float = 2e-3
+    lr_base_size: int | None = None  # lr is the rate at this global batch: the run uses lr x batch / this (DeiT: 512)
     weight_decay: float = 0.05
     momentum: float = 0.9
     sched: str = "cosine"
+    sched_on_updates: bool = True  # timm's --sched-on-updates: the lr moves every step (False: every epoch)
     warmup_epochs: int = 1
+    warmup_lr: float | None = None  # the warm-up's first lr (None: 1% of the peak lr)
     min_lr: float = 1e-5
     clip_grad: float | None = None
     label_smoothing: float = 0.0
@@ -133,8 +136,22 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     tensorboard: bool = True
+    drop: float = 0.0  # the student's dropout before its classifier (timm's drop_rate)
+    drop_path: float | None = None  # stochastic depth (timm's drop_path_rate; None: the model's default)
     model_kwargs: dict = field(default_factory=dict)
     progress: bool = True
+
+    @property
+    def peak_lr(self) -> float:
+        """The run's peak learning rate: ``lr``, scaled by ``batch_size / lr_base_size`` when set."""
+        return self.lr * self.batch_size / self.lr_base_size if self.lr_base_size else self.lr
+
+    def student_kwargs(self) -> dict:
+        """Keyword arguments of ``timm.create_model`` for the student: ``drop``, ``drop_path``, ``model_kwargs``."""
+        extra = {"drop_rate": self.drop} if self.drop else {}
+        if self.drop_path is not None:
+            extra["drop_path_rate"] = self.drop_path
+        return {**extra, **self.model_kwargs}
 
     @property
     def needs_teacher_features(self) -> bool:
@@ -223,6 +240,17 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--limit-batches must be >= 1, not {cfg.limit_batches}")
     if not cfg.lr > 0:
         raise ConfigError(f"--lr must be > 0, not {cfg.lr}")
+    if cfg.lr_base_size is not None and cfg.lr_base_size < 1:
+        raise ConfigError(f"--lr-base-size must be >= 1, not {cfg.lr_base_size}")
+    if cfg.warmup_lr is not None and not cfg.warmup_lr >= 0:
+        raise ConfigError(f"--warmup-lr must be >= 0, not {cfg.warmup_lr}")
+    if not 0 <= cfg.drop < 1 or cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
+        raise ConfigError(f"--drop and --drop-path must be in [0, 1), not {cfg.drop} and {cfg.drop_path}")
+    if cfg.recipe is not None:
+        from logitcache.views.augment import RECIPES
+
+        if cfg.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {cfg.recipe!r}; known: {', '.join(sorted(RECIPES))}")
     if cfg.mkd is not None and not 0 < cfg.meta_fraction < 1:
         raise ConfigError(f"--meta-fraction must be in (0, 1), not {cfg.meta_fraction}")
     if cfg.prokt is not None:

@@ -4,6 +4,7 @@ held-out meta split, the batches per epoch, and each epoch's train loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -13,14 +14,15 @@ import torch
 
 from logitcache.codecs.logits import CodecSpec, check_serves_loss
 from logitcache.data.source import SampleSource, open_source
-from logitcache.errors import CacheNotFoundError, LogitcacheError
+from logitcache.errors import CacheMismatchError, CacheNotFoundError, LogitcacheError
 from logitcache.replay.batches import check_batch_size, create_train_loader, epoch_groups
 from logitcache.replay.rows import CachedRows
 from logitcache.storage.canary import check_views_of
 from logitcache.storage.catalog import cache_root, list_caches
 from logitcache.storage.manifest import check_serves
 from logitcache.storage.reader import CacheReader
-from logitcache.views.augment import Recipe, create_recipe
+from logitcache.storage.stats import recipe_name
+from logitcache.views.augment import RENAMED_RECIPES, Recipe, create_recipe
 from logitcache.views.loader import BatchLoader
 from logitcache.views.plan import Groups, block_views
 
@@ -71,6 +73,9 @@ class RunInputs:
         skipped = [e for e in self.reader.epochs_present() if e not in used]
         note = (f"cache {self.reader.url}: training on cached epochs {_ranges(used)} "
                 f"({len(used)} complete, used in this order{', cycled' if len(used) < self.epochs_needed else ''})")
+        name = recipe_name(self.reader.manifest)
+        if name in RENAMED_RECIPES:
+            note += f"; its recipe is {name}, {RENAMED_RECIPES[name]}"
         if skipped:
             note += f"; incomplete epochs {_ranges(skipped)} are not used (finish them with the same build command)"
         return note
@@ -125,10 +130,11 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
                                       f"only: build a cache with `logitcache build --features`, or add "
                                       f"--online-teacher")
         recipe = reader.manifest.recipe
+        _check_recipe(cfg.recipe, recipe, url)
         view_epochs = _cached_epochs(cfg, reader, url)
         check_views_of(reader, train_src, view_epochs[:1], allow_drift=cfg.allow_view_drift)
     else:
-        recipe = create_recipe(cfg.recipe)
+        recipe = create_recipe(cfg.recipe or "demo32")
         view_epochs = list(range(cfg.epochs))
     gs = recipe.group_size
     try:
@@ -146,6 +152,19 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
     return RunInputs(train_src, val_src, reader, recipe, view_epochs, held_out,
                      steps_per_epoch=_steps_per_epoch(cfg, n_groups, gs), labels=train_src.labels(),
                      epochs_needed=cfg.epochs)
+
+
+def _check_recipe(name: str | None, recipe: Recipe, url: str) -> None:
+    """Refuse a cache whose views are not those of recipe ``name`` (None: any; cache seeds aside)."""
+    if name is None:
+        return
+    want = dataclasses.replace(create_recipe(name), cache_seed=recipe.cache_seed)
+    if want != recipe:
+        diff = [f"{f.name} {getattr(recipe, f.name)!r} (recipe {getattr(want, f.name)!r})"
+                for f in dataclasses.fields(Recipe) if getattr(recipe, f.name) != getattr(want, f.name)]
+        raise CacheMismatchError(f"cache {url} holds other views than recipe {name}: its {', '.join(diff[:4])}; "
+                                 f"build a cache with --recipe {name}, or leave the recipe out to train on the "
+                                 f"cache's own")
 
 
 def _check_codec_serves(cfg: TrainConfig, codec: CodecSpec, url: str) -> None:

@@ -125,9 +125,9 @@ class ProKTTeacher:
             dev = self.device
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.lr = cfg.resolved_teacher_lr(run.lr)
+        self.lr = cfg.resolved_teacher_lr(run.peak_lr)
         self.optimizer, self.scheduler = create_optimizer_and_scheduler(
-            self.model, run, steps_per_epoch, lr=self.lr, min_lr=run.min_lr * (self.lr / run.lr))
+            self.model, run, steps_per_epoch, lr=self.lr, min_lr=run.min_lr * (self.lr / run.peak_lr))
 
     def _inputs(self, x: Tensor) -> Tensor:
         """Views (B, 3, H, W) in the recipe's normalisation -> the teacher's input."""

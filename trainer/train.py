@@ -132,7 +132,7 @@ def _create_parts(cfg: TrainConfig, inputs: RunInputs, env: DistContext) -> Stud
     first, so its initial weights do not depend on whether a teacher is built (online) or
     not (cached)."""
     device, num_classes = env.device, inputs.num_classes
-    model = timm.create_model(cfg.student, pretrained=False, num_classes=num_classes, **cfg.model_kwargs).to(device)
+    model = timm.create_model(cfg.student, pretrained=False, num_classes=num_classes, **cfg.student_kwargs()).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     teacher = prokt = None
