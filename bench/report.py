@@ -30,6 +30,8 @@ TARGETS = [
     ("build", "fast_build_over_allowed", 0.9, ">=",
      "build / what its stages allow, fast teacher (ResNet-18 32 px), shared cores"),
     ("train_step", "cached_over_ce_step", 1.05, "<=", "cached-KD step / CE step (ResNet-50)"),
+    ("train_step", "deit_t_distilled.cached_over_ce_step", 1.05, "<=",
+     "cached deit-hard step / CE step (DeiT-Ti distilled)"),
     ("train_step", "speedup_over_ideal_resnet152", 0.9, ">=", "speedup over online / ideal, teacher ResNet-152"),
     ("train_step", "speedup_over_ideal_beitv2_l", 0.9, ">=", "speedup over online / ideal, teacher BEiTv2-L"),
     ("reader", "gather_shuffled_views_per_s", 1e6, ">=", "reader views/s per process, epoch loaded (shuffled rows)"),

@@ -42,7 +42,7 @@ from .common import Ctx, PeakRSS, interleaved, save_figure, stats, sync
 NUM_CLASSES = 1000
 K = 10
 SHORT = {"beitv2_large_patch16_224": "beitv2_l", "vit_tiny_patch16_224": "vit_t", "resnet152": "resnet152",
-         "resnet50": "resnet50"}
+         "resnet50": "resnet50", "deit_tiny_distilled_patch16_224": "deit_t_distilled"}
 
 
 def short(name: str) -> str:
@@ -53,6 +53,9 @@ def settings(ctx: Ctx) -> dict:
     quick = ctx.quick
     return {
         "students": ctx.pick(quick_cpu=["resnet50"], full_cpu=["resnet50", "vit_tiny_patch16_224"], tiny=["test_resnet"]),
+        # students with a distillation head: CE (class head) vs --kd deit-hard from the cache
+        "token_students": ctx.pick(quick_cpu=["deit_tiny_distilled_patch16_224"],
+                                   full_cpu=["deit_tiny_distilled_patch16_224"], tiny=[]),
         "teachers": ctx.pick(quick_cpu=["resnet152"], full_cpu=["beitv2_large_patch16_224", "resnet152"],
                              tiny=["resnet18"]),
         "batch_size": ctx.pick(quick_cpu=8, full_cpu=8, quick_cuda=128, full_cuda=128, tiny=2),
@@ -101,6 +104,9 @@ class Bench:
         self.student = timm.create_model(student_name, pretrained=False, num_classes=NUM_CLASSES).to(device)
         if cuda:
             self.student = self.student.to(memory_format=torch.channels_last)
+        self.token = hasattr(self.student, "set_distilled_training")  # DeiT's distillation head
+        if self.token:
+            self.student.set_distilled_training(True)
         self.student.train()
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=1e-4, weight_decay=0.05)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
@@ -128,6 +134,8 @@ class Bench:
         x, target = self._inputs()
         with self.autocast:
             logits = self.student(x)
+        if self.token:  # the same two-head forward; CE on the class head
+            logits = logits[0]
         loss, _ = distill_loss(LossConfig(kind="none"), logits.float(), None, target)
         self._update(loss)
 
@@ -142,7 +150,17 @@ class Bench:
                                 h["tail"].to(dev, non_blocking=True))
         with self.autocast:
             logits = self.student(x)
-        loss, _ = distill_loss(LossConfig(kind="kd"), logits.float(), teacher_logits, target)
+        if self.token:  # --kd deit-hard: the trainer's step (trainer/step.py:_token_loss)
+            from logitcache.trainer.token import token_distill_loss
+
+            from logitcache.codecs.logits import teacher_top1
+
+            top1 = teacher_top1(self.codec, h["ids"].to(dev), h["values"].to(dev), h["tail"].to(dev))
+            loss, _ = token_distill_loss(LossConfig(kind="deit-hard", hard_weight=0.5, kd_weight=0.5),
+                                         logits[0].float(), logits[1].float(), teacher_logits, target,
+                                         teacher_top1=top1)
+        else:
+            loss, _ = distill_loss(LossConfig(kind="kd"), logits.float(), teacher_logits, target)
         self._update(loss)
 
     def add_online(self, teacher_name: str) -> None:
@@ -270,6 +288,15 @@ def run(ctx: Ctx) -> dict:
             key = "cuda_max_allocated_mb" if ctx.cuda else "rss_growth_mb"
             if key in m:
                 summary[f"{prefix}{name}_{key}"] = m[key]
+    for student in s["token_students"]:  # CE vs cached deit-hard only (no online teacher here)
+        b = Bench(student, ctx.device, s["batch_size"], s["input_size"])
+        times = interleaved(b.step_fns(), warmup=s["warmup_steps"], reps=s["timed_steps"], device=ctx.device)
+        st = {name: stats(v) for name, v in times.items()}
+        figs = figures(times, [])
+        del b
+        results[student] = {"step_seconds": st, "figures": figs, "memory": {}, "kd": "deit-hard",
+                            "images_per_s": {n: s["batch_size"] / v["median"] for n, v in st.items()}}
+        summary.update({f"{short(student)}.{k}": v for k, v in figs.items()})
     return {"settings": s, "results": results, "summary": summary}
 
 
@@ -286,7 +313,8 @@ def markdown(data: dict) -> str:
     for student, res in r.items():
         f = res["figures"]
         lines += [
-            f"**Student `{student}`**",
+            f"**Student `{student}`**" + (f" (cached = `--kd {res['kd']}` from the cached top-1, CE = the class "
+                                          f"head's)" if res.get("kd") else ""),
             "",
             "| variant | median step | IQR | images/s | vs CE | peak memory growth |",
             "|---|---:|---:|---:|---:|---:|",

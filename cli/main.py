@@ -139,6 +139,11 @@ _RECIPE = typer.Option(None, metavar="NAME", show_default="the cache's; without 
 _ALLOW_VIEW_DRIFT = typer.Option(None, "--allow-view-drift/--no-allow-view-drift", show_default="no",
                                  help="Train even when views rendered here differ from those the teacher saw "
                                       "(library versions).")
+_KD = typer.Option(None, metavar="kd|mkd|prokt|projector|dkd|dist|deit-hard|deit-soft|none", show_default="kd",
+                 help="Distillation term: vanilla KD, KD with learned temperatures, KD from a teacher trained along "
+                      "(ProKT; online teacher, no cache), KD plus projector feature distillation (a cache built with "
+                      "--features, or the online teacher), DKD, DIST, DeiT's distillation token (hard: the teacher's "
+                      "top-1, soft: KL at --temperature; a deit_*_distilled_* student) or none.")
 
 
 @app.command()
@@ -151,11 +156,7 @@ def train(
                                         help="Cache URL."),
     cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
                                              help="Where named caches live."),
-    kd: Optional[str] = typer.Option(None, metavar="kd|mkd|prokt|projector|dkd|dist|none", show_default="kd",
-                                     help="Distillation term: vanilla KD, KD with learned temperatures, KD from a "
-                                          "teacher trained along (ProKT; online teacher, no cache), KD plus projector "
-                                          "feature distillation (a cache built with --features, or the online "
-                                          "teacher), DKD, DIST or none."),
+    kd: Optional[str] = _KD,
     temperature: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="KD temperature."),
     kd_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="Weight of the distillation term."),
     hard_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="Weight of the hard-label loss."),

@@ -14,8 +14,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from logitcache.trainer.config import load_config, make_config
+
 from logitcache.views.augment import RECIPES, create_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -255,6 +255,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--meta-fraction must be in (0, 1), not {cfg.meta_fraction}")
     if cfg.prokt is not None:
         check_prokt(cfg)
+    if cfg.loss.kind in ("deit-hard", "deit-soft") and (cfg.mkd is not None or cfg.prokt is not None):
+        raise ConfigError(f"--kd {cfg.loss.kind} distils through the student's distillation head; it cannot be "
+                          f"combined with MKD or ProKT")
     if cfg.needs_teacher_features and cfg.mkd is not None:
         raise ConfigError("--kd projector and MKD (learned temperatures) cannot be combined; choose one")
     if cfg.device != "auto":

@@ -27,6 +27,7 @@ from torch import Tensor
 __all__ = [
     "HARD_KINDS",
     "KINDS",
+    "TOKEN_KINDS",
     "LossConfig",
     "distill_loss",
     "dist_loss",
@@ -38,7 +39,9 @@ __all__ = [
 ]
 
 HARD_KINDS = ("ce", "bce")
-KINDS = ("kd", "dkd", "dist", "projector", "none")
+KINDS = ("kd", "dkd", "dist", "projector", "deit-hard", "deit-soft", "none")
+#: Kinds distilled through a distillation token (timm's deit_*_distilled_* students): trainer/token.py.
+TOKEN_KINDS = ("deit-hard", "deit-soft")
 
 # DIST's Pearson correlation: eps added to the product of norms (as in the authors' code),
 # so a constant row/column (zero variance) gives correlation 0 instead of NaN.
@@ -335,6 +338,8 @@ def distill_loss(
         and ``parts = {"hard": hard, "kd": distill}``, the unweighted terms (still attached
         to the graph; ``"kd"`` is 0 for kind ``"none"``).
     """
+    if cfg.kind in TOKEN_KINDS:
+        raise ValueError(f"{cfg.kind} distils through a distillation head: use trainer.token.token_distill_loss")
     hard = hard_label_loss(student_logits, target, kind=cfg.hard_kind)
     if cfg.kind == "none":
         zero = student_logits.new_zeros(())
@@ -364,3 +369,4 @@ def distill_loss(
         raise ValueError(f"unknown distillation kind {cfg.kind!r}; expected one of {KINDS}")
     total = cfg.hard_weight * hard + (cfg.kd_weight * factor) * term
     return total, {"hard": hard, "kd": term}
+

@@ -21,14 +21,15 @@ from timm.utils import ModelEmaV3
 
 from logitcache.build.teacher import Teacher
 from logitcache.codecs.features import FeatureSpec, decode_features
-from logitcache.codecs.logits import CodecSpec, decode
+from logitcache.codecs.logits import CodecSpec, decode, teacher_top1
 from logitcache.views.augment import Recipe
 
 from .config import TrainConfig
-from .losses import distill_loss
+from .losses import TOKEN_KINDS, distill_loss
 from .mkd import MetaTemperatureLearner, mkd_loss
 from .projector import FeatureStudent, projector_distance
 from .prokt import PROKT_TERMS, ProKTTeacher
+from .token import token_distill_loss
 
 
 def smoothed_targets(label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Tensor, num_classes: int,
@@ -127,6 +128,8 @@ def train_step(spec: StepSpec, parts: StudentParts, batch: dict, *, epoch: int, 
                                        loss_cfg=cfg.loss)
         if parts.projector is not None:
             loss, terms = _projector_loss(spec, parts, x, teacher_logits, teacher_feats, target, frac_epoch)
+        elif cfg.loss.kind in TOKEN_KINDS:
+            loss, terms = _token_loss(spec, parts, x, teacher_logits, target, batch)
         else:
             loss, terms = _loss(spec, parts, x, teacher_logits, target, frac_epoch)
     if share != 1.0:
@@ -188,6 +191,21 @@ def _prokt_loss(spec: StepSpec, parts: StudentParts, x: torch.Tensor, target: to
     teacher_logits = parts.prokt.targets(x)
     loss, terms = distill_loss(spec.cfg.loss, logits, teacher_logits, target, epoch=frac_epoch)
     return loss, {**terms, **teacher_terms}
+
+
+def _token_loss(spec: StepSpec, parts: StudentParts, x: torch.Tensor, teacher_logits: torch.Tensor,
+                target: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """--kd deit-hard / deit-soft: the student's two heads (class, distillation), each (B, C);
+    the hard target is the cached top-1 (exact, :func:`~logitcache.codecs.logits.teacher_top1`)
+    or the online teacher's argmax."""
+    with spec.autocast():
+        class_logits, dist_logits = parts.train_model(x)
+    top1 = None
+    if parts.teacher is None and spec.cfg.loss.kind == "deit-hard":  # from the cached rows
+        top1 = teacher_top1(spec.codec, *(batch[k].to(spec.device, non_blocking=True) for k in ("ids", "values",
+                                                                                                  "tail")))
+    return token_distill_loss(spec.cfg.loss, class_logits.float(), dist_logits.float(), teacher_logits, target,
+                              teacher_top1=top1)
 
 
 def _student_logits(spec: StepSpec, parts: StudentParts, x: torch.Tensor) -> torch.Tensor:

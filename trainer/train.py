@@ -55,6 +55,7 @@ from .checkpoint import (
 from .config import TrainConfig, check_prokt
 from .data import create_eval_loader
 from .evaluate import evaluate
+from .losses import TOKEN_KINDS
 from .inputs import RunInputs, open_inputs
 from .loop import EpochTally, Position, Run, StepCallback, train_one_epoch
 from .metrics_log import Logger, read_rows
@@ -133,6 +134,8 @@ def _create_parts(cfg: TrainConfig, inputs: RunInputs, env: DistContext) -> Stud
     not (cached)."""
     device, num_classes = env.device, inputs.num_classes
     model = timm.create_model(cfg.student, pretrained=False, num_classes=num_classes, **cfg.student_kwargs()).to(device)
+    if cfg.loss.kind in TOKEN_KINDS:
+        _distilled_training(model, cfg)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     teacher = prokt = None
@@ -159,6 +162,15 @@ def _create_parts(cfg: TrainConfig, inputs: RunInputs, env: DistContext) -> Stud
     if cfg.compile:
         train_model = torch.compile(train_model)
     return StudentParts(model, train_model, optimizer, scheduler, ema, mkd, teacher, prokt, projector)
+
+
+def _distilled_training(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Switch a student with a distillation head to its two-head training forward, or refuse."""
+    if not hasattr(model, "set_distilled_training"):
+        raise LogitcacheError(f"--kd {cfg.loss.kind} needs a student with a distillation head (timm's "
+                              f"deit_*_distilled_* models, e.g. deit_tiny_distilled_patch16_224); {cfg.student} "
+                              f"has none")
+    model.set_distilled_training(True)
 
 
 def _teacher_feature_dim(teacher: Teacher | None, reader: CacheReader | None) -> int:
@@ -221,6 +233,7 @@ def _end_epoch(run: Run, inputs: RunInputs, eval_loader, epoch: int, tally: Epoc
         device = run.spec.device
         metrics = evaluate(parts.model, eval_loader, device)
         row.update(val_top1=metrics["top1"], val_top5=metrics["top5"], val_loss=metrics["loss"])
+        row.update({f"val_{k}": v for k, v in metrics.items() if k.endswith("_head")})
         if parts.ema is not None:
             ema_metrics = evaluate(parts.ema.module, eval_loader, device)
             row.update(val_top1_ema=ema_metrics["top1"], val_top5_ema=ema_metrics["top5"])

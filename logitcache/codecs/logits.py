@@ -307,9 +307,25 @@ def check_serves_loss(spec: CodecSpec, kind: str, temperature: float, learns_tem
     if learns_temperature:
         raise ValueError("a sampled cache cannot serve MKD: its counts / N estimate the teacher at T = 1 only, "
                          "and MKD learns other temperatures (build a topk cache)")
-    if kind != "kd":
+    if kind not in ("kd", "deit-soft"):
         raise ValueError(f"a sampled cache cannot serve {kind}: only KD at T = 1 is unbiased from counts / N "
                          f"(build a topk cache for {kind})")
     if temperature != 1.0:
         raise ValueError(f"a sampled cache serves KD at T = 1 only, not T = {temperature}: counts / N estimate the "
                          f"T = 1 distribution (use --temperature 1 or a topk cache)")
+
+
+def teacher_top1(spec: CodecSpec, ids: torch.Tensor, values: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: the teacher's top-1 class of each cached row, exactly (DeiT's hard target).
+
+    top-k rows: the first stored id, the build's ``torch.topk`` first (its logits sorted
+    descending, so where two logits tie exactly at the top, the one topk ranked first; the
+    gaps, quantised, could tie rows the teacher did not, so the decoded logits are not used).
+    full rows: the argmax of the stored values (float16 values may tie where the teacher's
+    float32 did not: the lower class wins, as ``argmax`` breaks ties). Sampled rows hold draws,
+    not the top-1: refused."""
+    if spec.name == "topk":
+        return ids[:, 0].long()
+    if spec.name == "full":
+        return decode(spec, ids, values, tail).argmax(dim=1)
+    raise ValueError(f"a {spec.name} cache holds no exact top-1 class (build a topk or full cache)")
