@@ -209,7 +209,8 @@ def cli_first_unit(workdir: Path, per_class: int, epochs: int, timeout: float) -
                  create_recipe("demo32"))
     cache = workdir / "cli.zarr"
     cmd = [sys.executable, "-m", "logitcache.cli.main", "build", "--data", str(data), "--teacher", "test_resnet",
-           "--teacher-weights", str(weights), "--recipe", "demo32_mix", "--epochs", str(epochs), "--batch-size", "250",
+           "--teacher-weights", str(weights), "--recipe", "demo32_mix", "--aug-repeats", "3", "--epochs", str(epochs),
+           "--batch-size", "250",
            "--workers", "1", "--no-progress", "--out", str(cache)]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     t0 = time.perf_counter()
@@ -253,11 +254,16 @@ def settings(ctx: Ctx) -> dict:
         "plan_repeats": ctx.pick(quick_cpu=3, full_cpu=5, tiny=1),
         "cli_per_class": ctx.pick(quick_cpu=125, full_cpu=1000, tiny=4),
         "cli_timeout_s": 300,
+        "recipe": "vanillakd_a2",  # VanillaKD A2's views: repeated augmentation 3, mixup/cutmix pairs
+        "aug_repeats": 3,
     }
 
 
 def run(ctx: Ctx) -> dict:
+    from logitcache.views.augment import create_recipe
+
     s = settings(ctx)
+    assert create_recipe(s["recipe"]).aug_repeats == s["aug_repeats"]
     startup = build_startup(ctx.workdir, s["epochs"])
     plan = trainer_epoch_plan(s["plan_repeats"])
     scan = resume_scan(ctx.workdir, s["scan_epochs"], s["scan_shards"], s["s3_scan_epochs"])
@@ -285,7 +291,8 @@ def markdown(data: dict) -> str:
     s3 = c["s3"]
     return "\n".join([
         f"ImageNet-1k shape: {data['settings']['samples']:,} samples, {data['settings']['shards']:,} shards; "
-        f"{a['epochs']} epochs. One process.",
+        f"{a['epochs']} epochs, recipe `{data['settings'].get('recipe', 'vanillakd_a2')}` (aug_repeats "
+        f"{data['settings'].get('aug_repeats', 1)}). One process.",
         "",
         "| what | figure | target |",
         "|---|---:|---|",

@@ -252,3 +252,32 @@ def test_verify_and_inspect_read_a_repeats_cache(caches, synth_data, tiny_teache
         top = arrays.ids[:, 0]  # top-k ids start with the top class
         agree, n = agree + int((top == labels[held]).sum()), n + len(held)
     assert stats.top1_agreement == pytest.approx(100.0 * agree / n)
+
+
+def test_a_cache_without_repeats_is_refused_for_a_recipe_with_them(caches, synth_data, tiny_teacher, built_cache_mix,
+                                                                  tmp_path):
+    """Repeats are part of the recipe: building on a cache with other repeats, or training a
+    recipe's views from a cache of others, is refused in one line naming the field."""
+    import types
+
+    from logitcache.errors import CacheMismatchError
+    from logitcache.trainer.config import TrainConfig
+    from logitcache.trainer.inputs import RunInputs, _check_recipe, open_inputs
+
+    with pytest.raises(LogitcacheError, match="recipe"):  # the build: the cache's manifest differs
+        _build(caches["mix"], synth_data, tiny_teacher, create_recipe("demo32_mix"))
+    cfg = TrainConfig(data=synth_data, cache=built_cache_mix, recipe="vanillakd_a2", out=str(tmp_path / "r"),
+                      device="cpu", num_workers=0, batch_size=16)
+    with pytest.raises(CacheMismatchError, match=r"holds other views than recipe vanillakd_a2: its .*aug_repeats 1 "
+                                                 r"\(recipe 3\)"):
+        open_inputs(cfg, world_size=1)
+    from logitcache.views.augment import RECIPES
+
+    with pytest.raises(CacheMismatchError, match=r"interpolation 'bicubic' \(recipe 'random'\).*aug_repeats 1"):
+        _check_recipe("vanillakd_a2", RECIPES["vanillakd_a2_norepeat"], "old.zarr")
+    _check_recipe("vanillakd_a2_norepeat", RECIPES["vanillakd_a2_norepeat"], "old.zarr")  # the same views: fine
+    # a cache of the old vanillakd_a2 trains, and the run's first line names its recipe's new name
+    old = types.SimpleNamespace(url="old.zarr", manifest=types.SimpleNamespace(recipe=RECIPES["vanillakd_a2_norepeat"]),
+                                epochs_present=lambda: [0])
+    inputs = RunInputs(None, None, old, RECIPES["vanillakd_a2_norepeat"], [0], None, 1, np.zeros(1), epochs_needed=1)
+    assert "its recipe is vanillakd_a2_norepeat, the recipe `vanillakd_a2` named before" in inputs.epochs_note()

@@ -162,7 +162,7 @@ def _check_recipe(name: str | None, recipe: Recipe, url: str) -> None:
     if want != recipe:
         diff = [f"{f.name} {getattr(recipe, f.name)!r} (recipe {getattr(want, f.name)!r})"
                 for f in dataclasses.fields(Recipe) if getattr(recipe, f.name) != getattr(want, f.name)]
-        raise CacheMismatchError(f"cache {url} holds other views than recipe {name}: its {', '.join(diff[:4])}; "
+        raise CacheMismatchError(f"cache {url} holds other views than recipe {name}: its {', '.join(diff)}; "
                                  f"build a cache with --recipe {name}, or leave the recipe out to train on the "
                                  f"cache's own")
 
