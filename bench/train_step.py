@@ -310,11 +310,14 @@ def markdown(data: dict) -> str:
         f"{s['warmup_steps']} warm-up + {s['timed_steps']} timed steps per variant, interleaved; medians.",
         "",
     ]
+    merged = data["meta"].get("merged", {})  # rows measured in a run of their own
     for student, res in r.items():
         f = res["figures"]
         lines += [
             f"**Student `{student}`**" + (f" (cached = `--kd {res['kd']}` from the cached top-1, CE = the class "
-                                          f"head's)" if res.get("kd") else ""),
+                                          f"head's)" if res.get("kd") else "")
+            + (f"; measured in its own run: `{merged[student]['command']}`, {merged[student]['date']}"
+               if student in merged else ""),
             "",
             "| variant | median step | IQR | images/s | vs CE | peak memory growth |",
             "|---|---:|---:|---:|---:|---:|",
