@@ -114,6 +114,9 @@ def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], 
                           fit_views=fit_views or DEFAULT_FIT_VIEWS)
 
 
+_RECIPE = typer.Option("vanillakd_a2", metavar="NAME",
+                       help="Augmentation recipe: vanillakd_a2, vanillakd_a1, deit, imagenet_basic, demo32, demo32_mix "
+                            "(vanillakd_a2_norepeat: vanillakd_a2 before repeated augmentation).")
 _AUG_REPEATS = typer.Option(None, metavar="INTEGER", min=1, show_default="the recipe's",
                             help="Repeated augmentation (timm's --aug-repeats): about 1/N of the samples per epoch, "
                                  "each N times as its own view.")
@@ -131,8 +134,7 @@ def build(
                                                      show_default="recorded in the weights file, else timm's default",
                                                      help="Input size the teacher runs at (views are resized to it)."),
     split: str = typer.Option("train", metavar="TEXT", help="Dataset split to cache."),
-    recipe: str = typer.Option("vanillakd_a2", metavar="NAME",
-                               help="Augmentation recipe: vanillakd_a2, imagenet_basic, demo32, demo32_mix."),
+    recipe: str = _RECIPE,
     aug_repeats: Optional[int] = _AUG_REPEATS,
     cache_seed: int = typer.Option(0, metavar="INTEGER", help="Root seed of every view seed."),
     out: Optional[str] = typer.Option(None, metavar="URL", show_default="a named folder under the cache root", help="Cache URL."),

@@ -8,7 +8,8 @@ On the synth dataset (128 classes, 32 px) with the accuracy study's ResNet-18 te
   per epoch, a third of the samples each epoch); student ``test_resnet``;
 * **token**: a small distilled DeiT (``deit_tiny_distilled_patch16_224`` at 32 px, patches of 8,
   depth 4) with ``--kd deit-hard`` and ``deit-soft`` (alpha 0.5, T = 1) from the cache and with
-  the teacher online on the same views, and CE alone (the class head).
+  the teacher online on the same views, and CE alone (on the averaged heads, timm's forward of a
+  distilled model outside distilled training).
 
 Each variant runs once per seed (the student's init and batch order); differences are paired
 by seed (mean +- std over seeds). Writes ``bench/results/accuracy_repeats.json`` (default) and
@@ -81,7 +82,7 @@ def _run(data: Path, out: Path, seed: int, epochs: int, settings: dict) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     t0 = time.perf_counter()
-    summary = train(TrainConfig(data=str(data), out=str(out), epochs=epochs, batch_size=120, num_workers=0, seed=seed,
+    summary = train(TrainConfig(data=str(data), out=str(out), epochs=epochs, batch_size=120, num_workers=2, seed=seed,
                                 tensorboard=False, progress=False, **settings))
     result = {"top1": summary["final_top1"], "seconds": time.perf_counter() - t0}
     done.write_text(json.dumps(result))
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     work = Path(a.workdir)
     data = prepare_dataset("synth", work)
-    teacher = obtain_teacher("synth", data, work, a.teacher_epochs, 0, prefer_epochs=None)
+    teacher = obtain_teacher("synth", data, work, a.teacher_epochs, a.workers, prefer_epochs=None)
     caches = {r: _cache(data, work, teacher, r, a.epochs, a.workers) for r in (1, 3)}
     runs: dict[str, list[dict]] = {}
     for name, settings in _variants(caches, teacher).items():
