@@ -91,7 +91,8 @@ def gather_rate(rows, groups, order: np.ndarray, batch_groups: int, max_views: i
         batch_groups_ = groups.take(order[b:b + batch_groups])
         idx = batch_groups_.views()
         partner = np.stack([batch_groups_.second, batch_groups_.first], axis=1).reshape(-1)
-        batch = {"index": torch.from_numpy(idx), "partner": torch.from_numpy(partner)}
+        batch = {"index": torch.from_numpy(idx), "partner": torch.from_numpy(partner),
+                 "repeat": torch.zeros(len(idx), dtype=torch.int64)}  # as a rendered batch holds (no repeats)
         t0 = time.perf_counter()
         out = rows(batch)
         seconds += time.perf_counter() - t0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from logitcache.errors import ConfigError
 
-from .losses import LossConfig
+from .losses import TOKEN_KINDS, LossConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -255,7 +255,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--meta-fraction must be in (0, 1), not {cfg.meta_fraction}")
     if cfg.prokt is not None:
         check_prokt(cfg)
-    if cfg.loss.kind in ("deit-hard", "deit-soft") and (cfg.mkd is not None or cfg.prokt is not None):
+    if cfg.loss.kind in TOKEN_KINDS and (cfg.mkd is not None or cfg.prokt is not None):
         raise ConfigError(f"--kd {cfg.loss.kind} distils through the student's distillation head; it cannot be "
                           f"combined with MKD or ProKT")
     if cfg.needs_teacher_features and cfg.mkd is not None:

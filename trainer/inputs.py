@@ -140,7 +140,7 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
     try:
         check_batch_size(recipe, cfg.batch_size, world_size)
     except ValueError as e:
-        raise LogitcacheError(f"--{e}") from None
+        raise LogitcacheError(f"--batch-size: {e}") from None
     if cfg.batch_size % block_views(recipe):
         warnings.warn(f"--batch-size {cfg.batch_size} is not a multiple of a repeat block ({block_views(recipe)} "
                       f"views): at each batch boundary one block's repeats straddle two batches (as in timm's "

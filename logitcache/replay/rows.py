@@ -37,7 +37,7 @@ class CachedRows:
         out = {"label": torch.from_numpy(self.labels.take(idx)), "partner_label": torch.from_numpy(self.labels.take(partner))}
         if self.arrays is not None:
             a = self.arrays
-            row = idx if a.held is None else a.rows_of(idx, batch["repeat"].numpy())
+            row = a.rows_of(idx, batch["repeat"].numpy())
             out["ids"] = torch.from_numpy(a.ids.take(row, axis=0))
             out["values"] = torch.from_numpy(a.values.take(row, axis=0))
             out["tail"] = torch.from_numpy(a.tail.take(row))

@@ -35,7 +35,7 @@ from logitcache.storage.unit_layout import (
     stored_arrays,
     unpack_unit,
 )
-from logitcache.views.plan import plan_epoch, row_of, unit_views
+from logitcache.views.plan import held_samples, plan_epoch, row_of, unit_views
 
 
 async def _read_unit_arrays(root, path: str, names: tuple[str, ...], empty: bool) -> list:
@@ -253,6 +253,6 @@ class CacheReader:
         recipe, held = self.manifest.recipe, None
         if recipe.aug_repeats > 1:  # which samples have rows: the plan's, as the build wrote them
             bounds = np.cumsum([0, *self.manifest.dataset.shard_sizes])
-            held = np.unique(plan_epoch(recipe, epoch, list(zip(bounds[:-1], bounds[1:]))).views())
+            held = held_samples(plan_epoch(recipe, epoch, list(zip(bounds[:-1], bounds[1:]))))
         return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units],
                            repeats=recipe.aug_repeats, held=held, **feat)

@@ -198,9 +198,11 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
     for e, units in committed.items():
         for s in units:
             rows, _ = reader.read_rows(e, s)
+            row_labels = None
             if labels is not None:  # each row's sample: with repeats, the unit's plan says which
-                held = row_samples(plan_unit(m.recipe, e, s, starts[s], starts[s + 1]), m.recipe.aug_repeats)
-            sums.add(m.codec, rows, labels[held] if labels is not None else None)
+                row_labels = labels[row_samples(plan_unit(m.recipe, e, s, starts[s], starts[s + 1]),
+                                                m.recipe.aug_repeats)]
+            sums.add(m.codec, rows, row_labels)
     views = sums.views
     payload = m.codec.payload_bits_per_view
 

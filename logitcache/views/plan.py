@@ -189,9 +189,8 @@ def _plan_repeats(recipe: Recipe, chosen: np.ndarray) -> Groups:
     single = chosen[nb * k:]  # unmixed: every chosen sample; mixed: a shard smaller than one block
     m = len(single)
     parts.append(Groups(np.repeat(single, r), np.full(m * r, -1, np.int64), np.tile(np.arange(r, dtype=np.int64), m),
-                        nb + np.repeat(np.arange(m, dtype=np.int64), r)))
-    # block ids are distinct already (pairs' 0 .. nb-1, singles' from nb): joined as they are
-    return Groups(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("first", "second", "repeat", "block")))
+                        np.repeat(np.arange(m, dtype=np.int64), r)))
+    return Groups.concat(parts)  # the singles' blocks numbered on after the pairs' (0 .. nb-1)
 
 
 def plan_epoch(recipe: Recipe, epoch: int, bounds: Sequence[tuple[int, int]]) -> Groups:
@@ -199,10 +198,15 @@ def plan_epoch(recipe: Recipe, epoch: int, bounds: Sequence[tuple[int, int]]) ->
     return Groups.concat([plan_unit(recipe, epoch, s, a, b) for s, (a, b) in enumerate(bounds)])
 
 
+def held_samples(groups: Groups) -> np.ndarray:
+    """(m,) int64, sorted: the samples that have rows in a unit (or epoch) planned as ``groups``."""
+    return np.unique(groups.views())
+
+
 def row_samples(groups: Groups, repeats: int) -> np.ndarray:
     """(V,) int64: the sample of each stored row of a unit (or epoch) planned as ``groups``:
     rows are sorted by (sample, repeat), ``repeats`` rows per sample held."""
-    return np.repeat(np.unique(groups.views()), repeats)
+    return np.repeat(held_samples(groups), repeats)
 
 
 def row_of(held: np.ndarray, index: np.ndarray, repeat: np.ndarray, repeats: int) -> np.ndarray:
@@ -251,19 +255,12 @@ def plan_digest(view_seeds: np.ndarray, partner_positions: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def partner_positions(groups: Groups, start: int, n: int) -> np.ndarray:
-    """(V,) int64: each row's mixing partner as a row position in the unit (its own when
-    alone); rows sorted by (sample, repeat). Without repeats row = sample - ``start``, of ``n``."""
-    if groups.repeat is None:
-        out = np.arange(n, dtype=np.int64)
-        paired = groups.second >= 0
-        a, b = groups.first[paired] - start, groups.second[paired] - start
-        out[a], out[b] = b, a
-        return out
-    repeats = int(groups.repeat.max()) + 1 if len(groups) else 1
-    held = np.unique(groups.views())
+def partner_positions(groups: Groups, repeats: int = 1) -> np.ndarray:
+    """(V,) int64: each row's mixing partner as a row position in the unit planned as
+    ``groups`` (its own when alone); rows sorted by (sample, repeat), ``repeats`` per sample
+    (without repeats row r is the shard's r-th sample). A pair's views share their repeat."""
+    held, rep = held_samples(groups), groups.repeats
     paired = groups.second >= 0
-    rep = groups.repeats
     a = row_of(held, groups.first, rep, repeats)
     b = row_of(held, np.where(paired, groups.second, groups.first), rep, repeats)
     out = np.empty(groups.num_views, np.int64)
@@ -273,11 +270,12 @@ def partner_positions(groups: Groups, start: int, n: int) -> np.ndarray:
 
 def unit_plan_digest(recipe: Recipe, epoch: int, shard: int, start: int, stop: int, keys: Sequence[str]) -> str:
     """The digest of the plan of one unit as this code plans it; ``keys`` are its samples' keys."""
+    r = recipe.aug_repeats
     groups = plan_unit(recipe, epoch, shard, start, stop)
-    if recipe.aug_repeats == 1:
-        return plan_digest(view_seeds(recipe.cache_seed, epoch, keys),
-                           partner_positions(groups, start, stop - start))
-    rows = row_samples(groups, recipe.aug_repeats)
-    reps = np.tile(np.arange(recipe.aug_repeats), len(rows) // recipe.aug_repeats).tolist()
-    seeds = view_seeds(recipe.cache_seed, epoch, [keys[i - start] for i in rows.tolist()], reps)
-    return plan_digest(seeds, partner_positions(groups, start, stop - start))
+    if r == 1:  # every sample once, rows in index order: the keys as given
+        seeds = view_seeds(recipe.cache_seed, epoch, keys)
+    else:
+        rows = row_samples(groups, r)
+        seeds = view_seeds(recipe.cache_seed, epoch, [keys[i - start] for i in rows.tolist()],
+                           np.tile(np.arange(r), len(rows) // r).tolist())
+    return plan_digest(seeds, partner_positions(groups, r))
