@@ -146,8 +146,10 @@ class Bench:
 
         x, target = self._inputs()
         h, dev = self.host, self.device
-        teacher_logits = decode(self.codec, h["ids"].to(dev, non_blocking=True), h["values"].to(dev, non_blocking=True),
-                                h["tail"].to(dev, non_blocking=True))
+        teacher_logits = None  # deit-hard reads only the top-1 ids (trainer/step.py: needs_teacher_logits)
+        if not self.token:
+            teacher_logits = decode(self.codec, h["ids"].to(dev, non_blocking=True),
+                                    h["values"].to(dev, non_blocking=True), h["tail"].to(dev, non_blocking=True))
         with self.autocast:
             logits = self.student(x)
         if self.token:  # --kd deit-hard: the trainer's step (trainer/step.py:_token_loss)

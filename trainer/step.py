@@ -80,7 +80,8 @@ class StepSpec:
 
     @property
     def needs_teacher_logits(self) -> bool:
-        return self.cfg.loss.kind != "none" or self.cfg.mkd is not None
+        """Whether the cached rows are decoded to logits (deit-hard reads only each row's top-1 id)."""
+        return self.cfg.loss.kind not in ("none", "deit-hard") or self.cfg.mkd is not None
 
     def autocast(self) -> torch.autocast:
         """bf16 autocast on CUDA when ``amp`` is on; disabled otherwise."""
