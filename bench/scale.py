@@ -56,7 +56,8 @@ class VirtualSource:
 
 def build_startup(workdir: Path, epochs: int) -> dict:
     """(a): an empty local cache to the first batch of the first unit planned."""
-    from logitcache.build.loop import BuildReport, _units_to_build
+    from logitcache.build.loop import _units_to_build
+    from logitcache.build.report import BuildReport
     from logitcache.codecs.logits import create_codec
     from logitcache.storage.writer import CacheWriter
     from logitcache.views.augment import create_recipe
@@ -73,7 +74,7 @@ def build_startup(workdir: Path, epochs: int) -> dict:
     writer = CacheWriter(str(workdir / "startup.zarr"), manifest)
     writer.prepare_epochs(list(range(epochs)))
     t_prepared = time.perf_counter()
-    units = _units_to_build(writer, recipe, source, list(range(epochs)), 0, 1, 256, BuildReport(""), False)
+    units, _ = _units_to_build([writer], recipe, source, list(range(epochs)), 0, 1, 256, [BuildReport("")], False)
     t_listed = time.perf_counter()
     epoch, groups, _ = units[0]
     t1 = time.perf_counter()

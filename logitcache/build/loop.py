@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from logitcache.build.features import (
     adopt_features,
     prepare_features,
 )
+from logitcache.build.report import BuildProgress, BuildReport
 from logitcache.build.teacher import Teacher, check_logits
 from logitcache.build.units import UnitBatches
 from logitcache.codecs.logits import CodecSpec, ValueRangeError, encode
@@ -66,46 +67,30 @@ def dataset_info(source, name: str) -> DatasetInfo:
 
 
 @dataclass
-class BuildReport:
-    """What a build did, and how fast each of its two stages ran (seconds are wall time)."""
+class BuildTarget:
+    """One teacher of a build and the cache it writes: ``teacher`` over every view, its logits
+    coded with ``codec`` into the cache at ``url`` (``features``: its pooled features too)."""
 
+    teacher: Teacher
+    codec: CodecSpec
     url: str
-    units_written: int = 0
-    units_skipped: int = 0
-    views: int = 0
-    seconds: float = 0.0
-    workers: int = 0  # DataLoader workers that rendered the views (0: the main process did)
-    render_seconds: float = 0.0  # summed over batches: reading and rendering, in the workers
-    teacher_seconds: float = 0.0  # summed over batches: the teacher's forward and its logit check
-
-    @property
-    def views_per_s(self) -> float:
-        return self.views / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def render_views_per_s(self) -> float:
-        """What the renderers together deliver: views / render seconds x the workers rendering
-        at once (with 0 workers the main process renders between teacher calls)."""
-        return self.views / self.render_seconds * max(self.workers, 1) if self.render_seconds > 0 else 0.0
-
-    @property
-    def teacher_views_per_s(self) -> float:
-        return self.views / self.teacher_seconds if self.teacher_seconds > 0 else 0.0
-
-    @property
-    def bound_by(self) -> str:
-        """The slower stage, "rendering" or "teacher": what to add (workers or a faster device)."""
-        return "rendering" if self.render_views_per_s < self.teacher_views_per_s else "teacher"
+    features: FeatureRequest | None = None
 
 
-def build(
+def build(source, *, dataset_name: str, teacher: Teacher, recipe: Recipe, codec: CodecSpec, url: str,
+          epochs: list[int], features: FeatureRequest | None = None, **options) -> BuildReport:
+    """Build (or finish, or extend) the cache at ``url``: :func:`build_many` with one teacher
+    (``options``: its keyword arguments)."""
+    return build_many(source, dataset_name=dataset_name, targets=[BuildTarget(teacher, codec, url, features)],
+                      recipe=recipe, epochs=epochs, **options)[0]
+
+
+def build_many(
     source,
     *,
     dataset_name: str,
-    teacher: Teacher,
+    targets: list[BuildTarget],
     recipe: Recipe,
-    codec: CodecSpec,
-    url: str,
     epochs: list[int],
     batch_size: int = 64,
     num_workers: int | None = None,
@@ -116,87 +101,122 @@ def build(
     storage_options: dict | None = None,
     recheck: bool = False,
     allow_view_drift: bool = False,
-    features: FeatureRequest | None = None,
-) -> BuildReport:
-    """Build (or finish, or extend) the cache at ``url``. See the module docstring.
+) -> list[BuildReport]:
+    """Build (or finish, or extend) one cache per target on the same views, rendering each
+    view once: every teacher sees the same batches, so each cache is byte-identical to the
+    one a build of its teacher alone writes. See the module docstring; one report per target.
 
     Several processes: call with ``rank``/``world_size`` in each and a ``barrier`` that waits
-    for all ranks (logitcache.distributed); rank 0 creates the root and epoch groups before
+    for all ranks (logitcache.distributed); rank 0 creates the roots and epoch groups before
     it, each rank then writes only its own units. ``storage_options`` go to fsspec.
-    ``num_workers`` None picks :func:`default_workers` for the teacher's device.
+    ``num_workers`` None picks :func:`default_workers` for the first teacher's device.
     ``recheck`` reads every committed unit back and rebuilds those that fail their checksums.
     Adding to a cache first renders one committed unit's canary views again and refuses when
     they differ from what the teacher saw (logitcache/storage/canary.py), unless ``allow_view_drift``.
-    ``features``: also store each view's pooled teacher features (logitcache/build/features.py).
+    A unit is rendered when any target lacks it, and written to those that lack it.
     """
-    if codec.num_classes != source.num_classes:
-        raise LogitcacheError(f"codec has {codec.num_classes} classes, dataset has {source.num_classes}")
-    if teacher.num_classes != source.num_classes:
-        raise LogitcacheError(
-            f"teacher {teacher.name} predicts {teacher.num_classes} classes but dataset {source.url} has "
-            f"{source.num_classes}"
-        )
+    if not targets:
+        raise LogitcacheError("a build needs at least one teacher")
+    if len({t.url for t in targets}) < len(targets):
+        raise LogitcacheError(f"two teachers of one build write the same cache: {[t.url for t in targets]}")
+    for t in targets:
+        _check_classes(t, source)
+    device = targets[0].teacher.device
     if num_workers is None:
-        num_workers = default_workers(teacher.device)
+        num_workers = default_workers(device)
+    writers, feats = [], []
+    for t in targets:  # rank 0 creates (or checks) each cache before the others open it
+        w, f = _open_target(t, source, dataset_name, recipe, epochs, rank, barrier, storage_options,
+                            batch_size, num_workers, allow_view_drift)
+        writers.append(w)
+        feats.append(f)
+    reports = [BuildReport(url=t.url, workers=num_workers) for t in targets]
+    units, needs = _units_to_build(writers, recipe, source, epochs, rank, world_size, batch_size, reports, recheck)
+    t0 = time.perf_counter()
+    sinks = [_Sink(t.teacher, t.codec, recipe, w, source, r, f) for t, w, f, r in zip(targets, writers, feats, reports)]
+    for u in np.flatnonzero(units.unit_views == 0):  # an empty data shard has no batches: commit it now
+        for sink in (s for s, need in zip(sinks, needs[u]) if need):
+            empty = encode(sink.codec, torch.zeros(0, sink.codec.num_classes), np.zeros(0, np.uint64))
+            empty.update(sink.features.empty() if sink.features else {})
+            sink.writer.write_unit(int(units.epochs[u]), int(units.shards[u]), empty,
+                                   plan_digest(np.zeros(0), np.zeros(0)))
+            sink.report.units_written += 1
+    if len(units):
+        # A CPU teacher's process is the bottleneck: the workers finish its views (bench/build_fast.py).
+        dataset = BatchDataset(source, recipe, finish=device.type == "cpu")
+        loader = create_batch_loader(dataset, units, num_workers=num_workers, pin_memory=device.type == "cuda",
+                                     device=device)
+        _teach_and_write(loader, units, needs, sinks, progress)
+    for r in reports:
+        r.seconds = time.perf_counter() - t0
+    return reports
+
+
+def _check_classes(target: BuildTarget, source) -> None:
+    if target.codec.num_classes != source.num_classes:
+        raise LogitcacheError(f"codec has {target.codec.num_classes} classes, dataset has {source.num_classes}")
+    if target.teacher.num_classes != source.num_classes:
+        raise LogitcacheError(
+            f"teacher {target.teacher.name} predicts {target.teacher.num_classes} classes but dataset {source.url} "
+            f"has {source.num_classes}"
+        )
+
+
+def _open_target(t: BuildTarget, source, dataset_name: str, recipe: Recipe, epochs: list[int], rank: int, barrier,
+                 storage_options: dict | None, batch_size: int, num_workers: int,
+                 allow_view_drift: bool) -> tuple[CacheWriter, BuildFeatures | None]:
+    """The writer of one target's cache (created or checked by rank 0, then opened by every
+    rank after ``barrier``) and the features it stores (fitted by rank 0, read back by the others)."""
     manifest = Manifest(
-        teacher=teacher.name, teacher_weights=teacher.weights_label, teacher_weights_sha256=teacher.weights_sha256,
-        recipe=recipe, dataset=dataset_info(source, dataset_name), codec=codec, num_classes=source.num_classes,
-        build_env=teacher.runtime(), teacher_input_size=teacher.input_size_override,
+        teacher=t.teacher.name, teacher_weights=t.teacher.weights_label,
+        teacher_weights_sha256=t.teacher.weights_sha256, recipe=recipe, dataset=dataset_info(source, dataset_name),
+        codec=t.codec, num_classes=source.num_classes, build_env=t.teacher.runtime(),
+        teacher_input_size=t.teacher.input_size_override,
     )
     feats = None
     if rank == 0:
-        if features is not None:
-            feats = prepare_features(features, teacher, source, recipe, url=url, storage_options=storage_options,
+        if t.features is not None:
+            feats = prepare_features(t.features, t.teacher, source, recipe, url=t.url, storage_options=storage_options,
                                      first_epoch=epochs[0], batch_size=batch_size, num_workers=num_workers)
             manifest.add_features(feats.entry)
-        writer = CacheWriter(url, manifest, storage_options, basis=feats.basis if feats else None)
-        check_views_of(CacheReader(url, storage_options), source, allow_drift=allow_view_drift)
+        writer = CacheWriter(t.url, manifest, storage_options, basis=feats.basis if feats else None)
+        check_views_of(CacheReader(t.url, storage_options), source, allow_drift=allow_view_drift)
         writer.prepare_epochs(epochs)
     if barrier is not None:
         barrier()
     if rank != 0:
-        if features is not None:
-            feats = adopt_features(url, storage_options)
+        if t.features is not None:
+            feats = adopt_features(t.url, storage_options)
             manifest.add_features(feats.entry)
-        writer = CacheWriter(url, manifest, storage_options)
-
-    report = BuildReport(url=url, workers=num_workers)
-    units = _units_to_build(writer, recipe, source, epochs, rank, world_size, batch_size, report, recheck)
-    t0 = time.perf_counter()
-    for u in np.flatnonzero(units.unit_views == 0):  # an empty data shard has no batches: commit it now
-        empty = encode(codec, torch.zeros(0, codec.num_classes), np.zeros(0, np.uint64))
-        empty.update(feats.empty() if feats else {})
-        writer.write_unit(int(units.epochs[u]), int(units.shards[u]), empty, plan_digest(np.zeros(0), np.zeros(0)))
-        report.units_written += 1
-    if len(units):
-        # A CPU teacher's process is the bottleneck: the workers finish its views (bench/build_fast.py).
-        dataset = BatchDataset(source, recipe, finish=teacher.device.type == "cpu")
-        loader = create_batch_loader(dataset, units, num_workers=num_workers, pin_memory=teacher.device.type == "cuda",
-                                     device=teacher.device)
-        _teach_and_write(loader, units, _Sink(teacher, codec, recipe, writer, source, report, feats), progress)
-    report.seconds = time.perf_counter() - t0
-    return report
+        writer = CacheWriter(t.url, manifest, storage_options)
+    return writer, feats
 
 
-def _units_to_build(writer: CacheWriter, recipe: Recipe, source, epochs: list[int], rank: int, world_size: int,
-                    batch_size: int, report: BuildReport, recheck: bool) -> UnitBatches:
-    """This rank's uncommitted units (rank r of W takes units r, r + W, ... of the (epoch,
-    shard) order); counts the committed ones it skips. ``recheck``: committed units are
-    read back and checked, and damaged ones are built again."""
+def _units_to_build(writers: list[CacheWriter], recipe: Recipe, source, epochs: list[int], rank: int,
+                    world_size: int, batch_size: int, reports: list[BuildReport],
+                    recheck: bool) -> tuple[UnitBatches, np.ndarray]:
+    """This rank's units that some cache lacks (rank r of W takes units r, r + W, ... of the
+    (epoch, shard) order), and (U, T) bool: which of the T caches each of them is written to;
+    counts the committed units each cache skips. ``recheck``: committed units are read back
+    and checked, and damaged ones are built again."""
     bounds = np.array([(s.start, s.stop) for s in source.shards], dtype=np.int64).reshape(-1, 2)
     num_shards = len(bounds)
     all_units = np.arange(len(epochs) * num_shards)
     mine = all_units[all_units % world_size == rank]
     ep = np.asarray(epochs, dtype=np.int64)[mine // num_shards]
     sh = mine % num_shards
-    done = np.zeros(len(mine), dtype=bool)
-    for e in epochs:  # one listing per epoch
-        at = ep == e
-        done[at] = np.isin(sh[at], writer.committed_units(e))
-    if recheck:
-        done[done] = [not _damaged(writer, int(e), int(s)) for e, s in zip(ep[done], sh[done])]
-    report.units_skipped += int(done.sum())
-    return UnitBatches(recipe, bounds, ep[~done], sh[~done], batch_size)
+    done = np.zeros((len(mine), len(writers)), dtype=bool)
+    for t, writer in enumerate(writers):
+        for e in epochs:  # one listing per epoch and cache
+            at = ep == e
+            done[at, t] = np.isin(sh[at], writer.committed_units(e))
+        if recheck:
+            d = done[:, t]
+            d[d] = [not _damaged(writer, int(e), int(s)) for e, s in zip(ep[d], sh[d])]
+            done[:, t] = d
+        reports[t].units_skipped += int(done[:, t].sum())
+    todo = ~done.all(axis=1)
+    return UnitBatches(recipe, bounds, ep[todo], sh[todo], batch_size), ~done[todo]
 
 
 def _damaged(writer: CacheWriter, epoch: int, shard: int) -> bool:
@@ -211,7 +231,7 @@ def _damaged(writer: CacheWriter, epoch: int, shard: int) -> bool:
 
 @dataclass
 class _Sink:
-    """Where the teacher's batches go: logits checked, encoded, gathered per unit, written."""
+    """Where one teacher's batches go: logits checked, encoded, gathered per unit, written."""
 
     teacher: Teacher
     codec: CodecSpec
@@ -220,43 +240,53 @@ class _Sink:
     source: object
     report: BuildReport
     features: BuildFeatures | None = None
+    pending: dict[int, list[dict]] = field(default_factory=dict)  # unit -> its encoded batches so far
+
+    def take(self, batch: dict, u: int, where: str, render_s: float) -> None:
+        """Run the teacher on ``batch`` (of unit ``u``), check and encode its outputs, keep them."""
+        t0 = time.perf_counter()
+        if self.features is not None:
+            logits, feats = self.teacher(batch["images"], self.recipe.mean, self.recipe.std, features=True)
+        else:
+            logits, feats = self.teacher(batch["images"], self.recipe.mean, self.recipe.std), None
+        index = batch["index"].numpy()
+        keys = [self.source.key(int(i)) for i in index]
+        check_logits(logits, self.codec.num_classes, keys, where)  # waits for the device: timed with it
+        self.report.teacher_seconds += time.perf_counter() - t0
+        self.report.render_seconds += render_s
+        seeds = batch["seed"].numpy().view(np.uint64)
+        try:
+            rows = encode(self.codec, logits, seeds)
+        except ValueRangeError as e:
+            raise BadLogitsError(f"{e} (--value-dtype float32; {where})") from None
+        rows.update(index=index, seed=seeds, partner=batch["partner"].numpy(), repeat=batch["repeat"].numpy())
+        if feats is not None:
+            rows.update(self.features.encode(feats, keys, where))
+        self.pending.setdefault(u, []).append(rows)
+        self.report.views += len(index)
 
 
-def _teach_and_write(loader, units: UnitBatches, sink: _Sink, progress: bool) -> None:
-    pending: dict[int, list[dict]] = {}
-    canaries: dict[int, dict] = {}  # per unit: its first views, hashed as the teacher sees them
+def _teach_and_write(loader, units: UnitBatches, needs: np.ndarray, sinks: list[_Sink], progress: bool) -> None:
+    """Every batch of ``units`` through the teachers whose caches lack its unit (``needs``, (U, T));
+    a unit is written to each of them when its last batch is in."""
+    canaries: dict[int, dict] = {}  # per unit: its first views, hashed as the teachers see them
     remaining = {u: int(n) for u, n in enumerate(units.unit_views) if n}
-    with _progress(progress, sum(remaining.values()), len(units.unit_views)) as bar:
+    with BuildProgress(progress, sum(remaining.values()), len(units.unit_views)) as bar:
         for batch in loader:
             u = batch["unit"]
             epoch, shard = int(units.epochs[u]), int(units.shards[u])
-            where = f"{sink.writer.url} {unit_path(epoch, shard)}, shard {sink.source.shards[shard].name}"
             if u not in canaries:
                 canaries[u] = canary_of(batch["images"], batch["index"])
-            t0 = time.perf_counter()
-            if sink.features is not None:
-                logits, feats = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std, features=True)
-            else:
-                logits, feats = sink.teacher(batch["images"], sink.recipe.mean, sink.recipe.std), None
-            index = batch["index"].numpy()
-            keys = [sink.source.key(int(i)) for i in index]
-            check_logits(logits, sink.codec.num_classes, keys, where)  # waits for the device: timed with it
-            sink.report.teacher_seconds += time.perf_counter() - t0
-            sink.report.render_seconds += batch["render_s"]
-            seeds = batch["seed"].numpy().view(np.uint64)
-            try:
-                rows = encode(sink.codec, logits, seeds)
-            except ValueRangeError as e:
-                raise BadLogitsError(f"{e} (--value-dtype float32; {where})") from None
-            rows.update(index=index, seed=seeds, partner=batch["partner"].numpy(), repeat=batch["repeat"].numpy())
-            if feats is not None:
-                rows.update(sink.features.encode(feats, keys, where))
-            pending.setdefault(u, []).append(rows)
-            remaining[u] -= len(index)
-            sink.report.views += len(index)
-            bar.advance(len(index))
+            mine = [s for s, need in zip(sinks, needs[u]) if need]
+            for sink in mine:
+                where = f"{sink.writer.url} {unit_path(epoch, shard)}, shard {sink.source.shards[shard].name}"
+                sink.take(batch, u, where, batch["render_s"] / len(mine))
+            remaining[u] -= len(batch["index"])
+            bar.advance(len(batch["index"]))
             if remaining[u] == 0:
-                _write_unit(sink, epoch, shard, pending.pop(u), canaries.pop(u))
+                canary = canaries.pop(u)
+                for sink in mine:
+                    _write_unit(sink, epoch, shard, sink.pending.pop(u), canary)
                 bar.unit_done()
 
 
@@ -271,45 +301,3 @@ def _write_unit(sink: _Sink, epoch: int, shard: int, parts: list[dict], canary: 
     stored = [k for k in whole if k not in ("index", "seed", "partner", "repeat")]
     sink.writer.write_unit(epoch, shard, {k: whole[k][order] for k in stored}, plan, canary=canary)
     sink.report.units_written += 1
-
-
-class _progress:
-    """A rich progress bar (views, views/s, units, ETA), or nothing when disabled."""
-
-    def __init__(self, enabled: bool, total_views: int, total_units: int):
-        self.enabled, self.total_views, self.total_units, self.units = enabled, total_views, total_units, 0
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.p = Progress(
-                TextColumn("[bold]build[/]"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TextColumn("units {task.fields[units]}"), TimeRemainingColumn(),
-            )
-            self.p.__enter__()
-            self.task = self.p.add_task("build", total=self.total_views, rate="", units=f"0/{self.total_units}")
-        return self
-
-    def advance(self, n: int) -> None:
-        if self.enabled:
-            self.p.advance(self.task, n)
-            speed = self.p.tasks[0].speed
-            self.p.update(self.task, rate=f"{speed:,.0f} views/s" if speed else "")
-
-    def unit_done(self) -> None:
-        self.units += 1
-        if self.enabled:
-            self.p.update(self.task, units=f"{self.units}/{self.total_units}")
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)
-        return False
