@@ -1,5 +1,5 @@
-"""``logitcache build``: the teacher over every view of the asked epochs, into a cache (one
-process, several with ``--procs``, or one rank under torchrun)."""
+"""``logitcache build``: each teacher over every view of the asked epochs, into a cache per
+teacher (one process, several with ``--procs``, or one rank under torchrun)."""
 
 from __future__ import annotations
 
@@ -45,43 +45,100 @@ def _values(value_dtype: str | None, value_bits: int | None) -> str:
 
 
 def _build_rank(*, data, teacher, teacher_weights, teacher_input_size, split, recipe, aug_repeats, cache_seed, out,
-                cache_root,
-                epochs, codec, topk, value_dtype, value_bits, batch_size, workers, device, compile, progress, recheck,
-                allow_view_drift, features, feature_dims, feature_dtype, feature_fit_views) -> None:
+                cache_root, views_of, epochs, codec, topk, value_dtype, value_bits, batch_size, workers, device, compile,
+                progress, recheck, allow_view_drift, features, feature_dims, feature_dtype, feature_fit_views) -> None:
     """The body of ``build`` for one process: the whole build, or one rank of it when the
     environment says so (WORLD_SIZE > 1: torchrun, or a child started by ``--procs``)."""
     from logitcache import distributed
-    from logitcache.build.loop import build as run_build
-    from logitcache.build.loop import default_cache_name
-    from logitcache.build.teacher import Teacher
+    from logitcache.build.loop import build_many
     from logitcache.codecs.logits import create_codec
     from logitcache.data.source import open_source
     from logitcache.distributed import resolve_device
-    from logitcache.storage.catalog import cache_root as root_of
-    from logitcache.views.augment import create_recipe
 
-    rec = create_recipe(recipe, cache_seed=cache_seed, **({"aug_repeats": aug_repeats} if aug_repeats else {}))
-    epoch_list = parse_epochs(epochs)
-    dev = distributed.rank_device(resolve_device(device))
     source = open_source(data, split)
-    t = Teacher(teacher, weights=teacher_weights, num_classes=source.num_classes, device=dev, compile=compile,
-                input_size=teacher_input_size)
+    if views_of is not None:
+        rec, epoch_list = _views_of(views_of, source, recipe, aug_repeats, cache_seed, epochs, allow_view_drift)
+    else:
+        rec = _recipe(recipe, aug_repeats, cache_seed)
+        epoch_list = parse_epochs(epochs or "1")
+    dev = distributed.rank_device(resolve_device(device))
     spec = create_codec(codec, source.num_classes, topk, _values(value_dtype, value_bits))
-    feats = _feature_request(features, feature_dims, feature_dtype, feature_fit_views, t.feature_dim)
-    name = _dataset_name(data)
-    url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(name, split, t.name, rec, spec, feats)}"
+    targets = _targets(teacher, teacher_weights, teacher_input_size, out, cache_root, source, data, split, rec, spec,
+                       dev, compile, (features, feature_dims, feature_dtype, feature_fit_views))
     ctx = distributed.init_from_env(dev)
-    note = t.resize_note(rec.input_size)
-    if note and ctx.rank == 0:
-        print(note, flush=True)
+    for t in targets:
+        note = t.teacher.resize_note(rec.input_size)
+        if note and ctx.rank == 0:
+            print(note, flush=True)
     try:
-        report = run_build(source, dataset_name=name, teacher=t, recipe=rec, codec=spec, url=url, epochs=epoch_list,
-                           batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
-                           barrier=ctx.barrier, progress=progress and ctx.rank == 0, recheck=recheck,
-                           allow_view_drift=allow_view_drift, features=feats)
+        reports = build_many(source, dataset_name=_dataset_name(data), targets=targets, recipe=rec, epochs=epoch_list,
+                             batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
+                             barrier=ctx.barrier, progress=progress and ctx.rank == 0, recheck=recheck,
+                             allow_view_drift=allow_view_drift)
     finally:
         ctx.close()
-    _print_report(report, f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else "")
+    for report in reports:
+        _print_report(report, f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else "")
+
+
+def _recipe(name: str | None, aug_repeats: int | None, cache_seed: int | None):
+    from logitcache.views.augment import create_recipe
+
+    return create_recipe(name or "vanillakd_a2", cache_seed=cache_seed or 0,
+                         **({"aug_repeats": aug_repeats} if aug_repeats else {}))
+
+
+def _views_of(url: str, source, recipe, aug_repeats, cache_seed, epochs: str | None, allow_view_drift: bool):
+    """`--views-of CACHE`: that cache's recipe (cache seed included) and, unless --epochs says
+    otherwise, its complete epochs; the data must be its data, and the views rendered here its views."""
+    from logitcache.storage.canary import check_views_of
+    from logitcache.storage.manifest import check_serves
+    from logitcache.storage.reader import CacheReader
+
+    given = [f for f, v in (("--recipe", recipe), ("--aug-repeats", aug_repeats), ("--cache-seed", cache_seed))
+             if v is not None]
+    if given:
+        raise typer.BadParameter(f"--views-of takes the recipe and cache seed from {url}: drop {', '.join(given)}")
+    reader = CacheReader(url)
+    check_serves(reader.manifest, fingerprint=source.fingerprint(), num_classes=source.num_classes, where=url)
+    if epochs is None:
+        epoch_list = reader.epochs()
+        if not epoch_list:
+            raise typer.BadParameter(f"--views-of {url}: that cache has no complete epoch; give --epochs")
+    else:
+        epoch_list = parse_epochs(epochs)
+    check_views_of(reader, source, allow_drift=allow_view_drift)
+    return reader.manifest.recipe, epoch_list
+
+
+def _paired(flag: str, values: list | None, teachers: list[str]) -> list:
+    """A per-teacher option: absent (None for each teacher) or given once per --teacher, in order."""
+    if not values:
+        return [None] * len(teachers)
+    if len(values) != len(teachers):
+        raise typer.BadParameter(f"{flag} is given {len(values)} times for {len(teachers)} --teacher: give it once "
+                                 f"per teacher, in their order, or not at all")
+    return list(values)
+
+
+def _targets(teachers, weights, input_sizes, outs, cache_root, source, data, split, rec, spec, dev, compile,
+             feature_flags) -> list:
+    """One BuildTarget per --teacher: its Teacher, codec, cache URL (--out, else a name under
+    the cache root) and feature request."""
+    from logitcache.build.loop import BuildTarget, default_cache_name
+    from logitcache.build.teacher import Teacher
+    from logitcache.storage.catalog import cache_root as root_of
+
+    targets = []
+    for name, w, size, out in zip(teachers, _paired("--teacher-weights", weights, teachers),
+                                  _paired("--teacher-input-size", input_sizes, teachers),
+                                  _paired("--out", outs, teachers)):
+        t = Teacher(name, weights=None if w in (None, "-") else w, num_classes=source.num_classes, device=dev,
+                    compile=compile, input_size=size)
+        feats = _feature_request(*feature_flags, t.feature_dim)
+        url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(_dataset_name(data), split, t.name, rec, spec, feats)}"
+        targets.append(BuildTarget(t, spec, url, feats))
+    return targets
 
 
 def _print_report(report, who: str) -> None:
@@ -114,7 +171,29 @@ def _feature_request(features: bool, dims: Optional[str], dtype: Optional[str], 
                           fit_views=fit_views or DEFAULT_FIT_VIEWS)
 
 
-_RECIPE = typer.Option("vanillakd_a2", metavar="NAME",
+_TEACHER = typer.Option(..., metavar="NAME", help="timm model name or alias (beitv2_l, beitv2_b, resnet152); repeat "
+                                                   "--teacher to run several teachers on each view, one cache each.")
+_TEACHER_WEIGHTS = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights",
+                                help="Weights file (safetensors or a plain state dict); with several teachers once "
+                                     "per --teacher, in order ('-': timm's).")
+_TEACHER_INPUT_SIZE = typer.Option(None, metavar="PIXELS", min=8,
+                                   show_default="recorded in the weights file, else timm's default",
+                                   help="Input size the teacher runs at (views are resized to it); with several "
+                                        "teachers once per --teacher.")
+_OUT = typer.Option(None, metavar="URL", show_default="a named folder under the cache root",
+                    help="Cache URL; with several teachers once per --teacher.")
+_CACHE_ROOT = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
+                           help="Where named caches live.")
+_FEATURE_DIMS = typer.Option(None, metavar="INTEGER|full", show_default="256",
+                             help="Features: PCA components kept (a basis fitted on the first epoch), or full (every dim).")
+_SPLIT = typer.Option("train", metavar="TEXT", help="Dataset split to cache.")
+_CACHE_SEED = typer.Option(None, metavar="INTEGER", show_default="0", help="Root seed of every view seed.")
+_VIEWS_OF = typer.Option(None, metavar="URL", help="Build on exactly the views of this cache: its recipe, cache seed "
+                                                   "and (unless --epochs) complete epochs, for a student taught by both.")
+_EPOCHS = typer.Option(None, metavar="N|A:B", callback=lambda t: t if t is None else _check_epochs(t),
+                       show_default="1; with --views-of, that cache's complete epochs",
+                       help="N: epochs 0..N-1; A:B: extend with epochs A..B-1.")
+_RECIPE = typer.Option(None, metavar="NAME", show_default="vanillakd_a2",
                        help="Augmentation recipe: vanillakd_a2, vanillakd_a1, deit, imagenet_basic, demo32, demo32_mix "
                             "(vanillakd_a2_norepeat: vanillakd_a2 before repeated augmentation).")
 _AUG_REPEATS = typer.Option(None, metavar="INTEGER", min=1, show_default="the recipe's",
@@ -127,20 +206,17 @@ _RECHECK = typer.Option(False, help="Read every committed unit back, check it ag
 
 def build(
     data: str = typer.Option(..., metavar="URL", help="Dataset root (with dataset.json) or image folder; any fsspec URL."),
-    teacher: str = typer.Option(..., metavar="NAME", help="timm model name or alias (beitv2_l, beitv2_b, resnet152)."),
-    teacher_weights: Optional[str] = typer.Option(None, metavar="PATH", show_default="timm's pretrained weights",
-                                                  help="Weights file (safetensors or a plain state dict)."),
-    teacher_input_size: Optional[int] = typer.Option(None, metavar="PIXELS", min=8,
-                                                     show_default="recorded in the weights file, else timm's default",
-                                                     help="Input size the teacher runs at (views are resized to it)."),
-    split: str = typer.Option("train", metavar="TEXT", help="Dataset split to cache."),
-    recipe: str = _RECIPE,
+    teacher: list[str] = _TEACHER,
+    teacher_weights: Optional[list[str]] = _TEACHER_WEIGHTS,
+    teacher_input_size: Optional[list[int]] = _TEACHER_INPUT_SIZE,
+    split: str = _SPLIT,
+    recipe: Optional[str] = _RECIPE,
     aug_repeats: Optional[int] = _AUG_REPEATS,
-    cache_seed: int = typer.Option(0, metavar="INTEGER", help="Root seed of every view seed."),
-    out: Optional[str] = typer.Option(None, metavar="URL", show_default="a named folder under the cache root", help="Cache URL."),
-    cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
-                                             help="Where named caches live."),
-    epochs: str = typer.Option("1", metavar="N|A:B", callback=_check_epochs, help="N: epochs 0..N-1; A:B: extend with epochs A..B-1."),
+    cache_seed: Optional[int] = _CACHE_SEED,
+    out: Optional[list[str]] = _OUT,
+    cache_root: Optional[str] = _CACHE_ROOT,
+    views_of: Optional[str] = _VIEWS_OF,
+    epochs: Optional[str] = _EPOCHS,
     codec: str = typer.Option("topk", metavar="topk|full|sampled",
                               help="Keep the top-k logits per view, all of them, or N draws from the teacher."),
     topk: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="10; sampled: 32",
@@ -161,9 +237,7 @@ def build(
     allow_view_drift: bool = typer.Option(False, help="Add to a cache even when views rendered here differ from "
                                                       "those its teacher saw (library versions)."),
     features: bool = typer.Option(False, help="Also store each view's pooled pre-logit teacher features (for --kd projector)."),
-    feature_dims: Optional[str] = typer.Option(None, metavar="INTEGER|full", show_default="256",
-                                               help="Features: PCA components kept (a basis fitted on the first "
-                                                    "epoch), or full (every dim)."),
+    feature_dims: Optional[str] = _FEATURE_DIMS,
     feature_dtype: Optional[str] = typer.Option(None, metavar="int8|float16|float32", show_default="int8 with PCA, float16 for full",
                                                 help="Features: stored values (int8 with a per-view scale)."),
     feature_fit_views: Optional[int] = typer.Option(None, metavar="INTEGER", min=1, show_default="8192",
@@ -174,6 +248,11 @@ def build(
     The cache is written in whole units (epoch x data shard), each committed last: a build
     that was killed or interrupted finishes when run again with the same arguments, and
     `--epochs A:B` extends a cache while students read its complete epochs.
+
+    Several teachers: `--teacher A --teacher B` renders each view once and runs both,
+    writing one cache per teacher (each usable alone, byte-identical to a build of that
+    teacher alone); `--views-of CACHE` builds a later teacher's cache on an earlier one's
+    views. `logitcache train --cache A --cache B` learns from both.
 
     Several processes: `--procs N` runs N ranks on this machine; or launch with
     `torchrun --nproc-per-node N logitcache build ...` (one or more machines; ranks from
