@@ -87,6 +87,7 @@ def format_stats(st: CacheStats) -> str:
         ("built on", ", ".join(f"{k} {v}" for k, v in st.build_env.items()) or "-"),
         ("recipe", f"{recipe}  cache_seed {st.recipe['cache_seed']}  input {st.recipe['input_size']} px  "
                    f"sha256 {st.recipe_sha256[:12]}"),
+        ("views digest", f"{st.views_digest}  (of recipe and data: caches with this digest hold the same views)"),
         ("dataset", f"{d['name']}  split {d['split']}  {d['num_samples']} samples in {d['num_shards']} shard{'s' if d['num_shards'] != 1 else ''}  "
                     f"fingerprint {d['fingerprint'][:12]}\n{d['url']}"),
         ("codec", f"{c['name']} {'N' if c['name'] == 'sampled' else 'k'}={c['k']} of {st.num_classes} classes  "
@@ -136,16 +137,16 @@ def format_report(rep: VerifyReport) -> str:
 
 def format_ls(summaries: list[CacheSummary]) -> str:
     """One line per :class:`logitcache.storage.stats.CacheSummary`, aligned columns."""
-    head = ("URL", "TEACHER", "DATASET", "EPOCHS", "CODEC", "VIEWS", "SIZE")
+    head = ("URL", "TEACHER", "DATASET", "VIEWS-DIGEST", "EPOCHS", "CODEC", "VIEWS", "SIZE")
     rows = [head] + [
-        (s.url, s.teacher, f"{s.dataset}/{s.split or 'all'}",
+        (s.url, s.teacher, f"{s.dataset}/{s.split or 'all'}", s.views_digest,
          f"{len(s.epochs_complete)} ({format_ranges(s.epochs_complete)})" if s.epochs_complete else "0",
          f"{s.codec}{s.k}/{s.values}" + (f"+feat:{s.features}" if s.features else ""), f"{s.views:,}",
          format_bytes(s.bytes))
         for s in summaries
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    right = {5, 6}
+    right = {6, 7}
     return "\n".join(
         "  ".join(v.rjust(widths[i]) if i in right else v.ljust(widths[i]) for i, v in enumerate(r)).rstrip()
         for r in rows

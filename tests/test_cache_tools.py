@@ -339,7 +339,7 @@ def test_ls_lists_caches_only(env, tmp_path):
     res = runner.invoke(app, ["ls", "--cache-root", env["root"]])
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
-    assert lines[0].split() == ["URL", "TEACHER", "DATASET", "EPOCHS", "CODEC", "VIEWS", "SIZE"]
+    assert lines[0].split() == ["URL", "TEACHER", "DATASET", "VIEWS-DIGEST", "EPOCHS", "CODEC", "VIEWS", "SIZE"]
     assert len(lines) == 3 and "not-a-cache" not in res.output and "plain.zarr" not in res.output
     assert lines[1].startswith(env["a"]) and "topk5" in lines[1] and "2 (0-1)" in lines[1] and " 192 " in lines[1]
     assert lines[2].startswith(env["b"]) and "topk3" in lines[2] and "1 (0)" in lines[2]

@@ -21,6 +21,7 @@ from logitcache.codecs.logits import CodecSpec, rebuilt_probs
 from logitcache.storage.layout import is_local
 from logitcache.storage.manifest import Manifest, check_serves
 from logitcache.storage.reader import CacheReader
+from logitcache.storage.views_compat import views_digest
 from logitcache.views.plan import plan_unit, row_samples
 
 
@@ -122,6 +123,7 @@ class CacheSummary:
     views: int
     bytes: int | None
     features: str | None = None  # `build --features`: e.g. "pca256/int8"; None: logits only
+    views_digest: str = ""  # storage.views_compat.views_digest: caches with one digest hold the same views
 
 
 @dataclass
@@ -156,6 +158,7 @@ class CacheStats:
     mean_top1_prob: float | None  # mean teacher probability of its top-1 class
     mean_tail_mass: float | None  # mean probability outside the kept top-k
     features: dict | None = None  # the manifest's features entry (label, spec, basis sha256, explained)
+    views_digest: str = ""  # storage.views_compat.views_digest: caches with one digest hold the same views
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,7 +176,7 @@ def summarize_cache(url: str, storage_options: dict | None = None, with_bytes: b
         num_classes=m.num_classes, epochs_complete=complete,
         views=sum(n for units in committed.values() for n in units.values()),
         bytes=storage_bytes(url, storage_options) if with_bytes else None,
-        features=m.features["label"] if m.features else None,
+        features=m.features["label"] if m.features else None, views_digest=views_digest(m),
     )
 
 
@@ -223,7 +226,7 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
         top1_agreement=100.0 * sums.agree / sums.labelled if sums.labelled else None,
         mean_entropy=sums.entropy / views if views else None, max_entropy=math.log(C),
         mean_top1_prob=sums.top1_prob / views if views else None,
-        mean_tail_mass=sums.tail_mass / views if views else None, features=m.features,
+        mean_tail_mass=sums.tail_mass / views if views else None, features=m.features, views_digest=views_digest(m),
     )
 
 
