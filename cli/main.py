@@ -79,6 +79,25 @@ _LOSS_FLAGS = {"kd": "kind", "temperature": "temperature", "kd_weight": "kd_weig
                "feature_weight": "feature_weight"}
 _MKD_FLAGS = {"mkd_meta_every": "meta_every", "mkd_meta_lr": "meta_lr", "mkd_predictor": "predictor"}
 _PROKT_FLAGS = {"prokt_lambda": "lam", "prokt_teacher_lr": "teacher_lr"}
+_TEACHERS_FLAGS = {"teachers_mode": "mode", "teacher_mix": "mix", "teacher_temperatures": "temperatures"}
+
+
+def _numbers(flag: str, text: str) -> list[float]:
+    """'0.7,0.3' -> [0.7, 0.3] (a per-teacher list flag)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--{flag.replace('_', '-')} takes numbers separated by commas, "
+                                 f"one per --cache, not {text!r}") from None
+
+
+def _teachers_table(flags: dict, table: dict | None) -> dict:
+    """The ``teachers:`` table (several caches: how they teach), its flags on top."""
+    table = dict(table or {})
+    for flag, name in _TEACHERS_FLAGS.items():
+        if flags[flag] is not None:
+            table[name] = flags[flag] if flag == "teachers_mode" else _numbers(flag, flags[flag])
+    return table
 
 
 def _method_table(loss: dict, flags: dict, kind: str, table_flags: dict, table: dict | None) -> dict | None:
@@ -110,8 +129,11 @@ def _train_settings(flags: dict, settings: dict) -> dict:
     prokt = _method_table(loss, flags, "prokt", _PROKT_FLAGS, prokt)  # ProKT = vanilla KD, teacher trained along
     if prokt is not None and flags["online_teacher"] is None:  # ProKT trains the teacher: online only
         settings["online_teacher"] = True
+    settings["teachers"] = _teachers_table(flags, settings.get("teachers"))
+    if flags["cache"]:  # repeated: one cache per teacher
+        settings["cache"] = flags["cache"][0] if len(flags["cache"]) == 1 else list(flags["cache"])
     renamed = {"workers": "num_workers"}
-    skip = {"config", "data", *(_LOSS_FLAGS), *(_MKD_FLAGS), *(_PROKT_FLAGS)}
+    skip = {"config", "data", "cache", *(_LOSS_FLAGS), *(_MKD_FLAGS), *(_PROKT_FLAGS), *(_TEACHERS_FLAGS)}
     for flag, value in flags.items():
         if flag not in skip and value is not None:
             settings[renamed.get(flag, flag)] = value
@@ -139,6 +161,17 @@ _RECIPE = typer.Option(None, metavar="NAME", show_default="the cache's; without 
 _ALLOW_VIEW_DRIFT = typer.Option(None, "--allow-view-drift/--no-allow-view-drift", show_default="no",
                                  help="Train even when views rendered here differ from those the teacher saw "
                                       "(library versions).")
+_CACHE = typer.Option(None, metavar="URL", show_default="the one cache for this data under the cache root",
+                      help="Cache URL; repeat it for several teachers' caches on the same views (--teachers-mode).")
+_CACHE_ROOT = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
+                           help="Where named caches live.")
+_TEACHERS_MODE = typer.Option(None, metavar="mean-probs|mean-logits|per-teacher|ca-mkd", show_default="mean-probs",
+                              help="Several caches: distil their mean probabilities, mean logits, one term per "
+                                   "teacher, or CA-MKD's per-sample confidence weights (Zhang et al., ICASSP 2022).")
+_TEACHER_MIX = typer.Option(None, metavar="W1,W2,...", show_default="equal",
+                            help="Several caches: fixed teacher weights, in --cache order.")
+_TEACHER_TEMPERATURES = typer.Option(None, metavar="T1,T2,...", show_default="--temperature",
+                                     help="--teachers-mode per-teacher: each teacher's KD temperature.")
 _KD = typer.Option(None, metavar="kd|mkd|prokt|projector|dkd|dist|deit-hard|deit-soft|none", show_default="kd",
                  help="Distillation term: vanilla KD, KD with learned temperatures, KD from a teacher trained along "
                       "(ProKT; online teacher, no cache), KD plus projector feature distillation (a cache built with "
@@ -152,11 +185,12 @@ def train(
     config: Optional[Path] = typer.Option(None, metavar="PATH", help="YAML/TOML file of TrainConfig settings; flags override it."),
     student: Optional[str] = typer.Option(None, metavar="NAME", show_default="resnet50", help="Any timm model name."),
     out: Optional[str] = typer.Option(None, metavar="PATH", show_default="runs/student", help="Output folder."),
-    cache: Optional[str] = typer.Option(None, metavar="URL", show_default="the one cache for this data under the cache root",
-                                        help="Cache URL."),
-    cache_root: Optional[str] = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
-                                             help="Where named caches live."),
+    cache: Optional[list[str]] = _CACHE,
+    cache_root: Optional[str] = _CACHE_ROOT,
     kd: Optional[str] = _KD,
+    teachers_mode: Optional[str] = _TEACHERS_MODE,
+    teacher_mix: Optional[str] = _TEACHER_MIX,
+    teacher_temperatures: Optional[str] = _TEACHER_TEMPERATURES,
     temperature: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="KD temperature."),
     kd_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="Weight of the distillation term."),
     hard_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="Weight of the hard-label loss."),
@@ -166,8 +200,7 @@ def train(
     dkd_warmup_epochs: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.0", help="DKD: linear warm-up, in epochs."),
     dist_beta: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="DIST: weight of the inter-class relation."),
     dist_gamma: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="DIST: weight of the intra-class relation."),
-    feature_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0",
-                                                   help="Projector: weight of the feature distance."),
+    feature_weight: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="1.0", help="Projector: weight of the feature distance."),
     mkd_meta_every: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="10", help="MKD: a meta step every N student steps."),
     mkd_meta_lr: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.01", help="MKD: learning rate of the temperatures."),
     meta_fraction: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="0.05",
@@ -220,7 +253,8 @@ def train(
     """Train a student from cached teacher logits (and features), loading no teacher weights.
 
     `--online-teacher` runs the teacher on the same views instead; `--kd prokt` trains one
-    along with the student (online only). Under torchrun, every rank trains on its slice of the same global batches (DDP)."""
+    along with the student (online only). `--cache A --cache B`: several teachers' caches on
+    the same views teach together (--teachers-mode). Under torchrun, every rank trains on its slice of the same global batches (DDP)."""
     _run_train(dict(locals()))  # first: only the parameters
 
 

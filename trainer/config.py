@@ -8,6 +8,7 @@ from pathlib import Path
 
 from logitcache.errors import ConfigError
 
+from .ensemble import TeachersConfig
 from .losses import TOKEN_KINDS, LossConfig
 
 if sys.version_info >= (3, 11):
@@ -98,7 +99,9 @@ class TrainConfig:
     data: str  # dataset root with train and val splits
     student: str = "resnet50"
     out: str = "runs/student"
-    cache: str | None = None  # cache URL; None = the one cache for this data under the cache root
+    # cache URL, or several caches on the same views (one per teacher: `teachers` combines them);
+    # None = the one cache for this data under the cache root
+    cache: str | list[str] | None = None
     cache_root: str | None = None
     recipe: str | None = None  # without a cache: the views' recipe (None: demo32); with one: must be the cache's
     epochs: int = 10
@@ -118,6 +121,7 @@ class TrainConfig:
     clip_grad: float | None = None
     label_smoothing: float = 0.0
     loss: LossConfig = field(default_factory=LossConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)  # several caches: how they teach
     mkd: MKDConfig | None = None  # meta-learned temperatures (vanilla KD loss with learnable T)
     meta_fraction: float = 0.05  # MKD: training samples held out as the meta split
     prokt: ProKTConfig | None = None  # ProKT: a teacher trained along with the student (online only)
@@ -154,6 +158,11 @@ class TrainConfig:
         return {**extra, **self.model_kwargs}
 
     @property
+    def cache_urls(self) -> list[str]:
+        """The caches given (none: the one found under the cache root is used)."""
+        return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
+
+    @property
     def needs_teacher_features(self) -> bool:
         """Whether the loss needs the teacher's pooled features (--kd projector): read from a
         cache built with --features, or from the online teacher."""
@@ -166,7 +175,7 @@ SCHEDULERS = ("constant", "cosine", "multistep", "plateau", "poly", "rsqrt", "st
 
 def load_config(path: str | Path) -> dict:
     """A run's settings from YAML (.yaml/.yml) or TOML (.toml): TrainConfig's field names,
-    with ``loss:``, ``mkd:`` and ``prokt:`` as nested tables."""
+    with ``loss:``, ``teachers:``, ``mkd:`` and ``prokt:`` as nested tables."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -200,6 +209,8 @@ def make_config(settings: dict) -> TrainConfig:
             settings["loss"] = _make(LossConfig, settings["loss"], "loss")
         if isinstance(settings.get("mkd"), dict):
             settings["mkd"] = _make(MKDConfig, settings["mkd"], "mkd")
+        if isinstance(settings.get("teachers"), dict):
+            settings["teachers"] = _make(TeachersConfig, settings["teachers"], "teachers")
         if isinstance(settings.get("prokt"), dict):
             settings["prokt"] = _make(ProKTConfig, settings["prokt"], "prokt")
         cfg = _make(TrainConfig, settings, "")
@@ -260,6 +271,8 @@ def check_config(cfg: TrainConfig) -> None:
                           f"combined with MKD or ProKT")
     if cfg.needs_teacher_features and cfg.mkd is not None:
         raise ConfigError("--kd projector and MKD (learned temperatures) cannot be combined; choose one")
+    if len(cfg.cache_urls) > 1:
+        check_teachers(cfg)
     if cfg.device != "auto":
         try:
             torch.device(cfg.device)
@@ -280,3 +293,22 @@ def check_prokt(cfg: TrainConfig) -> None:
     if cfg.loss.kind != "kd":
         raise ConfigError(f"--kd prokt distils with vanilla KD from the trained teacher; it cannot be combined "
                           f"with loss kind {cfg.loss.kind!r}")
+
+
+def check_teachers(cfg: TrainConfig) -> None:
+    """Several caches: the kinds that distil from their logits alone, and settings for each cache."""
+    k = len(cfg.cache_urls)
+    if len(set(cfg.cache_urls)) < k:
+        raise ConfigError(f"--cache names one cache twice: {cfg.cache_urls}")
+    single = ("MKD (learned temperatures)" if cfg.mkd is not None else "ProKT" if cfg.prokt is not None
+              else "--online-teacher" if cfg.online_teacher else f"--kd {cfg.loss.kind}"
+              if cfg.loss.kind in ("projector", *TOKEN_KINDS) else None)
+    if single:
+        raise ConfigError(f"{single} distils from one teacher; with {k} caches use --kd kd, dkd or dist")
+    if cfg.teachers.mode == "ca-mkd" and cfg.loss.kind != "kd":
+        raise ConfigError(f"--teachers-mode ca-mkd weighs per-sample KD terms; it cannot be combined with --kd "
+                          f"{cfg.loss.kind}")
+    try:
+        cfg.teachers.check(k)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

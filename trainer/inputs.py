@@ -1,5 +1,5 @@
-"""What a run trains on: the data splits, the cache (given, or the one found for the data;
-checked against it), the recipe, which cached epoch each student epoch reads, MKD's
+"""What a run trains on: the data splits, the caches (given, or the one found for the data;
+checked against it; several teachers' caches checked to hold the same views), the recipe, which cached epoch each student epoch reads, MKD's
 held-out meta split, the batches per epoch, and each epoch's train loader."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from logitcache.storage.catalog import cache_root, list_caches
 from logitcache.storage.manifest import check_serves
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.stats import recipe_name
+from logitcache.storage.views_compat import check_same_plans, check_same_views
 from logitcache.views.augment import RENAMED_RECIPES, Recipe, create_recipe
 from logitcache.views.loader import BatchLoader
 from logitcache.views.plan import Groups, block_views
@@ -51,7 +52,7 @@ class RunInputs:
 
     train_src: SampleSource
     val_src: SampleSource
-    reader: CacheReader | None  # None: no cache is read (no teacher term, or online teacher without --cache)
+    readers: list[CacheReader]  # one per teacher, on the same views; none: no teacher term, or online without --cache
     recipe: Recipe
     view_epochs: list[int]  # the cached (or regenerated) epochs, cycled by student epoch
     held_out: np.ndarray | None  # (N,) bool over train samples: MKD's meta split, never trained on
@@ -65,19 +66,28 @@ class RunInputs:
     def num_classes(self) -> int:
         return self.train_src.num_classes
 
+    @property
+    def reader(self) -> CacheReader | None:
+        """The first cache (the only one, unless several teachers teach), or None."""
+        return self.readers[0] if self.readers else None
+
     def epochs_note(self) -> str:
         """Which cached epochs the run trains on, and which present epochs it leaves out (incomplete)."""
         if self.reader is None:
             return "no cache: views regenerated from the recipe"
         used = self.view_epochs
-        skipped = [e for e in self.reader.epochs_present() if e not in used]
-        note = (f"cache {self.reader.url}: training on cached epochs {_ranges(used)} "
-                f"({len(used)} complete, used in this order{', cycled' if len(used) < self.epochs_needed else ''})")
+        skipped = sorted({e for r in self.readers for e in r.epochs_present()} - set(used))
+        caches = " + ".join(r.url for r in self.readers)
+        common = " common to every cache" if len(self.readers) > 1 else ""
+        note = (f"cache{'s' if len(self.readers) > 1 else ''} {caches}: training on cached epochs {_ranges(used)} "
+                f"({len(used)} complete{common}, used in this order"
+                f"{', cycled' if len(used) < self.epochs_needed else ''})")
         name = recipe_name(self.reader.manifest)
         if name in RENAMED_RECIPES:
             note += f"; its recipe is {name}, {RENAMED_RECIPES[name]}"
         if skipped:
-            note += f"; incomplete epochs {_ranges(skipped)} are not used (finish them with the same build command)"
+            note += (f"; epochs {_ranges(skipped)} are not complete{' in every cache' if common else ''} and are not "
+                     f"used (finish them with the same build command)")
         return note
 
     def view_epoch(self, epoch: int) -> int:
@@ -95,8 +105,9 @@ class RunInputs:
         ``device``. The same loader (and workers) every epoch."""
         view_epoch = self.view_epoch(epoch)
         arrays = None
-        if self.reader is not None and not cfg.online_teacher:
-            arrays = self.reader.load_epoch(view_epoch, features=cfg.needs_teacher_features)
+        if self.readers and not cfg.online_teacher:
+            arrays = [r.load_epoch(view_epoch, features=cfg.needs_teacher_features) for r in self.readers]
+            check_same_plans(view_epoch, [a.plans for a in arrays], [r.url for r in self.readers])
         rows = CachedRows(arrays, self.labels, self.train_src)
         self._loader = create_train_loader(
             self.train_src, self.recipe, view_epoch, self.train_groups(view_epoch), rows,
@@ -115,24 +126,18 @@ class RunInputs:
 
 
 def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
-    """Open the splits and the cache, and check that ``cfg``'s batch fits the data and the ranks."""
+    """Open the splits and the caches, and check that ``cfg``'s batch fits the data and the ranks."""
     train_src = open_source(cfg.data, "train")
     val_src = open_source(cfg.data, "val")
-    reader = None
+    readers = []
     if cfg.loss.kind != "none" and not cfg.online_teacher or cfg.cache:
-        url = cfg.cache or find_cache(cache_root(cfg.cache_root), train_src.fingerprint())
-        reader = CacheReader(url)
-        check_serves(reader.manifest, fingerprint=train_src.fingerprint(), num_classes=train_src.num_classes, where=url)
-        if not cfg.online_teacher:
-            _check_codec_serves(cfg, reader.manifest.codec, url)
-            if cfg.needs_teacher_features and not reader.has_features:
-                raise LogitcacheError(f"--kd projector needs the teacher's features, and cache {url} holds logits "
-                                      f"only: build a cache with `logitcache build --features`, or add "
-                                      f"--online-teacher")
-        recipe = reader.manifest.recipe
-        _check_recipe(cfg.recipe, recipe, url)
-        view_epochs = _cached_epochs(cfg, reader, url)
-        check_views_of(reader, train_src, view_epochs[:1], allow_drift=cfg.allow_view_drift)
+        urls = cfg.cache_urls or [find_cache(cache_root(cfg.cache_root), train_src.fingerprint())]
+        readers = [_open_cache(cfg, url, train_src, t) for t, url in enumerate(urls)]
+        check_same_views([r.manifest for r in readers], urls)
+        recipe = readers[0].manifest.recipe
+        view_epochs = _cached_epochs(cfg, readers)
+        for r in readers:
+            check_views_of(r, train_src, view_epochs[:1], allow_drift=cfg.allow_view_drift)
     else:
         recipe = create_recipe(cfg.recipe or "demo32")
         view_epochs = list(range(cfg.epochs))
@@ -149,9 +154,23 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
     # Every epoch has as many groups as the first unless MKD's meta split removes a slightly
     # different number of pairs.
     n_groups = len(_without(epoch_groups(train_src, recipe, view_epochs[0]), held_out))
-    return RunInputs(train_src, val_src, reader, recipe, view_epochs, held_out,
+    return RunInputs(train_src, val_src, readers, recipe, view_epochs, held_out,
                      steps_per_epoch=_steps_per_epoch(cfg, n_groups, gs), labels=train_src.labels(),
                      epochs_needed=cfg.epochs)
+
+
+def _open_cache(cfg: TrainConfig, url: str, train_src: SampleSource, teacher: int) -> CacheReader:
+    """Cache number ``teacher`` of the run, checked to serve its data, recipe and loss."""
+    reader = CacheReader(url)
+    check_serves(reader.manifest, fingerprint=train_src.fingerprint(), num_classes=train_src.num_classes, where=url)
+    if not cfg.online_teacher:
+        _check_codec_serves(cfg, reader.manifest.codec, url, cfg.teachers.temperature_of(teacher, cfg.loss))
+        if cfg.needs_teacher_features and not reader.has_features:
+            raise LogitcacheError(f"--kd projector needs the teacher's features, and cache {url} holds logits "
+                                  f"only: build a cache with `logitcache build --features`, or add "
+                                  f"--online-teacher")
+    _check_recipe(cfg.recipe, reader.manifest.recipe, url)
+    return reader
 
 
 def _check_recipe(name: str | None, recipe: Recipe, url: str) -> None:
@@ -167,10 +186,10 @@ def _check_recipe(name: str | None, recipe: Recipe, url: str) -> None:
                                  f"cache's own")
 
 
-def _check_codec_serves(cfg: TrainConfig, codec: CodecSpec, url: str) -> None:
+def _check_codec_serves(cfg: TrainConfig, codec: CodecSpec, url: str, temperature: float) -> None:
     """A sampled cache serves KD at T = 1 only (logitcache.codecs.logits.check_serves_loss)."""
     try:
-        check_serves_loss(codec, cfg.loss.kind, cfg.loss.temperature, learns_temperature=cfg.mkd is not None)
+        check_serves_loss(codec, cfg.loss.kind, temperature, learns_temperature=cfg.mkd is not None)
     except ValueError as e:
         raise LogitcacheError(f"cache {url}: {e}") from None
 
@@ -195,11 +214,16 @@ def _without(groups: Groups, held_out: np.ndarray | None) -> Groups:
     return groups.take(~out)
 
 
-def _cached_epochs(cfg: TrainConfig, reader: CacheReader, url: str) -> list[int]:
-    """The cache's complete epochs; enough of them for ``cfg.epochs`` unless reusing is allowed."""
-    view_epochs = reader.epochs()
+def _cached_epochs(cfg: TrainConfig, readers: list[CacheReader]) -> list[int]:
+    """The epochs complete in every cache; enough of them for ``cfg.epochs`` unless reusing is allowed."""
+    complete = [set(r.epochs()) for r in readers]
+    view_epochs = sorted(set.intersection(*complete))
+    url = " + ".join(r.url for r in readers)
     if not view_epochs:
-        raise LogitcacheError(f"cache {url} has no complete epoch yet")
+        what = "no complete epoch yet" if len(readers) == 1 else (
+            "no epoch complete in every cache (" + "; ".join(f"{r.url}: {_ranges(sorted(c))}"
+                                                             for r, c in zip(readers, complete)) + ")")
+        raise LogitcacheError(f"cache {url} has {what}")
     if cfg.epochs > len(view_epochs) and not cfg.reuse_epochs:
         raise LogitcacheError(
             f"{cfg.epochs} student epochs but cache {url} holds {len(view_epochs)} complete epochs; build more "

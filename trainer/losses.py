@@ -13,7 +13,8 @@ Contents:
 * :func:`dkd_loss` - Decoupled KD (Zhao et al., CVPR 2022), alpha TCKD + beta NCKD.
 * :func:`dist_loss` - DIST (Huang et al., NeurIPS 2022), inter/intra-class Pearson relations.
 * :func:`temperature_from_log` - positive temperature from an unconstrained parameter (MKD).
-* :class:`LossConfig` / :func:`distill_loss` - the weighted total the training loop uses.
+* :class:`LossConfig` / :func:`distill_loss` - the weighted total the training loop uses
+  (:func:`distill_term`: its distillation term alone, for one term per teacher).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ __all__ = [
     "TOKEN_KINDS",
     "LossConfig",
     "distill_loss",
+    "distill_term",
     "dist_loss",
     "dkd_loss",
     "dkd_warmup_factor",
     "hard_label_loss",
     "kd_loss",
+    "kd_per_sample",
     "temperature_from_log",
 ]
 
@@ -131,6 +134,12 @@ def kd_loss(
     Returns:
         Scalar loss in nats: mean over B of ``T * Ts * sum_c p_t (log p_t - log p_s)``.
     """
+    return kd_per_sample(student_logits, teacher_logits, temperature, student_temperature=student_temperature).mean()
+
+
+def kd_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor = 1.0, *,
+                  student_temperature: float | Tensor | None = None) -> Tensor:
+    """:func:`kd_loss` per sample: (B,) ``T * Ts * KL(softmax(t / T) || softmax(s / Ts))`` in nats."""
     _check_logits(student_logits, teacher_logits)
     t = _as_temperature(temperature, student_logits)
     ts = t if student_temperature is None else _as_temperature(student_temperature, student_logits)
@@ -138,7 +147,7 @@ def kd_loss(
     log_p_t = F.log_softmax(teacher_logits / t, dim=-1)
     # log_target: exp(log_p_t) * (log_p_t - log_p_s) is exact even where p_t underflows to 0.
     kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(dim=-1)  # (B,)
-    return (kl * _row_scale(t * ts)).mean()
+    return kl * _row_scale(t * ts)
 
 
 def dkd_loss(
@@ -346,27 +355,25 @@ def distill_loss(
         return cfg.hard_weight * hard, {"hard": hard, "kd": zero}
     if teacher_logits is None:
         raise ValueError(f"distillation kind {cfg.kind!r} needs teacher logits, got None")
-    # Cached logits may be stored in half precision; compute in the student's dtype.
-    teacher_logits = teacher_logits.to(student_logits.dtype)
-    factor = 1.0
-    if cfg.kind in ("kd", "projector"):
-        term = kd_loss(student_logits, teacher_logits, cfg.temperature)
-    elif cfg.kind == "dkd":
-        term = dkd_loss(
-            student_logits,
-            teacher_logits,
-            target.argmax(dim=-1),
-            alpha=cfg.dkd_alpha,
-            beta=cfg.dkd_beta,
-            temperature=cfg.temperature,
-        )
-        factor = dkd_warmup_factor(epoch, cfg.dkd_warmup_epochs)
-    elif cfg.kind == "dist":
-        term = dist_loss(
-            student_logits, teacher_logits, beta=cfg.dist_beta, gamma=cfg.dist_gamma, temperature=cfg.temperature
-        )
-    else:  # unreachable after __post_init__, unless cfg was mutated
-        raise ValueError(f"unknown distillation kind {cfg.kind!r}; expected one of {KINDS}")
+    term, factor = distill_term(cfg, student_logits, teacher_logits, target, epoch=epoch)
     total = cfg.hard_weight * hard + (cfg.kd_weight * factor) * term
     return total, {"hard": hard, "kd": term}
 
+
+def distill_term(cfg: LossConfig, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
+                 epoch: float = 0.0, temperature: float | None = None) -> tuple[Tensor, float]:
+    """The distillation term of :func:`distill_loss` (scalar, unweighted) and its warm-up factor
+    (DKD's; 1 otherwise), at ``temperature`` (None: ``cfg.temperature``)."""
+    t = cfg.temperature if temperature is None else temperature
+    # Cached logits may be stored in half precision; compute in the student's dtype.
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    if cfg.kind in ("kd", "projector"):
+        return kd_loss(student_logits, teacher_logits, t), 1.0
+    if cfg.kind == "dkd":
+        term = dkd_loss(student_logits, teacher_logits, target.argmax(dim=-1), alpha=cfg.dkd_alpha,
+                        beta=cfg.dkd_beta, temperature=t)
+        return term, dkd_warmup_factor(epoch, cfg.dkd_warmup_epochs)
+    if cfg.kind == "dist":
+        return dist_loss(student_logits, teacher_logits, beta=cfg.dist_beta, gamma=cfg.dist_gamma, temperature=t), 1.0
+    # unreachable after __post_init__, unless cfg was mutated
+    raise ValueError(f"unknown distillation kind {cfg.kind!r}; expected one of {KINDS}")

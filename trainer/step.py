@@ -22,9 +22,11 @@ from timm.utils import ModelEmaV3
 from logitcache.build.teacher import Teacher
 from logitcache.codecs.features import FeatureSpec, decode_features
 from logitcache.codecs.logits import CodecSpec, decode, teacher_top1
+from logitcache.replay.teachers import row_keys
 from logitcache.views.augment import Recipe
 
 from .config import TrainConfig
+from .ensemble import multi_teacher_loss
 from .losses import TOKEN_KINDS, distill_loss
 from .mkd import MetaTemperatureLearner, mkd_loss
 from .projector import FeatureStudent, projector_distance
@@ -75,6 +77,8 @@ class StepSpec:
     world_size: int
     meta_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None  # MKD: (images, labels) of the meta split
     codec: CodecSpec | None = None  # the cache's: how its teacher rows decode (None: online teacher)
+    # several caches (one per teacher, trainer/ensemble.py): each one's codec, in --cache order (codec = the first)
+    codecs: tuple[CodecSpec, ...] = ()
     features: FeatureSpec | None = None  # --kd projector from a cache: how its feature rows decode
     basis: tuple[torch.Tensor, torch.Tensor] | None = None  # ... and its basis (mean, components) on the device
 
@@ -147,10 +151,11 @@ def train_step(spec: StepSpec, parts: StudentParts, batch: dict, *, epoch: int, 
 
 
 def _teacher_outputs(spec: StepSpec, teacher: Teacher | None, batch: dict,
-                     x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The teacher's (B, C) float logits of the views ``x`` (None when the loss needs none) and,
-    for --kd projector, its (B, D) pooled features (else None): from the online teacher's one
-    forward, or decoded from the cached rows on the device."""
+                     x: torch.Tensor) -> tuple[torch.Tensor | list[torch.Tensor] | None, torch.Tensor | None]:
+    """The teacher's (B, C) float logits of the views ``x`` (None when the loss needs none;
+    several caches: a list, one per teacher) and, for --kd projector, its (B, D) pooled
+    features (else None): from the online teacher's one forward, or decoded from the cached
+    rows on the device."""
     feats = None
     if teacher is not None:
         # The teacher answers under inference_mode; the clone (made outside it) is an
@@ -162,7 +167,10 @@ def _teacher_outputs(spec: StepSpec, teacher: Teacher | None, batch: dict,
     if not spec.needs_teacher_logits:
         return None, None
     dev = spec.device
-    logits = decode(spec.codec, *(batch[k].to(dev, non_blocking=True) for k in ("ids", "values", "tail")))
+    if len(spec.codecs) > 1:
+        return [decode(c, *(batch[k].to(dev, non_blocking=True) for k in row_keys(t)))
+                for t, c in enumerate(spec.codecs)], None
+    logits = decode(spec.codec, *(batch[k].to(dev, non_blocking=True) for k in row_keys(0)))
     if spec.cfg.needs_teacher_features:
         scale = batch["feat_scale"].to(dev, non_blocking=True) if "feat_scale" in batch else None
         feats = decode_features(spec.features, spec.basis, batch["feat"].to(dev, non_blocking=True), scale)
@@ -216,10 +224,14 @@ def _student_logits(spec: StepSpec, parts: StudentParts, x: torch.Tensor) -> tor
     return logits.float()
 
 
-def _loss(spec: StepSpec, parts: StudentParts, x: torch.Tensor, teacher_logits: torch.Tensor | None,
-          target: torch.Tensor, frac_epoch: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The student's forward and its loss: MKD's KD at the learned temperatures, or ``cfg.loss``."""
+def _loss(spec: StepSpec, parts: StudentParts, x: torch.Tensor,
+          teacher_logits: torch.Tensor | list[torch.Tensor] | None, target: torch.Tensor,
+          frac_epoch: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's forward and its loss: MKD's KD at the learned temperatures, ``cfg.loss``,
+    or from several teachers ``cfg.teachers`` (trainer/ensemble.py)."""
     logits = _student_logits(spec, parts, x)
+    if isinstance(teacher_logits, list):
+        return multi_teacher_loss(spec.cfg.loss, spec.cfg.teachers, logits, teacher_logits, target, epoch=frac_epoch)
     if parts.mkd is None:
         return distill_loss(spec.cfg.loss, logits, teacher_logits, target, epoch=frac_epoch)
     t_t, t_s = parts.mkd.kd_temperatures(logits.detach(), teacher_logits)

@@ -108,6 +108,7 @@ def _train(cfg: TrainConfig, env: DistContext, on_step: StepCallback | None) -> 
     meta_batches = inputs.meta_batches(cfg, start=parts.mkd.num_meta_steps) if parts.mkd is not None else None
     spec = StepSpec(cfg, env.device, inputs.num_classes, inputs.recipe, inputs.steps_per_epoch, env.world_size,
                     meta_batches, inputs.reader.manifest.codec if inputs.reader is not None else None,
+                    tuple(r.manifest.codec for r in inputs.readers),
                     **_cached_features(cfg, inputs.reader, env.device))
     log = Logger(out, env.main, cfg.tensorboard, resume_from=state)
     eval_loader = create_eval_loader(inputs.val_src, inputs.recipe, num_workers=cfg.num_workers)
@@ -256,16 +257,24 @@ def _kd_name(cfg: TrainConfig) -> str:
     return "mkd" if cfg.mkd is not None else "prokt" if cfg.prokt is not None else cfg.loss.kind
 
 
+def _cache_urls(inputs: RunInputs) -> str | list[str] | None:
+    """The run's cache for its summary: a URL, several (one per teacher), or None."""
+    urls = [r.url for r in inputs.readers]
+    return urls[0] if len(urls) == 1 else urls or None
+
+
 def _summary(run: Run, inputs: RunInputs, t_start: float) -> dict:
     """Main rank, at the end: the student's (and EMA's) weights and ``summary.json``."""
     cfg, parts, out, pos = run.spec.cfg, run.parts, run.out, run.pos
-    save_student(parts.model, out / "model.safetensors", cfg.student, inputs.num_classes, inputs.recipe)
+    kwargs = cfg.student_kwargs()  # a student built with other arguments (a ViT's img_size) is rebuilt with them
+    save_student(parts.model, out / "model.safetensors", cfg.student, inputs.num_classes, inputs.recipe, kwargs)
     if parts.ema is not None:
-        save_student(parts.ema.module, out / "model_ema.safetensors", cfg.student, inputs.num_classes, inputs.recipe)
+        save_student(parts.ema.module, out / "model_ema.safetensors", cfg.student, inputs.num_classes, inputs.recipe,
+                     kwargs)
     epochs_logged = read_rows(out / "metrics.jsonl")
     summary = {
         "student": cfg.student, "kd": _kd_name(cfg),
-        "online_teacher": cfg.online_teacher, "cache": inputs.reader.url if inputs.reader else None,
+        "online_teacher": cfg.online_teacher, "cache": _cache_urls(inputs),
         "world_size": run.env.world_size, "epochs": cfg.epochs,
         "final_top1": epochs_logged[-1]["val_top1"], "final_top5": epochs_logged[-1]["val_top5"],
         "best_top1": max(h["val_top1"] for h in epochs_logged), "wall_seconds": time.perf_counter() - t_start,

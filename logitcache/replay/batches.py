@@ -88,8 +88,8 @@ def create_train_loader(source, recipe: Recipe, view_epoch: int, groups: Groups,
     workers. Returns the loader, with ``global_batch_views`` (one int per batch) set."""
     gs = recipe.group_size
     check_batch_size(recipe, batch_size, world_size)
-    if rows.arrays is not None:
-        check_plans(rows.arrays, source, recipe, rank=rank, world_size=world_size)
+    for arrays in rows.teachers:
+        check_plans(arrays, source, recipe, rank=rank, world_size=world_size)
     batches = train_batches(len(groups), batch_size // gs, seed=seed, epoch=epoch, blocks=groups.block)
     batches = batches[:limit] if limit else batches
     # Views per global batch (a mixing recipe's odd leftover sample is a group of one view, so

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from logitcache.errors import CacheMismatchError
+from logitcache.replay.teachers import row_keys
 from logitcache.storage.reader import EpochArrays
 from logitcache.views.augment import Recipe
 from logitcache.views.plan import unit_plan_digest
@@ -20,27 +21,34 @@ from logitcache.views.plan import unit_plan_digest
 class CachedRows:
     """Adds label targets and one epoch's cached teacher rows to a rendered batch, by view
     (sample index, and repeat: :meth:`~logitcache.storage.reader.EpochArrays.rows_of`).
+    ``arrays``: one cache's epoch, or several caches' on the same views (teacher i's rows
+    under :func:`~logitcache.replay.teachers.row_keys` (i)), or None (labels only).
 
     Runs in the main process (the loader's ``extra``), once per batch: one vectorised numpy
     gather per array (no per-sample Python), so rows join the images as small tensors (in
     their stored dtypes: gap codes, counts or float values; decoded on the device). Workers
     need not hold the epoch's arrays, so one set of workers serves every epoch."""
 
-    def __init__(self, arrays: EpochArrays | None, labels: np.ndarray, source=None):
-        self.arrays = arrays
+    def __init__(self, arrays: EpochArrays | list[EpochArrays] | None, labels: np.ndarray, source=None):
+        self.teachers: list[EpochArrays] = [] if arrays is None else list(arrays) if isinstance(arrays, list) else [arrays]
         self.labels = labels
         self.source = source
+
+    @property
+    def arrays(self) -> EpochArrays | None:
+        """Teacher 0's epoch (None: no cache)."""
+        return self.teachers[0] if self.teachers else None
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         idx, partner = batch["index"].numpy(), batch["partner"].numpy()
         # np.take along axis 0: the same rows as fancy indexing, about 1.7x faster for small batches
         out = {"label": torch.from_numpy(self.labels.take(idx)), "partner_label": torch.from_numpy(self.labels.take(partner))}
-        if self.arrays is not None:
-            a = self.arrays
+        for t, a in enumerate(self.teachers):
             row = a.rows_of(idx, batch["repeat"].numpy())
-            out["ids"] = torch.from_numpy(a.ids.take(row, axis=0))
-            out["values"] = torch.from_numpy(a.values.take(row, axis=0))
-            out["tail"] = torch.from_numpy(a.tail.take(row))
+            ids, values, tail = row_keys(t)
+            out[ids] = torch.from_numpy(a.ids.take(row, axis=0))
+            out[values] = torch.from_numpy(a.values.take(row, axis=0))
+            out[tail] = torch.from_numpy(a.tail.take(row))
             if a.feat is not None:  # features were read: the run distils them
                 out["feat"] = torch.from_numpy(a.feat.take(row, axis=0))
                 if a.feat_scale is not None:
