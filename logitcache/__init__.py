@@ -26,6 +26,7 @@ _PUBLIC = {
     "teacher_logits": "logitcache.api",
     "teacher_probs": "logitcache.api",
     "teacher_features": "logitcache.api",
+    "ensemble_probs": "logitcache.api",
     "CacheReader": "logitcache.storage.reader",
     "decode": "logitcache.codecs.logits",
     "rebuilt_probs": "logitcache.codecs.logits",

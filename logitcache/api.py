@@ -7,7 +7,8 @@ The pieces, in the order a step uses them:
   ``.loader(epoch, ...)`` is a ``torch.utils.data.DataLoader`` of one epoch's regenerated
   views with their label targets and cached teacher rows, for one rank of a world size.
 * :func:`teacher_logits` / :func:`teacher_probs` - the teacher's (B, C) logits or
-  probabilities at temperature T, rebuilt on the device from a batch's cached rows.
+  probabilities at temperature T, rebuilt on the device from a batch's cached rows
+  (several caches: ``teacher=i``); :func:`ensemble_probs` - the teachers' weighted mean.
 * :func:`teacher_features` - the teacher's pooled features (B, D), decoded on the device
   from a batch of ``loader(..., features=True)`` (a cache built with ``build --features``).
 * ``logitcache.smoothed_targets`` - the mixed, smoothed label targets (B, C) of a batch; the
@@ -21,7 +22,8 @@ label; ``ids``, ``values`` (B, k) and ``tail`` (B,): the cached teacher rows in 
 dtypes (class ids; gap codes, counts or float logits; see logitcache/codecs/logits.py), decoded on
 the device by :func:`teacher_logits`; plus ``index``, ``partner``, ``seed`` (B,) int64. With
 ``features=True`` also ``feat`` (B, w) (int8 coefficients, or float16/float32) and, for int8,
-``feat_scale`` (B,) float32, decoded by :func:`teacher_features`.
+``feat_scale`` (B,) float32, decoded by :func:`teacher_features`. From several caches
+(``CachedTrainData(data, [a, b])``), teacher i > 0's rows are ``ids_i``, ``values_i``, ``tail_i``.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from logitcache.data.source import open_source
 from logitcache.errors import LogitcacheError
 from logitcache.replay.batches import check_batch_size, create_train_loader, epoch_groups
 from logitcache.replay.rows import CachedRows
+from logitcache.replay.teachers import mix_weights, row_keys, teacher_count
 from logitcache.storage.canary import check_views_of
 from logitcache.storage.manifest import check_serves
 from logitcache.storage.reader import CacheReader
+from logitcache.storage.views_compat import check_same_plans, check_same_views
 from logitcache.views.loader import BatchLoader
 
-__all__ = ["CachedTrainData", "open_cache", "teacher_features", "teacher_logits", "teacher_probs"]
+__all__ = ["CachedTrainData", "ensemble_probs", "open_cache", "teacher_features", "teacher_logits", "teacher_probs"]
 
 
 def open_cache(url: str, storage_options: dict | None = None) -> CacheReader:
@@ -50,32 +54,43 @@ def open_cache(url: str, storage_options: dict | None = None) -> CacheReader:
 
 
 class CachedTrainData:
-    """The training split at ``data`` and the cache built on it: checked to serve that data
-    (same samples, classes) and to regenerate the views its teacher saw.
+    """The training split at ``data`` and the cache built on it (or several caches, one per
+    teacher, on the same views): checked to serve that data (same samples, classes), to hold
+    the same views as each other, and to regenerate the views their teachers saw.
 
     Attributes:
-        reader: the open cache.
+        readers: the open caches, in the order given; ``reader``: the first.
         source: the training split (random access by global sample index).
         recipe: the augmentation recipe the cache was built with (``recipe.input_size`` pixels).
         num_classes: C, the columns of the teacher logits and targets.
-        codec: how the cache's teacher rows decode (give it to :func:`teacher_logits`).
-        epochs: the cache's complete epochs; student epoch e reads ``epochs[e % len(epochs)]``.
-        feature_dim: D, the width of the cached teacher features; None for a logit-only cache.
+        codecs: how each cache's teacher rows decode (give one to :func:`teacher_logits`);
+            ``codec``: the first.
+        epochs: the epochs complete in every cache; student epoch e reads ``epochs[e % len(epochs)]``.
+        feature_dim: D, the width of the (first) cache's teacher features; None for a logit-only cache.
     """
 
-    def __init__(self, data: str, cache: str | CacheReader, *, split: str = "train",
+    def __init__(self, data: str, cache: str | CacheReader | list[str | CacheReader], *, split: str = "train",
                  allow_view_drift: bool = False):
-        self.reader = open_cache(cache) if isinstance(cache, str) else cache
+        caches = cache if isinstance(cache, list) else [cache]
+        if not caches:
+            raise LogitcacheError("CachedTrainData needs at least one cache")
+        self.readers = [open_cache(c) if isinstance(c, str) else c for c in caches]
+        self.reader = self.readers[0]
         self.source = open_source(data, split)
-        check_serves(self.reader.manifest, fingerprint=self.source.fingerprint(),
-                     num_classes=self.source.num_classes, where=self.reader.url)
-        self.epochs = self.reader.epochs()
+        for r in self.readers:
+            check_serves(r.manifest, fingerprint=self.source.fingerprint(), num_classes=self.source.num_classes,
+                         where=r.url)
+        check_same_views([r.manifest for r in self.readers], [r.url for r in self.readers])
+        self.epochs = sorted(set.intersection(*(set(r.epochs()) for r in self.readers)))
         if not self.epochs:
-            raise LogitcacheError(f"cache {self.reader.url} has no complete epoch yet")
-        check_views_of(self.reader, self.source, self.epochs[:1], allow_drift=allow_view_drift)
+            raise LogitcacheError(f"cache {' + '.join(r.url for r in self.readers)} has no epoch complete in "
+                                  f"every cache yet")
+        for r in self.readers:
+            check_views_of(r, self.source, self.epochs[:1], allow_drift=allow_view_drift)
         self.recipe = self.reader.manifest.recipe
         self.num_classes = self.source.num_classes
-        self.codec = self.reader.manifest.codec
+        self.codecs = [r.manifest.codec for r in self.readers]
+        self.codec = self.codecs[0]
         spec = self.reader.manifest.feature_spec
         self.feature_dim = spec.dim if spec is not None else None
         self._labels = self.source.labels()
@@ -104,7 +119,9 @@ class CachedTrainData:
             check_batch_size(self.recipe, batch_size, world_size)
         except ValueError as e:
             raise LogitcacheError(str(e)) from None
-        rows = CachedRows(self.reader.load_epoch(view_epoch, features=features), self._labels, self.source)
+        arrays = [r.load_epoch(view_epoch, features=features and t == 0) for t, r in enumerate(self.readers)]
+        check_same_plans(view_epoch, [a.plans for a in arrays], [r.url for r in self.readers])
+        rows = CachedRows(arrays, self._labels, self.source)
         dev = torch.device(device) if device is not None else None
         key = (num_workers, pin_memory, str(dev))
         loader = create_train_loader(self.source, self.recipe, view_epoch,
@@ -116,17 +133,27 @@ class CachedTrainData:
         return loader  # a BatchLoader: an unreadable sample raises, naming shard and key
 
 
-def teacher_logits(batch: dict, codec: CodecSpec, device: torch.device | str | None = None) -> torch.Tensor:
-    """The teacher's logits (B, C) float32 on ``device`` (default: where the rows are),
-    rebuilt from the batch's cached rows; ``codec`` is the cache's (``data.codec``)."""
-    return decode(codec, *_rows(batch, device))
+def teacher_logits(batch: dict, codec: CodecSpec, device: torch.device | str | None = None, *,
+                   teacher: int = 0) -> torch.Tensor:
+    """Teacher ``teacher``'s logits (B, C) float32 on ``device`` (default: where the rows are),
+    rebuilt from the batch's cached rows; ``codec`` is its cache's (``data.codecs[teacher]``)."""
+    return decode(codec, *_rows(batch, device, teacher))
 
 
 def teacher_probs(batch: dict, codec: CodecSpec, temperature: float = 1.0,
-                  device: torch.device | str | None = None) -> torch.Tensor:
-    """The teacher's probabilities (B, C) float32 at temperature T: softmax(logits / T), rows
-    summing to 1, rebuilt on ``device`` from the batch's cached rows (a sampled cache: T = 1 only)."""
-    return rebuilt_probs(codec, *_rows(batch, device), temperature)
+                  device: torch.device | str | None = None, *, teacher: int = 0) -> torch.Tensor:
+    """Teacher ``teacher``'s probabilities (B, C) float32 at temperature T: softmax(logits / T),
+    rows summing to 1, rebuilt on ``device`` from the batch's cached rows (a sampled cache: T = 1 only)."""
+    return rebuilt_probs(codec, *_rows(batch, device, teacher), temperature)
+
+
+def ensemble_probs(batch: dict, codecs: list[CodecSpec], temperature: float = 1.0,
+                   device: torch.device | str | None = None, *, weights: list[float] | None = None) -> torch.Tensor:
+    """The teachers' combined target (B, C): ``sum_i w_i teacher_probs(teacher=i)`` at
+    temperature T, ``weights`` normalised to sum 1 (None: equal), one teacher per codec of
+    ``data.codecs`` (what ``train --teachers-mode mean-probs`` distils)."""
+    w = mix_weights(weights, len(codecs))
+    return sum(wi * teacher_probs(batch, c, temperature, device, teacher=i) for i, (c, wi) in enumerate(zip(codecs, w)))
 
 
 def teacher_features(batch: dict, data: CachedTrainData, device: torch.device | str | None = None) -> torch.Tensor:
@@ -145,6 +172,9 @@ def teacher_features(batch: dict, data: CachedTrainData, device: torch.device | 
     return decode_features(data.reader.manifest.feature_spec, data._basis[key], feat, scale)
 
 
-def _rows(batch: dict, device) -> tuple[torch.Tensor, ...]:
-    return tuple(batch[k].to(device, non_blocking=True) if device is not None else batch[k]
-                 for k in ("ids", "values", "tail"))
+def _rows(batch: dict, device, teacher: int) -> tuple[torch.Tensor, ...]:
+    keys = row_keys(teacher)
+    if keys[0] not in batch:
+        raise LogitcacheError(f"this batch holds no rows of teacher {teacher} ({teacher_count(batch)} teachers' "
+                              f"rows: one per cache given to CachedTrainData)")
+    return tuple(batch[k].to(device, non_blocking=True) if device is not None else batch[k] for k in keys)
