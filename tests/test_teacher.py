@@ -198,3 +198,29 @@ def test_teacher_input_size_sets_the_teachers_input_and_is_part_of_the_cache(syn
     assert Manifest.from_dict(manifest.to_dict()).teacher_input_size == 32
     with pytest.raises(LogitcacheError, match="at least 8 px"):
         Teacher("test_resnet", weights=str(tmp_path / "plain.pth"), num_classes=16, input_size=4)
+
+
+def test_a_model_built_with_extra_arguments_loads_as_a_teacher(tmp_path):
+    """A ViT trained at 32 px with patches of 4 (``train``'s model_kwargs) is rebuilt with those
+    arguments from its weights file; a damaged record of them is one clear error."""
+    from logitcache.trainer.checkpoint import save_student
+
+    from logitcache.build.teacher import META_KWARGS, Teacher
+    from logitcache.views.augment import create_recipe
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=4).eval()
+    path = tmp_path / "vit.safetensors"
+    save_student(model, path, "test_vit", 10, create_recipe("demo32"), {"img_size": 32, "patch_size": 4})
+    teacher = Teacher("test_vit", weights=str(path))
+    views, recipe = torch.randn(3, 3, 32, 32), create_recipe("demo32")
+    with torch.no_grad():  # views normalised as the model's own input: they reach it unchanged
+        expected = model(views)
+    assert torch.allclose(teacher(views, recipe.mean, recipe.std), expected, atol=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={**meta, META_KWARGS: "[1, 2"})
+    with pytest.raises(WeightsUnavailableError, match="not a JSON object of model arguments"):
+        Teacher("test_vit", weights=str(tmp_path / "bad.safetensors"))

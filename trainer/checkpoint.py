@@ -10,6 +10,7 @@ running sums of a stopped epoch's logged means).
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from logitcache.build.teacher import META_INPUT, META_MODEL, ModelInput
+from logitcache.build.teacher import META_INPUT, META_KWARGS, META_MODEL, ModelInput
 from logitcache.errors import LogitcacheError
 from logitcache.views.augment import Recipe
 
@@ -37,17 +38,22 @@ def cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_model(model: torch.nn.Module, path: Path, name: str, num_classes: int, io: ModelInput) -> None:
+def save_model(model: torch.nn.Module, path: Path, name: str, num_classes: int, io: ModelInput,
+               model_kwargs: dict | None = None) -> None:
     """safetensors weights with what ``--teacher-weights`` needs to rebuild the model: its timm
-    name, class count and input spec ``io`` (size, normalisation, interpolation)."""
-    save_file(_cpu_state(model), str(path),
-              metadata={META_MODEL: name, "num_classes": str(num_classes), META_INPUT: io.to_json()})
+    name, class count, input spec ``io`` (size, normalisation, interpolation) and the other
+    ``timm.create_model`` arguments it was built with (``model_kwargs``, JSON values)."""
+    meta = {META_MODEL: name, "num_classes": str(num_classes), META_INPUT: io.to_json()}
+    if model_kwargs:
+        meta[META_KWARGS] = json.dumps(model_kwargs, sort_keys=True)
+    save_file(_cpu_state(model), str(path), metadata=meta)
 
 
-def save_student(model: torch.nn.Module, path: Path, name: str, num_classes: int, recipe: Recipe) -> None:
+def save_student(model: torch.nn.Module, path: Path, name: str, num_classes: int, recipe: Recipe,
+                 model_kwargs: dict | None = None) -> None:
     """:func:`save_model` for a student trained on ``recipe``'s views."""
     io = ModelInput(recipe.input_size, tuple(recipe.mean), tuple(recipe.std), recipe.interpolation)
-    save_model(model, path, name, num_classes, io)
+    save_model(model, path, name, num_classes, io, model_kwargs)
 
 
 def save_checkpoint(out: Path, *, model, optimizer, scheduler, ema, mkd, epoch: int, batch: int, step: int,

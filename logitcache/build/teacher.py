@@ -31,6 +31,9 @@ TEACHER_ALIASES: dict[str, str] = {
 
 #: safetensors metadata keys that logitcache writes with every model it trains.
 META_MODEL, META_INPUT = "logitcache_model", "logitcache_input"
+#: ... and with a model built with extra ``timm.create_model`` arguments (``train``'s
+#: ``model_kwargs``, e.g. a ViT's img_size and patch_size): those, as a JSON object.
+META_KWARGS = "logitcache_model_kwargs"
 
 
 def resolve_name(name: str) -> str:
@@ -142,7 +145,7 @@ def create_model_from_weights(name: str | None, weights: str | Path, num_classes
         raise WeightsUnavailableError(f"{weights}: no model name given and none recorded in the file")
     if num_classes is None and meta.get("num_classes"):
         num_classes = int(meta["num_classes"])
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs = {**_recorded_kwargs(meta, weights), **({} if num_classes is None else {"num_classes": num_classes})}
     try:
         model = timm.create_model(resolve_name(name), pretrained=False, **kwargs)
     except RuntimeError as e:
@@ -156,6 +159,20 @@ def create_model_from_weights(name: str | None, weights: str | Path, num_classes
         )
     io = ModelInput.from_json(meta[META_INPUT]) if META_INPUT in meta else None
     return model, io
+
+
+def _recorded_kwargs(meta: dict[str, str], weights) -> dict:
+    """The ``timm.create_model`` arguments recorded in a weights file (:data:`META_KWARGS`)."""
+    if META_KWARGS not in meta:
+        return {}
+    try:
+        kwargs = json.loads(meta[META_KWARGS])
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict) or "num_classes" in kwargs:
+        raise WeightsUnavailableError(f"--teacher-weights {weights}: metadata {META_KWARGS} is not a JSON object of "
+                                      f"model arguments: {meta[META_KWARGS][:80]!r}")
+    return kwargs
 
 
 def _check_head(model: torch.nn.Module, state: dict[str, torch.Tensor], weights) -> None:
