@@ -158,7 +158,7 @@ def full_cache(tmp_path_factory, synth_data, tiny_teacher) -> str:
 def test_a_run_from_the_cache_equals_the_run_with_the_teacher_online(kind, which, request, synth_data, tiny_teacher,
                                                                       tmp_path):
     """deit-hard from the default cache (top-5, 8-bit gaps: its top-1 is exact): the same steps
-    as with the teacher online, to the last bit; deit-soft from a lossless cache: within 1e-6."""
+    as with the teacher online, to the last bit; deit-soft from a lossless cache: within 1e-5 (float32 rounding)."""
     cache = request.getfixturevalue(which)
     loss = LossConfig(kind=kind, temperature=1.0, kd_weight=0.5, hard_weight=0.5)  # DeiT's alpha and tau
     cached = train(_config(synth_data, cache, tmp_path / "cached", loss=loss))
@@ -170,8 +170,9 @@ def test_a_run_from_the_cache_equals_the_run_with_the_teacher_online(kind, which
         for k in ("loss", "hard", "kd"):
             if kind == "deit-hard":  # the cached top-1 is the online argmax: the same targets, the same bits
                 assert c[k] == o[k], (k, c[k], o[k])
-            else:  # the teacher's float32 logits; online it runs on other batches (CPU kernels round apart)
-                assert abs(c[k] - o[k]) <= 1e-6 * abs(o[k]), (k, c[k], o[k])
+            else:  # the teacher's float32 logits; online it runs on other batches (CPU kernels round apart:
+                # 1.4e-6 relative seen with one torch thread, the arithmetic of the whole suite's runs)
+                assert abs(c[k] - o[k]) <= 1e-5 * abs(o[k]), (k, c[k], o[k])
     assert steps_c[0]["kd"] > 0
     epoch = _rows(tmp_path / "cached" / "metrics.jsonl")[-1]
     for key in ("val_top1", "val_top1_class_head", "val_top1_dist_head"):
