@@ -144,6 +144,29 @@ def test_two_processes_build_both_caches_as_one(tmp_path, synth_data, tiny_teach
     assert_same_tree(caches["b1"], b)
 
 
+@pytest.mark.slow
+def test_two_teachers_to_object_storage_and_a_run_from_there(tmp_path, synth_data, tiny_teacher, second_teacher,
+                                                             caches, monkeypatch):
+    from s3_server import s3_server
+    from test_build_scale import assert_same_units
+
+    with s3_server() as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bucket")
+        a, b = "s3://bucket/a.zarr", "s3://bucket/b.zarr"
+        cli(*build_args(synth_data, (tiny_teacher, a), (second_teacher, b), epochs="1"))
+        assert_same_units(caches["a1"], a, [0], shards=3)
+        assert_same_units(caches["b1"], b, [0], shards=3)
+        cli("train", "--data", synth_data, "--cache", a, "--cache", b, "--student", "test_resnet", "--epochs", "1",
+            "--batch-size", "16", "--limit-batches", "2", "--workers", "0", "--no-tensorboard", "--no-progress",
+            "--device", "cpu", "--out", tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["cache"] == [a, b] and summary["config"]["teachers"]["mode"] == "mean-probs"
+
+
 def test_views_of_builds_on_exactly_the_views_of_a_cache(tmp_path, synth_data, second_teacher, caches):
     c = tmp_path / "c.zarr"
     # no --recipe, no --epochs: the cache's recipe and complete epochs
@@ -257,6 +280,20 @@ def test_modes_equal_their_definitions(seed):
     by_sample = torch.stack([(F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum(-1)
                              * 4 for t in (ta, tb)])
     assert torch.allclose(terms["kd"], (w * by_sample).sum(0).mean(), rtol=1e-10)
+
+
+def test_per_teacher_at_one_temperature_has_the_gradient_of_mean_probs():
+    s, teachers, y = _logits(7, k=3)
+    cfg = LossConfig(kind="kd", temperature=3.0)
+    grads = []
+    for mode in ("mean-probs", "per-teacher"):
+        student = s.clone().requires_grad_(True)
+        multi_teacher_loss(cfg, TeachersConfig(mode, mix=[1, 2, 3]), student, teachers, y)[0].backward()
+        grads.append(student.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+    _, per = multi_teacher_loss(cfg, TeachersConfig("per-teacher", mix=[1, 2, 3]), s, teachers, y)
+    _, mean = multi_teacher_loss(cfg, TeachersConfig("mean-probs", mix=[1, 2, 3]), s, teachers, y)
+    assert per["kd"] > mean["kd"]  # the losses differ (by the teachers' spread), the gradients do not
 
 
 @settings(max_examples=60, deadline=None)
