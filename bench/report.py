@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .common import RESULTS_DIR
 
-ORDER = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch")
+ORDER = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch", "teachers")
 TITLES = {
     "build": "1. Build throughput (build vs raw teacher)",
     "train_step": "2. Student step time (CE vs cached KD vs online KD)",
@@ -22,6 +22,7 @@ TITLES = {
     "features": "6. Teacher features (`build --features`): bytes per view, reconstruction, projector step cost",
     "replay": "7. Replay loader vs timm's loader: views/s of a training epoch's loader, side by side",
     "epoch": "8. Whole training epochs, loader included: logitcache train vs timm's loop (CE, KD)",
+    "teachers": "9. Two teachers, one rendering pass: build throughput against two single-teacher builds",
 }
 
 # (benchmark, summary key, target, direction, what)
@@ -32,6 +33,7 @@ TARGETS = [
     ("train_step", "cached_over_ce_step", 1.05, "<=", "cached-KD step / CE step (ResNet-50)"),
     ("train_step", "deit_t_distilled.cached_over_ce_step", 1.05, "<=",
      "cached deit-hard step / CE step (DeiT-Ti distilled)"),
+    ("train_step", "cached_2t_over_ce_step", 1.05, "<=", "cached KD step from two teachers' caches / CE step (ResNet-50)"),
     ("train_step", "speedup_over_ideal_resnet152", 0.9, ">=", "speedup over online / ideal, teacher ResNet-152"),
     ("train_step", "speedup_over_ideal_beitv2_l", 0.9, ">=", "speedup over online / ideal, teacher BEiTv2-L"),
     ("reader", "gather_shuffled_views_per_s", 1e6, ">=", "reader views/s per process, epoch loaded (shuffled rows)"),
@@ -54,6 +56,7 @@ TARGETS = [
     ("replay", "ours_over_timm_224px_w2", 1.0, ">=", "replay loader / timm's loader views/s, 224 px, 2 workers"),
     ("epoch", "ce_epoch_over_timm", 1.05, "<=", "CE epoch, logitcache train / timm's loop (loader included)"),
     ("epoch", "kd_speedup_over_ideal", 0.9, ">=", "cached KD epoch vs timm online KD, share of the ideal speed-up"),
+    ("teachers", "two_teacher_build_speedup", 1.0, ">=", "two single-teacher builds / one build of both, wall time"),
     ("accuracy_codecs", "acc_gap8_minus_float16_abs_pp", 0.5, "<=",
      "|mean paired difference| gap8 vs float16 top-10, pp"),
 ]
@@ -297,6 +300,13 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
     methods_path = results / "accuracy_methods.json"
     if methods_path.is_file():
         lines += _methods_markdown(json.loads(methods_path.read_text()))
+    teachers_path = results / "accuracy_teachers.json"
+    if teachers_path.is_file():  # python -m bench.accuracy.teachers
+        from .accuracy.teachers import markdown as teachers_markdown
+
+        lines += ["## 12. Accuracy from two teachers on the same views (CNN + ViT; mean-probs, per-teacher, CA-MKD)",
+                  "", f"`{json.loads(teachers_path.read_text())['settings']['command'].strip()}`", "",
+                  teachers_markdown(json.loads(teachers_path.read_text())), ""]
     md_path.write_text("\n".join(lines))
     return md_path
 

@@ -23,7 +23,7 @@ from logitcache.distributed import resolve_device
 
 from .common import RESULTS_DIR, Clock, Ctx, environment
 
-BENCHMARKS = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch")
+BENCHMARKS = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch", "teachers")
 
 
 def _jsonable(o):

@@ -8,7 +8,8 @@ the rest:
 * ``cached``: the same plus the cached teacher rows of the default codec (topk, k = 10,
   gap8: ``ids``, ``values``, ``tail`` as pre-made tensors in their stored dtypes, as the
   DataLoader workers deliver them) moved to the device, ``logitcache.codecs.logits.decode`` there, and
-  ``logitcache.trainer.losses.distill_loss`` kind ``kd`` (CE + KL at T = 1);
+  ``logitcache.trainer.losses.distill_loss`` kind ``kd`` (CE + KL at T = 1); ``cached_2t``: two
+  teachers' rows, each decoded, their mean probabilities distilled (``--teachers-mode mean-probs``);
 * ``online_<teacher>``: timm's ``timm.task.LogitDistillationTask`` (teacher forward under
   ``no_grad`` on the same batch, its own KL), backward, AdamW step.
 
@@ -33,9 +34,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from logitcache.replay.teachers import ROW_ARRAYS, row_keys
 
 from .common import Ctx, PeakRSS, interleaved, save_figure, stats, sync
 
@@ -91,14 +93,12 @@ class Bench:
         label = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
         partner = label.flip(0)
         lam = torch.rand(batch, generator=g)
-        logits, _ = teacher_like_logits(batch, NUM_CLASSES, seed=seed)
         self.codec = create_codec("topk", NUM_CLASSES, K)  # the default: gap8 values
-        rows = encode(self.codec, torch.from_numpy(logits))
-        host = {  # what collate + CachedRows hand over: teacher rows in their stored dtypes (uint16 ids, uint8
-            # gap codes, uint16 tail code)
-            "images": x, "label": label, "partner_label": partner, "lam": lam,
-            **{key: torch.from_numpy(rows[key]) for key in ("ids", "values", "tail")},
-        }
+        host = {"images": x, "label": label, "partner_label": partner, "lam": lam}
+        for t in range(2):  # what collate + CachedRows hand over: two teachers' rows in their stored dtypes
+            # (uint16 ids, uint8 gap codes, uint16 tail code; teacher 1's for the cached_2t variant)
+            rows = encode(self.codec, torch.from_numpy(teacher_like_logits(batch, NUM_CLASSES, seed=seed + t)[0]))
+            host.update({key: torch.from_numpy(rows[k]) for k, key in zip(ROW_ARRAYS, row_keys(t))})
         self.host = {k: v.pin_memory() for k, v in host.items()} if cuda else host
         torch.manual_seed(seed)
         self.student = timm.create_model(student_name, pretrained=False, num_classes=NUM_CLASSES).to(device)
@@ -165,6 +165,20 @@ class Bench:
             loss, _ = distill_loss(LossConfig(kind="kd"), logits.float(), teacher_logits, target)
         self._update(loss)
 
+    def step_cached_2t(self):
+        """Vanilla KD from two caches' rows, --teachers-mode mean-probs (trainer/step.py, trainer/ensemble.py)."""
+        from logitcache.trainer.ensemble import TeachersConfig, multi_teacher_loss
+        from logitcache.trainer.losses import LossConfig
+
+        from logitcache.codecs.logits import decode
+
+        (x, target), h, dev = self._inputs(), self.host, self.device
+        teachers = [decode(self.codec, *(h[k].to(dev, non_blocking=True) for k in row_keys(t))) for t in range(2)]
+        with self.autocast:
+            logits = self.student(x)
+        self._update(multi_teacher_loss(LossConfig(kind="kd"), TeachersConfig("mean-probs"), logits.float(), teachers,
+                                        target)[0])
+
     def add_online(self, teacher_name: str) -> None:
         import timm
         from timm.loss import SoftTargetCrossEntropy
@@ -190,6 +204,7 @@ class Bench:
 
     def step_fns(self) -> dict:
         fns = {"ce": self.step_ce, "cached": self.step_cached}
+        fns |= {} if self.token else {"cached_2t": self.step_cached_2t}
         for t in self.tasks:
             fns[f"online_{short(t)}"] = (lambda t=t: self.step_online(t))
         return fns
@@ -251,6 +266,7 @@ def figures(times: dict[str, list[float]], teachers: list[str]) -> dict[str, flo
         "cached_step_s": med["cached"],
         "cached_over_ce_step": paired("cached", "ce"),
         "cached_over_ce_step_of_medians": med["cached"] / med["ce"],
+        **({"cached_2t_over_ce_step": paired("cached_2t", "ce")} if "cached_2t" in times else {}),
     }
     for t in teachers:
         speedup, ideal = paired(f"online_{t}", "cached"), paired(f"online_{t}", "ce")
@@ -333,6 +349,9 @@ def markdown(data: dict) -> str:
         lines += ["", f"- `cached_over_ce_step` = **{f['cached_over_ce_step']:.3f}** (target <= 1.05; median over "
                       f"rounds of the ratio within a round; ratio of the medians: "
                       f"{f['cached_over_ce_step_of_medians']:.3f})"]
+        if "cached_2t_over_ce_step" in f:
+            lines.append(f"- `cached_2t_over_ce_step` (two teachers' rows, `--teachers-mode mean-probs`) = "
+                         f"**{f['cached_2t_over_ce_step']:.3f}** (target <= 1.05)")
         for k, v in f.items():
             if k.startswith("speedup_over_online_"):
                 t = k.removeprefix("speedup_over_online_")
@@ -356,7 +375,7 @@ def plot(data: dict, outdir) -> list[str]:
         med = [res["step_seconds"][n]["median"] for n in names]
         err = [[m - res["step_seconds"][n]["q1"] for n, m in zip(names, med)],
                [res["step_seconds"][n]["q3"] - m for n, m in zip(names, med)]]
-        colors = ["#888" if n == "ce" else "#2a7" if n == "cached" else "#c54" for n in names]
+        colors = ["#888" if n == "ce" else "#2a7" if n.startswith("cached") else "#c54" for n in names]
         ax.bar(names, med, yerr=err, color=colors, capsize=3)
         ax.set_ylabel("step time (s)")
         ax.set_title(f"{student}, batch {data['settings']['batch_size']} ({data['meta']['device']})", fontsize=9)

@@ -78,3 +78,14 @@ def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
     assert scale["resume_scan_local_listings_per_epoch"] == 1 and scale["resume_scan_s3_requests_per_epoch"] == 1
     assert scale["cli_first_unit_s"] > 0 and scale["startup_to_first_batch_s"] > 0
     assert (ROOT / "README.md").read_text() == readme_before  # only the committed results rewrite README
+
+
+def test_paired_studies_difference_by_seed_and_tabulate():
+    from bench.accuracy.paired import paired, pm, tables
+
+    top1 = {"ce": [10.0, 12.0, 11.0], "kd": [11.5, 12.5, 13.0]}
+    diffs = paired(top1, [("kd - CE", "kd", "ce")])
+    assert diffs == {"kd - CE": [1.5, 0.5, 2.0]}
+    assert pm(diffs["kd - CE"], "+") == "+1.33 +- 0.76" and pm([3.0]) == "3.00 +- 0.00"
+    lines = tables({"top1": top1, "paired_pp": diffs}, "paired")
+    assert "| kd | 12.33 +- 0.76 |" in lines and "| kd - CE | +1.33 +- 0.76 |" in lines

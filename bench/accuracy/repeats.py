@@ -18,13 +18,10 @@ prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 from .jobs import log, obtain_teacher, prepare_dataset
+from .paired import paired, parse_args, run_variants, save_result, tables
 from .plan import TEACHER
 
 DEIT = "deit_tiny_distilled_patch16_224"
@@ -74,54 +71,21 @@ def _variants(caches: dict, teacher: dict) -> dict[str, dict]:
     }
 
 
-def _run(data: Path, out: Path, seed: int, epochs: int, settings: dict) -> dict:
-    from logitcache.trainer.config import TrainConfig
-    from logitcache.trainer.train import train
-
-    done = out / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    t0 = time.perf_counter()
-    summary = train(TrainConfig(data=str(data), out=str(out), epochs=epochs, batch_size=120, num_workers=2, seed=seed,
-                                tensorboard=False, progress=False, **settings))
-    result = {"top1": summary["final_top1"], "seconds": time.perf_counter() - t0}
-    done.write_text(json.dumps(result))
-    return result
-
-
-def _pm(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+.2f} +- {sd:.2f}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.accuracy.repeats", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=6, help="student epochs = cached epochs")
-    p.add_argument("--teacher-epochs", type=int, default=20)
-    p.add_argument("--workdir", default="runs/accuracy")
-    p.add_argument("--workers", type=int, default=2, help="cache builds' DataLoader workers")
-    p.add_argument("--output", default="bench/results/accuracy_repeats.json")
-    a = p.parse_args(argv)
+    a = parse_args("python -m bench.accuracy.repeats", __doc__, argv, epochs=6, teacher_epochs=20,
+                   output="bench/results/accuracy_repeats.json")
     work = Path(a.workdir)
     data = prepare_dataset("synth", work)
     teacher = obtain_teacher("synth", data, work, a.teacher_epochs, a.workers, prefer_epochs=None)
     caches = {r: _cache(data, work, teacher, r, a.epochs, a.workers) for r in (1, 3)}
-    runs: dict[str, list[dict]] = {}
-    for name, settings in _variants(caches, teacher).items():
-        for seed in range(a.seeds):
-            log(f"{name} seed {seed}")
-            out = work / "synth" / "repeats_study" / f"e{a.epochs}" / name / f"seed{seed}"
-            runs.setdefault(name, []).append(_run(data, out, seed, a.epochs, settings))
+    runs = run_variants(data, work / "synth" / "repeats_study" / f"e{a.epochs}", _variants(caches, teacher), a.seeds,
+                        a.epochs, {"batch_size": 120, "num_workers": 2})
     top1 = {name: [r["top1"] for r in rs] for name, rs in runs.items()}
-    paired = {what: [x - y for x, y in zip(top1[v], top1[ref])] for what, v, ref in PAIRS}
-    result = {"settings": {"dataset": "synth", "teacher": TEACHER, "teacher_top1": teacher.get("val_top1"),
-                           "epochs": a.epochs, "seeds": a.seeds, "deit": DEIT, "deit_kwargs": DEIT_KWARGS,
-                           "command": "python -m bench.accuracy.repeats " + " ".join(argv or [])},
-              "top1": top1, "paired_pp": paired,
-              "seconds": {name: sum(r["seconds"] for r in rs) for name, rs in runs.items()}}
-    Path(a.output).write_text(json.dumps(result, indent=2))
-    print(markdown(result))
+    differences = paired(top1, PAIRS)
+    settings = {"dataset": "synth", "teacher": TEACHER, "teacher_top1": teacher.get("val_top1"),
+                "epochs": a.epochs, "seeds": a.seeds, "deit": DEIT, "deit_kwargs": DEIT_KWARGS,
+                "command": "python -m bench.accuracy.repeats " + " ".join(argv or [])}
+    print(markdown(save_result(a.output, settings, top1, differences, runs)))
     return 0
 
 
@@ -129,11 +93,7 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"Synth (128 classes, 32 px), teacher `{s['teacher']}` ({s['teacher_top1']:.2f}% val top-1), "
              f"{s['epochs']} student epochs, {s['seeds']} seeds; val top-1 %, mean +- std over seeds.", "",
-             "| variant | val top-1 |", "|---|---:|"]
-    for name, v in result["top1"].items():
-        lines.append(f"| {name} | {statistics.mean(v):.2f} +- {statistics.stdev(v) if len(v) > 1 else 0:.2f} |")
-    lines += ["", "| paired by seed | difference, pp |", "|---|---:|"]
-    lines += [f"| {what} | {_pm(d)} |" for what, d in result["paired_pp"].items()]
+             *tables(result)]
     return "\n".join(lines)
 
 
