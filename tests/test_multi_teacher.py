@@ -209,8 +209,10 @@ def test_caches_on_other_views_are_refused_in_one_line(tmp_path, synth_data, tin
     with pytest.raises(CacheMismatchError, match="epoch 3, unit 1 has plan digests bbbbbbbbbbbb and aaaaaaaaaaaa"):
         check_same_plans(3, [["x" * 64, "b" * 64], ["x" * 64, "a" * 64]], ["one.zarr", "two.zarr"])
     assert cli_refusal(*run, "--cache", caches["a1"], "--cache", caches["a1"]).startswith("--cache names one cache twice")
+    assert "learns a pair of temperatures per teacher: use --teachers-mode per-teacher" in cli_refusal(
+        *run, "--cache", caches["a1"], "--cache", caches["b1"], "--kd", "mkd")
     assert "distils from one teacher" in cli_refusal(*run, "--cache", caches["a1"], "--cache", caches["b1"],
-                                                     "--kd", "mkd")
+                                                     "--kd", "projector")
     assert "per-sample KD terms" in cli_refusal(*run, "--cache", caches["a1"], "--cache", caches["b1"],
                                                 "--kd", "dkd", "--teachers-mode", "ca-mkd")
     assert "3 teacher temperatures for 2 caches" in cli_refusal(
@@ -357,3 +359,31 @@ def test_two_rank_ddp_from_two_caches_matches_one_process(tmp_path, synth_data, 
     assert [r["step"] for r in ddp] == [r["step"] for r in one] == [1, 2, 3, 4]
     worst = max(abs(d[k] - o[k]) / abs(o[k]) for d, o in zip(ddp, one) for k in ("loss", "hard", "kd"))
     assert worst <= 1e-5, (worst, ddp, one)
+
+
+def test_mkd_learns_a_temperature_pair_per_teacher_and_resumes_exactly(tmp_path, synth_data, caches):
+    from logitcache.trainer.config import MKDConfig
+
+    cfg = base_config(synth_data, [str(caches["a1"]), str(caches["b1"])], tmp_path / "ref", student="test_vit",
+                      batch_size=8, limit_batches=6, deterministic=True, meta_fraction=0.3,
+                      mkd=MKDConfig(meta_every=2, meta_lr=0.1), teachers=TeachersConfig("per-teacher", mix=[3, 1]))
+    summary = train(cfg)
+    steps = read_rows(tmp_path / "ref" / "steps.jsonl")
+    pairs = [(r["t_teacher"], r["t_student"], r["t_teacher_1"], r["t_student_1"]) for r in steps]
+    assert all(t > 0 for p in pairs for t in p) and pairs[0] != pairs[-1]
+    assert {r["t_teacher"] for r in steps} != {r["t_teacher_1"] for r in steps}  # each teacher its own
+    assert {"t_teacher", "t_student", "t_teacher_1", "t_student_1"} <= set(summary)
+
+    def sigterm_at_step_3(info):
+        if info["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = replace(cfg, out=str(tmp_path / "run"))
+    with pytest.raises(TrainingStopped):
+        train(stopped, on_step=sigterm_at_step_3)
+    train(replace(stopped, resume=True))
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    run = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(ref[k], run[k]) for k in ref)
+    assert [(r["t_teacher_1"], r.get("meta_loss")) for r in read_rows(tmp_path / "run" / "steps.jsonl")] == \
+        [(r["t_teacher_1"], r.get("meta_loss")) for r in steps]

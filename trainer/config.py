@@ -300,7 +300,10 @@ def check_teachers(cfg: TrainConfig) -> None:
     k = len(cfg.cache_urls)
     if len(set(cfg.cache_urls)) < k:
         raise ConfigError(f"--cache names one cache twice: {cfg.cache_urls}")
-    single = ("MKD (learned temperatures)" if cfg.mkd is not None else "ProKT" if cfg.prokt is not None
+    if cfg.mkd is not None and (cfg.teachers.mode != "per-teacher" or cfg.teachers.temperatures is not None):
+        raise ConfigError(f"MKD with {k} caches learns a pair of temperatures per teacher: use --teachers-mode "
+                          f"per-teacher, without --teacher-temperatures")
+    single = ("ProKT" if cfg.prokt is not None
               else "--online-teacher" if cfg.online_teacher else f"--kd {cfg.loss.kind}"
               if cfg.loss.kind in ("projector", *TOKEN_KINDS) else None)
     if single:

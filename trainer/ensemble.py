@@ -9,6 +9,8 @@ Modes:
 * ``per-teacher``: one distillation term per teacher, each at its own temperature, weighted.
   With vanilla KD at one shared temperature its gradient is mean-probs' (d KL(p || q) / ds =
   T (q - p) is linear in p): the two differ only with their own temperatures, or DKD / DIST.
+  With MKD (``--kd mkd``), each teacher's pair of temperatures is meta-learned
+  (trainer/mkd.py: ``MetaTemperatureLearner(..., teachers=K)``).
 * ``ca-mkd``: Confidence-Aware Multi-Teacher KD (Zhang, Chen and Wang, ICASSP 2022,
   "Confidence-Aware Multi-Teacher Knowledge Distillation"), its logit term: per sample,
   teacher k's weight is ``w_k = (1 - softmax_k(L_CE^k)) / (K - 1)`` with ``L_CE^k`` teacher

@@ -83,7 +83,7 @@ def train_one_epoch(run: Run, loader, epoch: int, tally: EpochTally) -> float:
     """Train ``epoch`` on ``loader``'s batches (from ``run.pos.batch`` on), adding every step's
     logged means to ``tally``; returns the seconds it took. ``run.pos.step`` advances."""
     parts, pos, env = run.parts, run.pos, run.env
-    keys = [*EPOCH_TERMS] + (["t_teacher", "t_student"] if parts.mkd is not None else [])
+    keys = [*EPOCH_TERMS] + (parts.mkd.logged_keys() if parts.mkd is not None else [])
     if parts.projector is not None:  # the projector's distance: in the step rows and the epoch's means
         keys.append("feature")
         tally.sums.setdefault("feature", 0.0)

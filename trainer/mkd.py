@@ -66,6 +66,8 @@ import torch.nn.functional as F
 from timm.utils import unwrap_model
 from torch import Tensor
 
+from logitcache.replay.teachers import mix_weights
+
 from .config import MKDConfig
 from .losses import LossConfig, hard_label_loss, kd_loss
 from .temperatures import Temperatures
@@ -81,8 +83,9 @@ def mkd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     target: Tensor,
-    t_teacher: float | Tensor,
-    t_student: float | Tensor,
+    t_teacher: float | Tensor | list,
+    t_student: float | Tensor | list,
+    weights: list[float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The KD training loss with explicit temperatures.
 
@@ -98,13 +101,19 @@ def mkd_loss(
         teacher_logits: (B, C) (any float dtype; cast to the student's).
         target: (B, C) mixed / smoothed target probabilities.
         t_teacher, t_student: float, 0-d or (B,) tensors.
+        Several teachers (trainer/ensemble.py's per-teacher mode): ``teacher_logits``,
+        ``t_teacher`` and ``t_student`` are lists, one per teacher, and the KD term is
+        ``sum_i weights[i] kd_loss(s, t_i, T_t_i, student_temperature=T_s_i)``.
 
     Returns:
         ``(total, {"hard": hard, "kd": kd})`` like ``distill_loss``.
     """
-    teacher_logits = teacher_logits.to(student_logits.dtype)
     hard = hard_label_loss(student_logits, target, kind=cfg.hard_kind)
-    kd = kd_loss(student_logits, teacher_logits, t_teacher, student_temperature=t_student)
+    if isinstance(teacher_logits, list):
+        kd = sum(w * kd_loss(student_logits, z.to(student_logits.dtype), tt, student_temperature=ts)
+                 for z, tt, ts, w in zip(teacher_logits, t_teacher, t_student, weights))
+    else:
+        kd = kd_loss(student_logits, teacher_logits.to(student_logits.dtype), t_teacher, student_temperature=t_student)
     return cfg.hard_weight * hard + cfg.kd_weight * kd, {"hard": hard, "kd": kd}
 
 
@@ -128,6 +137,9 @@ class MetaTemperatureLearner:
         num_classes: C (>= 2); logits passed in must have C columns.
         device: where the temperature parameters live (the student's device).
         dtype: dtype of the temperature parameters (float32; float64 for gradient checks).
+        teachers: K teachers' caches distilled per teacher (trainer/ensemble.py): a pair of
+            temperatures per teacher, meta-learned together; ``teacher_weights`` their fixed
+            mix (None: equal). Teacher logits are then lists of K (B, C) tensors.
 
     Attributes:
         temperatures: the :class:`Temperatures` module.
@@ -136,13 +148,15 @@ class MetaTemperatureLearner:
     """
 
     def __init__(self, cfg: MKDConfig, num_classes: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, teachers: int = 1, teacher_weights: list[float] | None = None):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.cfg = cfg
         self.num_classes = num_classes
-        self.temperatures = Temperatures(cfg).to(device=device, dtype=dtype)
-        self.optimizer = torch.optim.Adam(self.temperatures.parameters(), lr=cfg.meta_lr)
+        self.temperatures = Temperatures(cfg).to(device=device, dtype=dtype)  # teacher 0's (the only one's)
+        self.extra = nn.ModuleList([Temperatures(cfg) for _ in range(teachers - 1)]).to(device=device, dtype=dtype)
+        self.weights = mix_weights(teacher_weights, teachers)
+        self.optimizer = torch.optim.Adam([*self.temperatures.parameters(), *self.extra.parameters()], lr=cfg.meta_lr)
         self.num_meta_steps = 0
         self._last = {"t_teacher": cfg.init_teacher_temperature, "t_student": cfg.init_student_temperature}
 
@@ -159,19 +173,45 @@ class MetaTemperatureLearner:
             0-d tensors (scalar mode) or (B,) tensors (predictor), in the student logits'
             dtype and device.
         """
-        self._check(student_logits, teacher_logits)
-        t_t, t_s = self.temperatures(student_logits, teacher_logits)
-        self._last = {"t_teacher": t_t.mean(), "t_student": t_s.mean()}  # no device sync here
+        t_t, t_s = self._temperatures(student_logits, teacher_logits)
+        self._last = self.logged(t_t, t_s)  # no device sync here
+        return t_t, t_s
+
+    def _temperatures(self, student_logits: Tensor, teacher_logits: Tensor | list[Tensor]):
+        """(T_t, T_s) for these logits in their dtype and device; lists of K with K teachers."""
         like = student_logits
-        return t_t.to(like.device, like.dtype), t_s.to(like.device, like.dtype)
+        pairs = []
+        for temps, z in zip([self.temperatures, *self.extra], self._teachers(teacher_logits)):
+            self._check(student_logits, z)
+            t_t, t_s = temps(student_logits, z)
+            pairs.append((t_t.to(like.device, like.dtype), t_s.to(like.device, like.dtype)))
+        if not isinstance(teacher_logits, list):
+            return pairs[0]
+        return [t for t, _ in pairs], [t for _, t in pairs]
+
+    def _teachers(self, teacher_logits: Tensor | list[Tensor]) -> list[Tensor]:
+        many = teacher_logits if isinstance(teacher_logits, list) else [teacher_logits]
+        if len(many) != 1 + len(self.extra):
+            raise ValueError(f"{len(many)} teachers' logits for temperatures of {1 + len(self.extra)} teachers")
+        return many
+
+    def logged(self, t_t, t_s) -> dict[str, Tensor]:
+        """The batch-mean temperatures as logged: ``t_teacher``, ``t_student`` (teacher 0's) and
+        ``t_teacher_<i>``, ``t_student_<i>`` for teachers i >= 1 (:meth:`logged_keys`)."""
+        pairs = zip(t_t, t_s) if isinstance(t_t, list) else [(t_t, t_s)]
+        return {k: v.mean() for i, (a, b) in enumerate(pairs)
+                for k, v in ((_key("t_teacher", i), a), (_key("t_student", i), b))}
+
+    def logged_keys(self) -> list[str]:
+        return [_key(name, i) for i in range(1 + len(self.extra)) for name in ("t_teacher", "t_student")]
 
     @torch.no_grad()
     def current(self) -> dict[str, float]:
         """``{"t_teacher", "t_student"}`` for logging: the current scalar temperatures, or
         (predictor) the batch means of the last :meth:`kd_temperatures` call."""
         if not self.cfg.predictor:
-            t_t, t_s = self.temperatures()
-            return {"t_teacher": float(t_t), "t_student": float(t_s)}
+            return {k: float(v) for i, temps in enumerate([self.temperatures, *self.extra])
+                    for k, v in zip((_key("t_teacher", i), _key("t_student", i)), temps())}
         return {k: float(v) for k, v in self._last.items()}
 
     def should_step(self, step: int) -> bool:
@@ -222,10 +262,8 @@ class MetaTemperatureLearner:
 
         with _math_sdpa():
             logits = torch.func.functional_call(model, ({**trainable, **frozen}, buffers), (x,))
-        self._check(logits, teacher_logits)
-        t_t, t_s = self.temperatures(logits, teacher_logits)
-        t_t, t_s = t_t.to(logits.dtype), t_s.to(logits.dtype)
-        loss, _ = mkd_loss(loss_cfg, logits, teacher_logits, target_probs, t_t, t_s)
+        t_t, t_s = self._temperatures(logits, teacher_logits)
+        loss, _ = mkd_loss(loss_cfg, logits, teacher_logits, target_probs, t_t, t_s, self.weights)
         grads = torch.autograd.grad(loss, list(trainable.values()), create_graph=True, allow_unused=True)
         updated = {
             n: p if g is None else p - step * g for (n, p), g in zip(trainable.items(), grads)
@@ -256,7 +294,7 @@ class MetaTemperatureLearner:
             ``{"meta_loss", "t_teacher", "t_student"}``: the meta CE and the (batch-mean)
             temperatures used in the look-ahead, i.e. before this update.
         """
-        params = [p for p in self.temperatures.parameters() if p.requires_grad]
+        params = [p for p in [*self.temperatures.parameters(), *self.extra.parameters()] if p.requires_grad]
         meta, t_t, t_s = self.meta_loss(model, x, teacher_logits, target_probs, x_meta, y_meta,
                                         student_lr=student_lr, loss_cfg=loss_cfg)
         grads = torch.autograd.grad(meta, params, allow_unused=True)
@@ -273,19 +311,17 @@ class MetaTemperatureLearner:
                 torch.distributed.all_reduce(meta_value)
                 meta_value.div_(world)
         self.optimizer.step()
-        self.temperatures.project_()
+        for temps in [self.temperatures, *self.extra]:
+            temps.project_()
         self.num_meta_steps += 1
-        return {
-            "meta_loss": float(meta_value),
-            "t_teacher": float(t_t.detach().mean()),
-            "t_student": float(t_s.detach().mean()),
-        }
+        return {"meta_loss": float(meta_value), **{k: float(v.detach()) for k, v in self.logged(t_t, t_s).items()}}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Temperatures, Adam state, step count and the config (for checking on load)."""
         return {
             "temperatures": self.temperatures.state_dict(),
+            **({"extra_temperatures": [m.state_dict() for m in self.extra]} if len(self.extra) else {}),
             "optimizer": self.optimizer.state_dict(),
             "num_meta_steps": self.num_meta_steps,
             "config": asdict(self.cfg),
@@ -298,7 +334,13 @@ class MetaTemperatureLearner:
             raise ValueError(
                 f"checkpoint has predictor={saved['predictor']}, this learner predictor={self.cfg.predictor}"
             )
+        extra = state.get("extra_temperatures", [])
+        if len(extra) != len(self.extra):
+            raise ValueError(f"checkpoint has temperatures of {1 + len(extra)} teachers, this run "
+                             f"{1 + len(self.extra)}")
         self.temperatures.load_state_dict(state["temperatures"])
+        for module, saved_state in zip(self.extra, extra):
+            module.load_state_dict(saved_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.num_meta_steps = int(state.get("num_meta_steps", 0))
 
@@ -311,3 +353,8 @@ class MetaTemperatureLearner:
             )
         if student_logits.shape[1] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} classes, got logits of shape {tuple(student_logits.shape)}")
+
+
+def _key(name: str, teacher: int) -> str:
+    """A logged temperature's key: ``name`` for teacher 0, ``name_<i>`` for teacher i."""
+    return name if teacher == 0 else f"{name}_{teacher}"

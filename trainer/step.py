@@ -230,10 +230,11 @@ def _loss(spec: StepSpec, parts: StudentParts, x: torch.Tensor,
     """The student's forward and its loss: MKD's KD at the learned temperatures, ``cfg.loss``,
     or from several teachers ``cfg.teachers`` (trainer/ensemble.py)."""
     logits = _student_logits(spec, parts, x)
-    if isinstance(teacher_logits, list):
+    if parts.mkd is None and isinstance(teacher_logits, list):
         return multi_teacher_loss(spec.cfg.loss, spec.cfg.teachers, logits, teacher_logits, target, epoch=frac_epoch)
     if parts.mkd is None:
         return distill_loss(spec.cfg.loss, logits, teacher_logits, target, epoch=frac_epoch)
+    # MKD: learned temperatures (several teachers: a pair per teacher, one KD term each)
     t_t, t_s = parts.mkd.kd_temperatures(logits.detach(), teacher_logits)
-    loss, terms = mkd_loss(spec.cfg.loss, logits, teacher_logits, target, t_t, t_s)
-    return loss, {**terms, "t_teacher": t_t.mean(), "t_student": t_s.mean()}
+    loss, terms = mkd_loss(spec.cfg.loss, logits, teacher_logits, target, t_t, t_s, parts.mkd.weights)
+    return loss, {**terms, **parts.mkd.logged(t_t, t_s)}

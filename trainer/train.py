@@ -155,7 +155,10 @@ def _create_parts(cfg: TrainConfig, inputs: RunInputs, env: DistContext) -> Stud
     trained = projector if projector is not None else model
     optimizer, scheduler = create_optimizer_and_scheduler(trained, cfg, inputs.steps_per_epoch)
     ema = timm.utils.ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    mkd = MetaTemperatureLearner(cfg.mkd, num_classes, device) if cfg.mkd is not None else None
+    mkd = None
+    if cfg.mkd is not None:  # several caches (per-teacher): a pair of temperatures per teacher
+        mkd = MetaTemperatureLearner(cfg.mkd, num_classes, device, teachers=max(1, len(inputs.readers)),
+                                     teacher_weights=cfg.teachers.mix if len(inputs.readers) > 1 else None)
     train_model = trained
     if env.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
