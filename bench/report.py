@@ -22,7 +22,7 @@ TITLES = {
     "features": "6. Teacher features (`build --features`): bytes per view, reconstruction, projector step cost",
     "replay": "7. Replay loader vs timm's loader: views/s of a training epoch's loader, side by side",
     "epoch": "8. Whole training epochs, loader included: logitcache train vs timm's loop (CE, KD)",
-    "teachers": "9. Two teachers, one rendering pass: build throughput against two single-teacher builds",
+    "teachers": "8b. Two teachers, one rendering pass: build throughput against two single-teacher builds",
 }
 
 # (benchmark, summary key, target, direction, what)
