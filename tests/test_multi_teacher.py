@@ -155,8 +155,8 @@ def test_two_teachers_to_object_storage_and_a_run_from_there(tmp_path, synth_dat
             monkeypatch.setenv(k, v)
         import s3fs
 
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bucket")
-        a, b = "s3://bucket/a.zarr", "s3://bucket/b.zarr"
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("two-teachers")
+        a, b = "s3://two-teachers/a.zarr", "s3://two-teachers/b.zarr"
         cli(*build_args(synth_data, (tiny_teacher, a), (second_teacher, b), epochs="1"))
         assert_same_units(caches["a1"], a, [0], shards=3)
         assert_same_units(caches["b1"], b, [0], shards=3)
