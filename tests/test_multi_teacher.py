@@ -215,6 +215,7 @@ def test_caches_on_other_views_are_refused_in_one_line(tmp_path, synth_data, tin
                                                      "--kd", "projector")
     assert "per-sample KD terms" in cli_refusal(*run, "--cache", caches["a1"], "--cache", caches["b1"],
                                                 "--kd", "dkd", "--teachers-mode", "ca-mkd")
+    assert "combine several caches" in cli_refusal(*run, "--cache", caches["a1"], "--teacher-mix", "1,2")
     assert "3 teacher temperatures for 2 caches" in cli_refusal(
         *run, "--cache", caches["a1"], "--cache", caches["b1"], "--teachers-mode", "per-teacher",
         "--teacher-temperatures", "2,3,4")

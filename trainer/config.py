@@ -273,6 +273,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("--kd projector and MKD (learned temperatures) cannot be combined; choose one")
     if len(cfg.cache_urls) > 1:
         check_teachers(cfg)
+    elif cfg.teachers != TeachersConfig():
+        raise ConfigError("--teachers-mode, --teacher-mix and --teacher-temperatures combine several caches: give "
+                          "--cache once per teacher")
     if cfg.device != "auto":
         try:
             torch.device(cfg.device)
