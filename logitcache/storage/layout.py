@@ -98,12 +98,22 @@ def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -
         path = url.removeprefix("file://")
         if mode == "r" and not os.path.exists(os.path.join(path, "zarr.json")):
             raise CacheNotFoundError(f"no cache at {url} (no zarr.json there)")
-        return zarr.open_group(path, mode=mode)
+        return _opened(url, lambda: zarr.open_group(path, mode=mode))
+    options = {"use_listings_cache": False, **(storage_options or {})}
+    return _opened(url, lambda: zarr.open_group(url, mode=mode, storage_options=options))
+
+
+def _opened(url: str, open_it) -> zarr.Group:
+    """``open_it()``; a missing group is CacheNotFoundError, an unreadable root document
+    (damaged bytes, not JSON, not a group's) one line of CorruptCacheError."""
     try:
-        options = {"use_listings_cache": False, **(storage_options or {})}
-        return zarr.open_group(url, mode=mode, storage_options=options)
-    except FileNotFoundError as e:
+        return open_it()
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError) as e:
         raise CacheNotFoundError(f"no cache at {url} ({e})") from None
+    except (ValueError, TypeError, KeyError, AttributeError, zarr.errors.BaseZarrError) as e:
+        # UnicodeDecodeError and JSONDecodeError are ValueErrors; ContainsArrayError: a zarr.json of an array
+        raise CorruptCacheError(f"cache {url}: its root zarr.json is not a readable Zarr group "
+                                f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
 
 
 def array_digest(arr: np.ndarray) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from logitcache.codecs.logits import CodecSpec
 from logitcache.errors import CacheMismatchError, CorruptCacheError
+from logitcache.storage.manifest_schema import check_manifest_document, field_error
 from logitcache.views.augment import Recipe
 
 #: The layout new caches are written in; every version in READABLE_VERSIONS still reads.
@@ -113,19 +114,22 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
-        if d.get("format_version") not in READABLE_VERSIONS:
+    def from_dict(cls, d: dict, where: str = "") -> "Manifest":
+        """The manifest of document ``d`` (the cache ``where``), its every field checked first
+        (logitcache/storage/manifest_schema.py): a damaged one is a one-line CorruptCacheError."""
+        if isinstance(d, dict) and d.get("format_version") not in READABLE_VERSIONS:
             raise CacheMismatchError(
-                f"cache format version {d.get('format_version')} is not supported (this logitcache reads "
-                f"{', '.join(map(str, READABLE_VERSIONS))})"
+                f"cache {where + ': ' if where else ''}format version {d.get('format_version')!r} is not supported "
+                f"(this logitcache reads {', '.join(map(str, READABLE_VERSIONS))})"
             )
+        check_manifest_document(d, where)
         return cls(
             teacher=d["teacher"],
             teacher_weights=d["teacher_weights"],
             teacher_weights_sha256=d["teacher_weights_sha256"],
-            recipe=Recipe.from_dict(d["recipe"]),
+            recipe=_parsed("recipe", Recipe.from_dict, d["recipe"], where),
             dataset=DatasetInfo(**d["dataset"]),
-            codec=CodecSpec.from_dict(d["codec"]),
+            codec=_codec(d["codec"], where),
             num_classes=int(d["num_classes"]),
             format_version=d["format_version"],
             library_versions=d.get("library_versions", {}),
@@ -175,6 +179,25 @@ class Manifest:
         if diffs:
             detail = "; ".join(f"{k}: cache has {theirs[k]!r}, this build has {mine[k]!r}" for k in diffs)
             raise CacheMismatchError(f"cache {where} was built differently ({detail}). Use another --out.")
+
+
+def _parsed(name: str, parse, value, where: str):
+    """``parse(value)``, its errors as the one line naming the cache and the field."""
+    try:
+        return parse(value)
+    except (ValueError, TypeError, KeyError) as e:
+        raise field_error(where, name, e) from None
+
+
+def _codec(d: dict, where: str) -> CodecSpec:
+    """The codec entry, its derived fields (id_bits, gap_step) checked against what its
+    name, k, classes and values give."""
+    spec = _parsed("codec", CodecSpec.from_dict, d, where)
+    derived = {k: v for k, v in spec.to_dict().items() if k in ("id_bits", "gap_step")}
+    for k, v in derived.items():
+        if k in d and d[k] != v:
+            raise field_error(where, f"codec.{k}", ValueError(f"{d[k]!r}, but the codec gives {v!r}"))
+    return spec
 
 
 def _input_size_field(value) -> int | None:

@@ -57,7 +57,7 @@ def _read_manifest(group: zarr.Group, url: str) -> Manifest:
     attrs = group.attrs.asdict()
     if ATTR_KEY not in attrs:
         raise CacheNotFoundError(f"{url} is a Zarr group but not a logitcache cache (no '{ATTR_KEY}' attribute)")
-    return Manifest.from_dict(attrs[ATTR_KEY])
+    return Manifest.from_dict(attrs[ATTR_KEY], url)
 
 
 @dataclass

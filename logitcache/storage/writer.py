@@ -46,7 +46,7 @@ class CacheWriter:
             self.root.attrs[ATTR_KEY] = manifest.to_dict()
             self.format_version = manifest.format_version
         else:
-            built = Manifest.from_dict(existing)
+            built = Manifest.from_dict(existing, url)
             if built.features != manifest.features:  # also decides the format (3 or 4): name the features
                 manifest.check_same_build(built, url)
             if built.format_version != manifest.format_version:
