@@ -316,24 +316,29 @@ def test_ca_mkd_weights_sum_to_one_and_favour_the_teacher_nearer_the_label(k, b,
 # --- training from two caches ---------------------------------------------------------------------------
 
 
+def _stop_at_step_then_resume(cfg, tmp_path: Path, step: int) -> None:
+    """``cfg`` run into tmp_path/run, SIGTERM after ``step`` steps, resumed: its final weights
+    are those of the uninterrupted run in tmp_path/ref."""
+    def sigterm(info):
+        if info["step"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = replace(cfg, out=str(tmp_path / "run"))
+    with pytest.raises(TrainingStopped):
+        train(stopped, on_step=sigterm)
+    train(replace(stopped, resume=True))
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    run = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(ref[k], run[k]) for k in ref)
+
+
 def test_stopped_and_resumed_run_from_two_caches_equals_uninterrupted(tmp_path, synth_data, caches):
     cfg = base_config(synth_data, [str(caches["a1"]), str(caches["b1"])], tmp_path / "ref", epochs=2,
                       batch_size=8, limit_batches=4, deterministic=True,
                       teachers=TeachersConfig("ca-mkd"), loss=LossConfig(temperature=2.0))
     summary = train(cfg)
     assert summary["cache"] == [str(caches["a1"]), str(caches["b1"])]
-
-    def sigterm_at_step_4(info):
-        if info["step"] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    stopped = replace(cfg, out=str(tmp_path / "run"))
-    with pytest.raises(TrainingStopped):
-        train(stopped, on_step=sigterm_at_step_4)
-    train(replace(stopped, resume=True))
-    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    run = load_file(str(tmp_path / "run" / "model.safetensors"))
-    assert all(torch.equal(ref[k], run[k]) for k in ref)
+    _stop_at_step_then_resume(cfg, tmp_path, 4)
     assert [r["loss"] for r in read_rows(tmp_path / "run" / "steps.jsonl")] == \
         [r["loss"] for r in read_rows(tmp_path / "ref" / "steps.jsonl")]
     # the two teachers matter: one cache alone trains another student
@@ -374,17 +379,6 @@ def test_mkd_learns_a_temperature_pair_per_teacher_and_resumes_exactly(tmp_path,
     assert all(t > 0 for p in pairs for t in p) and pairs[0] != pairs[-1]
     assert {r["t_teacher"] for r in steps} != {r["t_teacher_1"] for r in steps}  # each teacher its own
     assert {"t_teacher", "t_student", "t_teacher_1", "t_student_1"} <= set(summary)
-
-    def sigterm_at_step_3(info):
-        if info["step"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    stopped = replace(cfg, out=str(tmp_path / "run"))
-    with pytest.raises(TrainingStopped):
-        train(stopped, on_step=sigterm_at_step_3)
-    train(replace(stopped, resume=True))
-    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    run = load_file(str(tmp_path / "run" / "model.safetensors"))
-    assert all(torch.equal(ref[k], run[k]) for k in ref)
+    _stop_at_step_then_resume(cfg, tmp_path, 3)
     assert [(r["t_teacher_1"], r.get("meta_loss")) for r in read_rows(tmp_path / "run" / "steps.jsonl")] == \
         [(r["t_teacher_1"], r.get("meta_loss")) for r in steps]
