@@ -99,3 +99,40 @@ def test_the_committed_old_formats_still_pass_the_schema():
     data = Path(__file__).resolve().parent / "data"
     for url in (data / "v1" / "cache_v1.zarr", data / "v2" / "cache_v2.zarr"):
         assert CacheReader(str(url)).manifest.num_classes == 8
+
+
+#: (commit record field of epoch 0, unit 1, new value or ... to delete it, what the message names)
+RECORD_EDITS = [
+    ("n", True, "field n"),
+    ("n", ..., "field n"),
+    ("crc32", [1, 2], "field crc32"),
+    ("plan", 7, "field plan"),
+    ("canary", "x", "field canary"),
+    ("canary.index", True, "field canary"),
+    ("canary.index", [], "field canary"),
+    ("canary.sha256", [], "field canary"),
+    ("canary.extra", 1, "field canary"),
+    ("canary.index", [2 ** 62], "field canary"),
+]
+
+
+@pytest.mark.parametrize("field, value, names", RECORD_EDITS, ids=[f"{f}={v!r:.20}" for f, v, _ in RECORD_EDITS])
+def test_an_edited_commit_record_is_one_line_naming_it(field, value, names, built_cache, synth_data, tmp_path,
+                                                       capsys):
+    from logitcache.storage.layout import commit_path
+
+    url = tmp_path / "cache.zarr"
+    shutil.copytree(built_cache, url)
+    meta = url / commit_path(0, 1) / "zarr.json"
+    doc = json.loads(meta.read_text())
+    _edit(doc["attributes"]["commit"], field, value)
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(LogitcacheError) as info:
+        CacheReader(str(url)).read_unit(0, 1)
+    message = str(info.value)
+    assert "\n" not in message and str(url) in message and "epoch 0, unit 1" in message and names in message, message
+    line = one_error_line(*run_main(["train", "--data", synth_data, "--cache", str(url), "--student", "test_resnet",
+                                     "--epochs", "1", "--batch-size", "16", "--limit-batches", "1", "--workers",
+                                     "0", "--no-progress", "--no-tensorboard", "--device", "cpu", "--out",
+                                     str(tmp_path / "run")], capsys))
+    assert "epoch 0, unit 1" in line and names in line, line

@@ -15,7 +15,8 @@ import hashlib
 
 import torch
 
-from logitcache.errors import CacheMismatchError
+from logitcache.errors import CacheMismatchError, CorruptCacheError
+from logitcache.storage.layout import REPAIR_HINT
 from logitcache.storage.manifest import Manifest, library_versions
 from logitcache.storage.reader import CacheReader
 from logitcache.views.plan import plan_unit
@@ -53,6 +54,9 @@ def check_canary(commit: dict | None, manifest: Manifest, source, epoch: int, sh
     from logitcache.views.render import create_view_transform, render_batch
 
     info = source.shards[shard]
+    if not all(info.start <= i < info.stop for i in canary["index"]):  # the record's types: storage/layout.py
+        raise CorruptCacheError(f"cache {where}: epoch {epoch}, unit {shard}: commit record field canary names "
+                                f"samples outside the unit ({info.start} .. {info.stop - 1}); {REPAIR_HINT}")
     recipe = manifest.recipe
     groups = plan_unit(recipe, epoch, shard, info.start, info.stop).take(slice(0, CANARY_VIEWS))
     batch = render_batch(recipe, create_view_transform(recipe), source, epoch, groups)

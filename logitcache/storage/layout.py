@@ -145,6 +145,34 @@ def damaged_arrays(commit: dict, arrays: dict[str, np.ndarray]) -> list[str]:
     return [k for k, a in arrays.items() if array_digest(a) != commit.get("sha256", {}).get(k)]
 
 
+def _bad_record_field(record: dict) -> str | None:
+    """What is wrong with a format 2+ commit record's fields (their types and shapes), or None:
+    ``n`` a row count, ``crc32`` array name -> CRC-32, ``plan`` a sha256 hex digest, ``canary``
+    (storage/canary.py) a table of up to 4 sample indices and as many sha256 hex digests."""
+    def hex64(v) -> bool:
+        return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 40
+
+    crc = record["crc32"]
+    if not isinstance(crc, dict) or not all(isinstance(k, str) and count(v) and v < 1 << 32 for k, v in crc.items()):
+        return "crc32 is not a table of array checksums"
+    if not count(record.get("n")):
+        return f"n is {record.get('n')!r:.40}, not a row count"
+    if "plan" in record and not hex64(record["plan"]):
+        return f"plan is {record['plan']!r:.40}, not a sha256 digest"
+    canary = record.get("canary")
+    if canary is not None:
+        if not isinstance(canary, dict) or set(canary) != {"index", "sha256"}:
+            return "canary is not a table of index and sha256"
+        index, digests = canary["index"], canary["sha256"]
+        if (not isinstance(index, list) or not isinstance(digests, list) or not 1 <= len(index) <= 4
+                or len(digests) != len(index) or not all(map(count, index)) or not all(map(hex64, digests))):
+            return "canary is not 1 to 4 sample indices with a sha256 digest each"
+    return None
+
+
 def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 1, url: str = "") -> dict | None:
     """The commit record of a unit, or None when the unit is not committed.
 
@@ -165,6 +193,10 @@ def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 
         if not isinstance(record, dict) or "crc32" not in record:
             raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
                                     f"{commit_path(epoch, shard)} holds no checksums; {REPAIR_HINT}")
+        bad = _bad_record_field(record)
+        if bad:
+            raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
+                                    f"{commit_path(epoch, shard)} field {bad}; {REPAIR_HINT}")
         return record
     try:
         group = root[unit_path(epoch, shard)]
