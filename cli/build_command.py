@@ -63,7 +63,8 @@ def _build_rank(*, data, teacher, teacher_weights, teacher_input_size, split, re
         epoch_list = parse_epochs(epochs or "1")
     dev = distributed.rank_device(resolve_device(device))
     spec = create_codec(codec, source.num_classes, topk, _values(value_dtype, value_bits))
-    targets = _targets(teacher, teacher_weights, teacher_input_size, out, cache_root, source, data, split, rec, spec,
+    name = _dataset_name(data)
+    targets = _targets(teacher, teacher_weights, teacher_input_size, out, cache_root, source, name, split, rec, spec,
                        dev, compile, (features, feature_dims, feature_dtype, feature_fit_views))
     ctx = distributed.init_from_env(dev)
     for t in targets:
@@ -71,7 +72,7 @@ def _build_rank(*, data, teacher, teacher_weights, teacher_input_size, split, re
         if note and ctx.rank == 0:
             print(note, flush=True)
     try:
-        reports = build_many(source, dataset_name=_dataset_name(data), targets=targets, recipe=rec, epochs=epoch_list,
+        reports = build_many(source, dataset_name=name, targets=targets, recipe=rec, epochs=epoch_list,
                              batch_size=batch_size, num_workers=workers, rank=ctx.rank, world_size=ctx.world_size,
                              barrier=ctx.barrier, progress=progress and ctx.rank == 0, recheck=recheck,
                              allow_view_drift=allow_view_drift)
@@ -121,7 +122,7 @@ def _paired(flag: str, values: list | None, teachers: list[str]) -> list:
     return list(values)
 
 
-def _targets(teachers, weights, input_sizes, outs, cache_root, source, data, split, rec, spec, dev, compile,
+def _targets(teachers, weights, input_sizes, outs, cache_root, source, dataset_name, split, rec, spec, dev, compile,
              feature_flags) -> list:
     """One BuildTarget per --teacher: its Teacher, codec, cache URL (--out, else a name under
     the cache root) and feature request."""
@@ -130,13 +131,14 @@ def _targets(teachers, weights, input_sizes, outs, cache_root, source, data, spl
     from logitcache.storage.catalog import cache_root as root_of
 
     targets = []
-    for name, w, size, out in zip(teachers, _paired("--teacher-weights", weights, teachers),
-                                  _paired("--teacher-input-size", input_sizes, teachers),
-                                  _paired("--out", outs, teachers)):
-        t = Teacher(name, weights=None if w in (None, "-") else w, num_classes=source.num_classes, device=dev,
+    for teacher, w, size, out in zip(teachers, _paired("--teacher-weights", weights, teachers),
+                                     _paired("--teacher-input-size", input_sizes, teachers),
+                                     _paired("--out", outs, teachers)):
+        t = Teacher(teacher, weights=None if w in (None, "-") else w, num_classes=source.num_classes, device=dev,
                     compile=compile, input_size=size)
         feats = _feature_request(*feature_flags, t.feature_dim)
-        url = out or f"{root_of(cache_root).rstrip('/')}/{default_cache_name(_dataset_name(data), split, t.name, rec, spec, feats)}"
+        named = default_cache_name(dataset_name, split, t.name, rec, spec, feats)
+        url = out or f"{root_of(cache_root).rstrip('/')}/{named}"
         targets.append(BuildTarget(t, spec, url, feats))
     return targets
 

@@ -40,7 +40,7 @@ from logitcache.replay.teachers import mix_weights, row_keys, teacher_count
 from logitcache.storage.canary import check_views_of
 from logitcache.storage.manifest import check_serves
 from logitcache.storage.reader import CacheReader
-from logitcache.storage.views_compat import check_same_plans, check_same_views
+from logitcache.storage.views_compat import check_same_views, common_epochs, load_same_views
 from logitcache.views.loader import BatchLoader
 
 __all__ = ["CachedTrainData", "ensemble_probs", "open_cache", "teacher_features", "teacher_logits", "teacher_probs"]
@@ -81,7 +81,7 @@ class CachedTrainData:
             check_serves(r.manifest, fingerprint=self.source.fingerprint(), num_classes=self.source.num_classes,
                          where=r.url)
         check_same_views([r.manifest for r in self.readers], [r.url for r in self.readers])
-        self.epochs = sorted(set.intersection(*(set(r.epochs()) for r in self.readers)))
+        self.epochs = common_epochs(self.readers)
         if not self.epochs:
             raise LogitcacheError(f"cache {' + '.join(r.url for r in self.readers)} has no epoch complete in "
                                   f"every cache yet")
@@ -119,9 +119,7 @@ class CachedTrainData:
             check_batch_size(self.recipe, batch_size, world_size)
         except ValueError as e:
             raise LogitcacheError(str(e)) from None
-        arrays = [r.load_epoch(view_epoch, features=features and t == 0) for t, r in enumerate(self.readers)]
-        check_same_plans(view_epoch, [a.plans for a in arrays], [r.url for r in self.readers])
-        rows = CachedRows(arrays, self._labels, self.source)
+        rows = CachedRows(load_same_views(self.readers, view_epoch, features), self._labels, self.source)
         dev = torch.device(device) if device is not None else None
         key = (num_workers, pin_memory, str(dev))
         loader = create_train_loader(self.source, self.recipe, view_epoch,

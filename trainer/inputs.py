@@ -1,6 +1,7 @@
 """What a run trains on: the data splits, the caches (given, or the one found for the data;
-checked against it; several teachers' caches checked to hold the same views), the recipe, which cached epoch each student epoch reads, MKD's
-held-out meta split, the batches per epoch, and each epoch's train loader."""
+checked against it; several teachers' caches checked to hold the same views), the recipe,
+which cached epoch each student epoch reads, MKD's held-out meta split, the batches per
+epoch, and each epoch's train loader."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from logitcache.storage.catalog import cache_root, list_caches
 from logitcache.storage.manifest import check_serves
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.stats import recipe_name
-from logitcache.storage.views_compat import check_same_plans, check_same_views
+from logitcache.storage.views_compat import check_same_views, common_epochs, load_same_views
 from logitcache.views.augment import RENAMED_RECIPES, Recipe, create_recipe
 from logitcache.views.loader import BatchLoader
 from logitcache.views.plan import Groups, block_views
@@ -106,8 +107,7 @@ class RunInputs:
         view_epoch = self.view_epoch(epoch)
         arrays = None
         if self.readers and not cfg.online_teacher:
-            arrays = [r.load_epoch(view_epoch, features=cfg.needs_teacher_features) for r in self.readers]
-            check_same_plans(view_epoch, [a.plans for a in arrays], [r.url for r in self.readers])
+            arrays = load_same_views(self.readers, view_epoch, features=cfg.needs_teacher_features)
         rows = CachedRows(arrays, self.labels, self.train_src)
         self._loader = create_train_loader(
             self.train_src, self.recipe, view_epoch, self.train_groups(view_epoch), rows,
@@ -216,13 +216,11 @@ def _without(groups: Groups, held_out: np.ndarray | None) -> Groups:
 
 def _cached_epochs(cfg: TrainConfig, readers: list[CacheReader]) -> list[int]:
     """The epochs complete in every cache; enough of them for ``cfg.epochs`` unless reusing is allowed."""
-    complete = [set(r.epochs()) for r in readers]
-    view_epochs = sorted(set.intersection(*complete))
+    view_epochs = common_epochs(readers)
     url = " + ".join(r.url for r in readers)
     if not view_epochs:
         what = "no complete epoch yet" if len(readers) == 1 else (
-            "no epoch complete in every cache (" + "; ".join(f"{r.url}: {_ranges(sorted(c))}"
-                                                             for r, c in zip(readers, complete)) + ")")
+            "no epoch complete in every cache (" + "; ".join(f"{r.url}: {_ranges(r.epochs())}" for r in readers) + ")")
         raise LogitcacheError(f"cache {url} has {what}")
     if cfg.epochs > len(view_epochs) and not cfg.reuse_epochs:
         raise LogitcacheError(

@@ -156,7 +156,7 @@ class MetaTemperatureLearner:
         self.temperatures = Temperatures(cfg).to(device=device, dtype=dtype)  # teacher 0's (the only one's)
         self.extra = nn.ModuleList([Temperatures(cfg) for _ in range(teachers - 1)]).to(device=device, dtype=dtype)
         self.weights = mix_weights(teacher_weights, teachers)
-        self.optimizer = torch.optim.Adam([*self.temperatures.parameters(), *self.extra.parameters()], lr=cfg.meta_lr)
+        self.optimizer = torch.optim.Adam([p for temps in self._all for p in temps.parameters()], lr=cfg.meta_lr)
         self.num_meta_steps = 0
         self._last = {"t_teacher": cfg.init_teacher_temperature, "t_student": cfg.init_student_temperature}
 
@@ -181,13 +181,18 @@ class MetaTemperatureLearner:
         """(T_t, T_s) for these logits in their dtype and device; lists of K with K teachers."""
         like = student_logits
         pairs = []
-        for temps, z in zip([self.temperatures, *self.extra], self._teachers(teacher_logits)):
+        for temps, z in zip(self._all, self._teachers(teacher_logits)):
             self._check(student_logits, z)
             t_t, t_s = temps(student_logits, z)
             pairs.append((t_t.to(like.device, like.dtype), t_s.to(like.device, like.dtype)))
         if not isinstance(teacher_logits, list):
             return pairs[0]
         return [t for t, _ in pairs], [t for _, t in pairs]
+
+    @property
+    def _all(self) -> list[Temperatures]:
+        """Every teacher's temperatures, teacher 0's first."""
+        return [self.temperatures, *self.extra]
 
     def _teachers(self, teacher_logits: Tensor | list[Tensor]) -> list[Tensor]:
         many = teacher_logits if isinstance(teacher_logits, list) else [teacher_logits]
@@ -210,7 +215,7 @@ class MetaTemperatureLearner:
         """``{"t_teacher", "t_student"}`` for logging: the current scalar temperatures, or
         (predictor) the batch means of the last :meth:`kd_temperatures` call."""
         if not self.cfg.predictor:
-            return {k: float(v) for i, temps in enumerate([self.temperatures, *self.extra])
+            return {k: float(v) for i, temps in enumerate(self._all)
                     for k, v in zip((_key("t_teacher", i), _key("t_student", i)), temps())}
         return {k: float(v) for k, v in self._last.items()}
 
@@ -294,7 +299,7 @@ class MetaTemperatureLearner:
             ``{"meta_loss", "t_teacher", "t_student"}``: the meta CE and the (batch-mean)
             temperatures used in the look-ahead, i.e. before this update.
         """
-        params = [p for p in [*self.temperatures.parameters(), *self.extra.parameters()] if p.requires_grad]
+        params = [p for temps in self._all for p in temps.parameters() if p.requires_grad]
         meta, t_t, t_s = self.meta_loss(model, x, teacher_logits, target_probs, x_meta, y_meta,
                                         student_lr=student_lr, loss_cfg=loss_cfg)
         grads = torch.autograd.grad(meta, params, allow_unused=True)
@@ -311,7 +316,7 @@ class MetaTemperatureLearner:
                 torch.distributed.all_reduce(meta_value)
                 meta_value.div_(world)
         self.optimizer.step()
-        for temps in [self.temperatures, *self.extra]:
+        for temps in self._all:
             temps.project_()
         self.num_meta_steps += 1
         return {"meta_loss": float(meta_value), **{k: float(v.detach()) for k, v in self.logged(t_t, t_s).items()}}

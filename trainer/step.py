@@ -76,11 +76,16 @@ class StepSpec:
     steps_per_epoch: int  # for the loss's fractional epoch (DKD warm-up)
     world_size: int
     meta_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None  # MKD: (images, labels) of the meta split
-    codec: CodecSpec | None = None  # the cache's: how its teacher rows decode (None: online teacher)
-    # several caches (one per teacher, trainer/ensemble.py): each one's codec, in --cache order (codec = the first)
+    # how each cache's teacher rows decode, in --cache order (several caches: one per teacher,
+    # trainer/ensemble.py); none: the online teacher
     codecs: tuple[CodecSpec, ...] = ()
     features: FeatureSpec | None = None  # --kd projector from a cache: how its feature rows decode
     basis: tuple[torch.Tensor, torch.Tensor] | None = None  # ... and its basis (mean, components) on the device
+
+    @property
+    def codec(self) -> CodecSpec | None:
+        """The (first) cache's codec; None: online teacher."""
+        return self.codecs[0] if self.codecs else None
 
     @property
     def needs_teacher_logits(self) -> bool:

@@ -107,8 +107,7 @@ def _train(cfg: TrainConfig, env: DistContext, on_step: StepCallback | None) -> 
     # The meta stream is a function of the meta-batch number: a resumed run continues it.
     meta_batches = inputs.meta_batches(cfg, start=parts.mkd.num_meta_steps) if parts.mkd is not None else None
     spec = StepSpec(cfg, env.device, inputs.num_classes, inputs.recipe, inputs.steps_per_epoch, env.world_size,
-                    meta_batches, inputs.reader.manifest.codec if inputs.reader is not None else None,
-                    tuple(r.manifest.codec for r in inputs.readers),
+                    meta_batches, tuple(r.manifest.codec for r in inputs.readers),
                     **_cached_features(cfg, inputs.reader, env.device))
     log = Logger(out, env.main, cfg.tensorboard, resume_from=state)
     eval_loader = create_eval_loader(inputs.val_src, inputs.recipe, num_workers=cfg.num_workers)

@@ -34,11 +34,6 @@ class CachedRows:
         self.labels = labels
         self.source = source
 
-    @property
-    def arrays(self) -> EpochArrays | None:
-        """Teacher 0's epoch (None: no cache)."""
-        return self.teachers[0] if self.teachers else None
-
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         idx, partner = batch["index"].numpy(), batch["partner"].numpy()
         # np.take along axis 0: the same rows as fancy indexing, about 1.7x faster for small batches

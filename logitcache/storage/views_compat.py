@@ -1,7 +1,8 @@
 """Whether caches hold the same views, so that several teachers' caches can teach one student
 on each view: the same data (fingerprint), the same recipe (cache seed included) and, per
 epoch, the same plan digest for every unit (which views a unit holds, their seeds and pairs:
-logitcache/views/plan.py). A mismatch is one line naming both caches and what differs."""
+logitcache/views/plan.py). A mismatch is one line naming both caches and what differs.
+:func:`common_epochs` and :func:`load_same_views` serve the trainer and the public API alike."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 
 from logitcache.errors import CacheMismatchError
 from logitcache.storage.manifest import Manifest
+from logitcache.storage.reader import CacheReader, EpochArrays
 
 
 def views_digest(manifest: Manifest) -> str:
@@ -53,3 +55,16 @@ def check_same_plans(epoch: int, plans: list[list[str]], urls: list[str]) -> Non
                 raise CacheMismatchError(
                     f"caches {urls[0]} and {url} hold different views: epoch {epoch}, unit {shard} has plan "
                     f"digests {a[:12]} and {b[:12]}")
+
+
+def common_epochs(readers: list[CacheReader]) -> list[int]:
+    """The epochs complete in every cache, sorted."""
+    return sorted(set.intersection(*(set(r.epochs()) for r in readers)))
+
+
+def load_same_views(readers: list[CacheReader], epoch: int, features: bool = False) -> list[EpochArrays]:
+    """Every cache's ``epoch`` (``features``: the first cache's teacher features too), checked
+    to hold the same views unit by unit (:func:`check_same_plans`)."""
+    arrays = [r.load_epoch(epoch, features=features and t == 0) for t, r in enumerate(readers)]
+    check_same_plans(epoch, [a.plans for a in arrays], [r.url for r in readers])
+    return arrays
