@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-quick clean
+.PHONY: setup demo test test-damage bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The long run of the random-damage property test (tests/test_damage_property.py; make test runs 40
+# derandomized examples): DAMAGE_EXAMPLES examples drawn from random seeds.
+DAMAGE_EXAMPLES ?= 2000
+test-damage: $(STAMP)
+	LOGITCACHE_DAMAGE_EXAMPLES=$(DAMAGE_EXAMPLES) LOGITCACHE_DAMAGE_RANDOM=1 $(BIN)/python -m pytest -q --timeout 0 \
+		--hypothesis-show-statistics \
+		-p no:cacheprovider tests/test_damage_property.py
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick

@@ -93,7 +93,9 @@ def format_stats(st: CacheStats) -> str:
         ("codec", f"{c['name']} {'N' if c['name'] == 'sampled' else 'k'}={c['k']} of {st.num_classes} classes  "
                   f"{c['values']} values, {c['id_bits']}-bit ids\nerror: {st.error_bound}"),
         ("features", _features_line(st.features)),
-        ("epochs", f"{len(st.epochs_complete)} complete: {format_ranges(st.epochs_complete)}"),
+        ("epochs", f"{len(st.epochs_complete)} complete: {format_ranges(st.epochs_complete)}" + (
+            f"; unfinished (a build has not finished them): {format_ranges(st.epochs_unfinished)}"
+            if st.epochs_unfinished else "")),
         ("units", f"committed/total per epoch  {units}"),
         ("views", f"{st.views:,} committed"),
         ("storage", f"{format_bytes(st.bytes)}  {_num(st.bytes_per_view, '.1f')} B/view  "
@@ -104,6 +106,7 @@ def format_stats(st: CacheStats) -> str:
         ("top-1 prob", f"{_num(st.mean_top1_prob, '.3f')} mean;  mass outside the kept classes "
                        f"{_num(st.mean_tail_mass, '.3f')} mean"),
         ("libraries", libs or "-"),
+        *((f"checked {name}", what) for name, what in st.checks.items()),
     ]
     return _rows(pairs)
 
@@ -127,7 +130,7 @@ def format_report(rep: VerifyReport) -> str:
         ("KL(t||rebuilt)", f"mean {rep.kl_mean:.3g}  max {rep.kl_max:.3g} nats (T=1)"),
         *([("features", f"{rep.feature_views} views: least cosine {rep.feature_cos_min:.4f}; max error past the "
                           f"codec's bound {rep.feature_max_excess:.3g} x |f|")] if rep.feature_views else []),
-        ("checksums", "ok (every unit read was checked)"),
+        ("checksums", "ok (every unit read, and its epoch's seal, was checked)"),
         ("plan", meta),
     ]
     verdict = "PASS" if rep.passed else f"FAIL: {rep.reasons[0]}" + (

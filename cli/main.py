@@ -161,6 +161,9 @@ _RECIPE = typer.Option(None, metavar="NAME", show_default="the cache's; without 
 _ALLOW_VIEW_DRIFT = typer.Option(None, "--allow-view-drift/--no-allow-view-drift", show_default="no",
                                  help="Train even when views rendered here differ from those the teacher saw "
                                       "(library versions).")
+_SKIP_DAMAGED = typer.Option(None, "--skip-damaged-epochs/--no-skip-damaged-epochs", show_default="no",
+                             help="Train on the other epochs when an epoch its build finished has lost a unit or "
+                                  "its folder (repair it with build --recheck instead).")
 _CACHE = typer.Option(None, metavar="URL", show_default="the one cache for this data under the cache root",
                       help="Cache URL; repeat it for several teachers' caches on the same views (--teachers-mode).")
 _CACHE_ROOT = typer.Option(None, metavar="URL", show_default="$LOGITCACHE_ROOT or ~/.cache/logitcache",
@@ -221,6 +224,7 @@ def train(
     reuse_epochs: Optional[bool] = typer.Option(None, "--reuse-epochs/--no-reuse-epochs", show_default="no",
                                                 help="Cycle cached epochs when training longer than the cache."),
     allow_view_drift: Optional[bool] = _ALLOW_VIEW_DRIFT,
+    skip_damaged_epochs: Optional[bool] = _SKIP_DAMAGED,
     batch_size: Optional[int] = typer.Option(None, metavar="INTEGER", show_default="128", help="Global batch, in views."),
     opt: Optional[str] = typer.Option(None, metavar="NAME", show_default="adamw", help="timm optimiser name: adamw, lamb, sgd, ..."),
     lr: Optional[float] = typer.Option(None, metavar="FLOAT", show_default="2e-3", help="Peak learning rate."),

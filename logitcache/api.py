@@ -66,11 +66,13 @@ class CachedTrainData:
         codecs: how each cache's teacher rows decode (give one to :func:`teacher_logits`);
             ``codec``: the first.
         epochs: the epochs complete in every cache; student epoch e reads ``epochs[e % len(epochs)]``.
+            A damaged epoch (sealed by its build, then lost a unit: logitcache/storage/seals.py) is
+            an error, unless ``skip_damaged_epochs``: then it is left out (``damaged_epochs``).
         feature_dim: D, the width of the (first) cache's teacher features; None for a logit-only cache.
     """
 
     def __init__(self, data: str, cache: str | CacheReader | list[str | CacheReader], *, split: str = "train",
-                 allow_view_drift: bool = False):
+                 allow_view_drift: bool = False, skip_damaged_epochs: bool = False):
         caches = cache if isinstance(cache, list) else [cache]
         if not caches:
             raise LogitcacheError("CachedTrainData needs at least one cache")
@@ -81,7 +83,7 @@ class CachedTrainData:
             check_serves(r.manifest, fingerprint=self.source.fingerprint(), num_classes=self.source.num_classes,
                          where=r.url)
         check_same_views([r.manifest for r in self.readers], [r.url for r in self.readers])
-        self.epochs = common_epochs(self.readers)
+        self.epochs, self.damaged_epochs = common_epochs(self.readers, skip_damaged_epochs)
         if not self.epochs:
             raise LogitcacheError(f"cache {' + '.join(r.url for r in self.readers)} has no epoch complete in "
                                   f"every cache yet")

@@ -146,3 +146,20 @@ def built_cache(built_cache_record) -> str:
 def built_cache_mix(built_cache_mix_record) -> str:
     """URL (local path) of a committed 2-epoch demo32_mix cache of ``synth_data``'s train split."""
     return built_cache_mix_record.url
+
+
+@pytest.fixture(scope="session")
+def small_feature_cache(tmp_path_factory, synth_data, tiny_teacher) -> str:
+    """URL of a committed 2-epoch demo32 cache with PCA int8 features (8 components), top-3
+    float16 logits: the feature arrays, the basis and the features entry, for damage tests."""
+    from logitcache.cli.main import app
+    from typer.testing import CliRunner
+
+    url = str(tmp_path_factory.mktemp("feature_cache") / "pca.zarr")
+    result = CliRunner().invoke(app, [
+        "build", "--data", synth_data, "--teacher", "test_resnet", "--teacher-weights", tiny_teacher, "--recipe",
+        "demo32", "--epochs", "2", "--topk", "3", "--value-dtype", "float16", "--out", url, "--batch-size", "16",
+        "--workers", "0", "--no-progress", "--device", "cpu", "--features", "--feature-dims", "8",
+        "--feature-fit-views", "32"])
+    assert result.exit_code == 0, result.output
+    return url

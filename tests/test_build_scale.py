@@ -437,7 +437,7 @@ def test_s3_build_and_read(tiny, s3, launcher):
     assert report.units_written == 2
     with count_requests() as requests:
         assert reader.epochs() == [0, 1]  # no stale listing in a reader that was already open
-    assert requests.count == 3, requests.lines  # one listing of epochs/, one of each epoch's commits/
+    assert requests.count == 4, requests.lines  # one listing of epochs/, one of seals/, one of each epoch's commits/
     local = CacheReader(str(s3["ref"]))
     assert reader.manifest.dataset.fingerprint == local.manifest.dataset.fingerprint
     for e in (0, 1):

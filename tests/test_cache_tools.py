@@ -18,6 +18,7 @@ import pytest
 import timm
 import torch
 import zarr
+from cache_edit import reseal
 from logitcache.cli.cache_tools import register
 from logitcache.cli.format import format_bytes, format_ranges
 from logitcache.cli.main import app, main
@@ -95,6 +96,7 @@ def _rewrite(url: str, epoch: int, shard: int, key: str, values: np.ndarray, fix
         commit = record.attrs["commit"]
         commit["crc32"][key] = array_crc32(values)
         record.attrs["commit"] = commit
+        reseal(url)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -173,12 +175,17 @@ def test_inspect_cli_text_and_json(env):
 
 def test_inspect_partial_cache(env, tmp_path):
     url = _copy(env["a"], tmp_path / "partial.zarr")
-    shutil.rmtree(Path(url) / commit_path(1, 2))  # epoch 1's last unit is not committed
+    shutil.rmtree(Path(url) / commit_path(1, 2))  # epoch 1's last unit is not committed, nor is it sealed:
+    shutil.rmtree(Path(url) / "seals" / "0001")  # what a build killed before its last unit leaves
     st = inspect_cache(url)
-    assert st.epochs_complete == [0] and st.units == {0: (3, 3), 1: (2, 3)}
+    assert st.epochs_complete == [0] and st.units == {0: (3, 3), 1: (2, 3)} and st.epochs_unfinished == [1]
     assert st.views == N_TRAIN + 80
+    assert st.checks["seals"] == "1 complete epoch against its seal" and "pass --data" in st.checks["plans"]
+    res = runner.invoke(app, ["inspect", url])
+    assert res.exit_code == 0 and "unfinished (a build has not finished them): 1" in res.output
 
     shutil.rmtree(Path(url) / "epochs")  # a cache with no unit at all
+    shutil.rmtree(Path(url) / "seals")
     st = inspect_cache(url)
     assert st.views == 0 and st.epochs_complete == [] and st.top1_agreement is None and st.mean_entropy is None
     res = runner.invoke(app, ["inspect", url])
@@ -275,6 +282,7 @@ def test_verify_and_train_refuse_another_plan(env, tmp_path, capsys):
     commit = record.attrs["commit"]
     commit["plan"] = "0" * 64  # as if this unit's views had been planned by other code
     record.attrs["commit"] = commit
+    reseal(url)
     rep = verify_cache(url, teacher_weights=env["weights"], sample=N_TRAIN, device="cpu")
     assert not rep.passed and len(rep.metadata_failures) == 1 and "00002: its plan" in rep.metadata_failures[0]
     from main_entry import one_error_line, run_main
@@ -282,7 +290,7 @@ def test_verify_and_train_refuse_another_plan(env, tmp_path, capsys):
     line = one_error_line(*run_main(["train", "--data", env["data"], "--student", "test_resnet", "--cache", url,
                                      "--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress",
                                      "--out", str(tmp_path / "s")], capsys))
-    assert "cached epoch 0, unit 2" in line and "planned otherwise" in line
+    assert url in line and "epoch 0, unit 2" in line and "planned otherwise" in line
 
 
 def test_verify_other_weights_is_a_clear_mismatch(env):

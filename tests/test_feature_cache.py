@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cache_edit import reseal
 from main_entry import one_error_line, run_main
 
 from logitcache.codecs.features import decode_features, project, quantisation_bound
@@ -134,21 +135,21 @@ def test_feature_spec_mismatches_are_refused_in_one_line(feature_caches, synth_d
     assert CacheReader(pca).epochs() == [0, 1]
 
 
-def test_feature_caches_are_format_4_and_logit_caches_stay_3(feature_caches, built_cache_mix):
+def test_feature_and_logit_caches_are_format_5_and_older_readers_refuse_them(feature_caches, built_cache_mix):
     import zarr
 
     from logitcache.storage.manifest import ATTR_KEY, Manifest
 
     for url in feature_caches.values():
-        assert zarr.open_group(url, mode="r").attrs[ATTR_KEY]["format_version"] == 4
-        assert CacheReader(url).format_version == 4
-    assert CacheReader(built_cache_mix).format_version == 3 and CacheReader(built_cache_mix).manifest.features is None
-    # A reader that knows formats up to 3 only (a logitcache from before features) refuses a
-    # feature cache instead of extending it with featureless units.
+        assert zarr.open_group(url, mode="r").attrs[ATTR_KEY]["format_version"] == 5
+        assert CacheReader(url).format_version == 5
+    assert CacheReader(built_cache_mix).format_version == 5 and CacheReader(built_cache_mix).manifest.features is None
+    # A reader that knows formats up to 4 only (a logitcache from before checked metadata)
+    # refuses a format 5 cache instead of extending it with units that name no manifest.
     d = zarr.open_group(feature_caches["pca"], mode="r").attrs[ATTR_KEY]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("logitcache.storage.manifest.READABLE_VERSIONS", (1, 2, 3))
-        with pytest.raises(Exception, match="format version 4 is not supported"):
+        mp.setattr("logitcache.storage.manifest.READABLE_VERSIONS", (1, 2, 3, 4))
+        with pytest.raises(Exception, match="format version 5 is not supported"):
             Manifest.from_dict(d)
 
 
@@ -182,6 +183,7 @@ def test_verify_checks_cached_features_against_the_teacher(feature_caches, synth
     commit = record.attrs["commit"]
     commit["crc32"]["feat"] = array_crc32(feat)
     record.attrs["commit"] = commit
+    reseal(url)
     rep = verify_cache(url, data=synth_data, teacher_weights=tiny_teacher, sample=192, device="cpu")
     assert not rep.passed and rep.feature_max_excess > 0.01
     assert any("cached features of epoch 0" in r for r in rep.reasons), rep.reasons

@@ -32,6 +32,10 @@ DOC_ARRAYS = {"topk": ("ids", "values", "tail"), "topk_gap": ("ids", "values"), 
               "sampled": ("unique", "ids", "counts")}
 
 
+def doc_sha256_json(doc) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
 def doc_crc32(a: np.ndarray) -> int:
     return zlib.crc32(a.astype(a.dtype.newbyteorder("<")).tobytes(order="C"))
 
@@ -47,7 +51,9 @@ class DocReader:
     def __init__(self, url: str):
         self.root = zarr.open_group(url, mode="r")
         self.manifest = self.root.attrs["logitcache"]
-        assert self.manifest["format_version"] == 3
+        assert self.manifest["format_version"] == 5
+        digested = {k: v for k, v in self.manifest.items() if k not in ("manifest_sha256", "created")}
+        assert doc_sha256_json(digested) == self.manifest["manifest_sha256"]
         self.codec = self.manifest["codec"]
         self.C = self.manifest["num_classes"]
         self.k = self.codec["k"]
@@ -67,13 +73,22 @@ class DocReader:
     def commit(self, epoch: int, shard: int) -> dict | None:
         if shard not in self.committed_units(epoch):
             return None
-        return self.root[f"epochs/{epoch:04d}/commits/{shard:05d}"].attrs["commit"]
+        record = self.root[f"epochs/{epoch:04d}/commits/{shard:05d}"].attrs["commit"]
+        assert record["manifest"] == self.manifest["manifest_sha256"]
+        return record
+
+    def sealed(self) -> list[int]:
+        return sorted(int(e) for e in self.root["seals"].group_keys()) if "seals" in self.root else []
 
     def readable_epochs(self) -> list[int]:
-        if "epochs" not in self.root:
-            return []
-        names = sorted(self.root["epochs"].group_keys())
-        return [int(e) for e in names if self.committed_units(int(e)) == list(range(self.num_shards))]
+        names = sorted(int(e) for e in self.root["epochs"].group_keys()) if "epochs" in self.root else []
+        complete = [e for e in names if self.committed_units(e) == list(range(self.num_shards))]
+        for e in self.sealed():  # a sealed epoch is complete, its records the ones it names
+            assert e in complete, f"epoch {e} is damaged"
+            seal = self.root[f"seals/{e:04d}"].attrs["seal"]
+            assert seal["manifest"] == self.manifest["manifest_sha256"] and seal["units"] == self.num_shards
+            assert seal["commits"] == [doc_sha256_json(self.commit(e, s)) for s in range(self.num_shards)]
+        return complete
 
     def read_unit(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
         commit = self.commit(epoch, shard)
@@ -237,7 +252,8 @@ def test_commit_crc32_and_plan_recompute(cache_url, synth_data):
         for s in range(doc.num_shards):
             commit = doc.commit(epoch, s)
             u = doc.read_unit(epoch, s)
-            assert set(commit) == {"n", "crc32", "plan", "canary"} and set(commit["crc32"]) == set(doc.arrays)
+            assert set(commit) == {"n", "crc32", "plan", "manifest", "canary"}
+            assert set(commit["crc32"]) == set(doc.arrays)
             assert commit["n"] == doc.shard_sizes[s]
             for name in doc.arrays:
                 assert doc_crc32(u[name]) == commit["crc32"][name], (epoch, s, name)
@@ -272,7 +288,9 @@ def test_only_committed_units_count(tmp_path, built_cache):
     url = str(tmp_path / "copy.zarr")
     shutil.copytree(built_cache, url)
     del zarr.open_group(url, mode="a")["epochs/0001/commits"]["00001"]  # as if killed before committing
+    del zarr.open_group(url, mode="a")["seals"]["0001"]  # (and so before sealing)
     assert DocReader(url).readable_epochs() == CacheReader(url).epochs() == [0]
+    assert CacheReader(url).epoch_status().unfinished == [1]
     assert CacheReader(url).committed_units(1) == [0, 2]
 
 
@@ -411,7 +429,8 @@ def test_a_unit_must_hold_one_row_per_sample_of_its_shard(tmp_path):
         writer.write_unit(0, 0, rows, "p")
     two = {k: v[:2] for k, v in rows.items()}
     for shard in (0, 1):
-        writer.write_unit(0, shard, two, plan_digest(np.zeros(2), np.zeros(2)))
+        writer.write_unit(0, shard, two, plan_digest(np.zeros(2), np.zeros(2)),
+                          canary={"index": [2 * shard], "sha256": ["0" * 64]})
     assert CacheReader(url).load_epoch(0).num_views == 4
     record = zarr.open_group(url, mode="a")[commit_path(0, 1)]
     commit = record.attrs["commit"]

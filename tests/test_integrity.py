@@ -5,6 +5,7 @@ checked, and train."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from cache_edit import edit_commit, edit_manifest
 from main_entry import one_error_line, run_main
 
 from logitcache.errors import CorruptCacheError
@@ -178,11 +180,15 @@ def test_old_cache_trains_a_student_but_is_not_extended(old_copy, tmp_path, caps
     assert CacheReader(cache).epochs() == [0, 1]
 
 
-def test_new_caches_are_version_3_with_commit_groups_and_plan_digests(built_cache):
+def test_new_caches_are_version_5_with_commit_groups_plan_and_manifest_digests(built_cache):
     root = zarr.open_group(built_cache, mode="r")
-    assert root.attrs["logitcache"]["format_version"] == 3
+    manifest = root.attrs["logitcache"]
+    assert manifest["format_version"] == 5
     assert sorted(root[unit_path(0, 0)].array_keys()) == ["ids", "values"]
-    assert len(root[commit_path(0, 0)].attrs["commit"]["plan"]) == 64
+    record = root[commit_path(0, 0)].attrs["commit"]
+    assert len(record["plan"]) == 64 and record["manifest"] == manifest["manifest_sha256"]
+    rest = {k: v for k, v in manifest.items() if k not in ("manifest_sha256", "created")}
+    assert manifest["manifest_sha256"] == hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
     assert sorted(root["epochs/0000/commits"].group_keys()) == ["00000", "00001", "00002"]
     assert "commit" not in root[unit_path(0, 0)].attrs
 
@@ -193,14 +199,8 @@ def test_new_caches_are_version_3_with_commit_groups_and_plan_digests(built_cach
 def _tamper_canary(url: str, epoch: int, shard: int) -> None:
     """What a cache looks like to a machine whose libraries render other pixels: its recorded
     canary no longer matches, and its manifest names other library versions."""
-    root = zarr.open_group(url, mode="a")
-    record = root[commit_path(epoch, shard)]
-    commit = record.attrs["commit"]
-    commit["canary"]["sha256"][1] = "0" * 64
-    record.attrs["commit"] = commit
-    manifest = root.attrs["logitcache"]
-    manifest["library_versions"]["timm"] = "0.9.0"
-    root.attrs["logitcache"] = manifest
+    edit_commit(url, epoch, shard, lambda c: c["canary"]["sha256"].__setitem__(1, "0" * 64))
+    edit_manifest(url, lambda m: m["library_versions"].__setitem__("timm", "0.9.0"))
 
 
 def test_every_unit_records_a_canary_that_renders_again(built_cache_mix, synth_data):

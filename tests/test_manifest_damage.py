@@ -66,7 +66,8 @@ def _assert_refused_everywhere(url: str, synth_data: str, tmp_path: Path, capsys
     assert "\n" not in message and url in message and names in message, message
     for args in (["inspect", url], ["train", "--data", synth_data, "--cache", url, "--student", "test_resnet",
                                     "--epochs", "1", "--limit-batches", "1", "--workers", "0", "--no-progress",
-                                    "--no-tensorboard", "--device", "cpu", "--out", str(tmp_path / "run")]):
+                                    "--no-tensorboard", "--device", "cpu", "--out", str(tmp_path / "run")],
+                 ["verify", url, "--data", synth_data, "--sample", "4", "--device", "cpu"]):
         line = one_error_line(*run_main(args, capsys))
         assert url in line and names in line, line
 
@@ -117,8 +118,8 @@ RECORD_EDITS = [
 
 
 @pytest.mark.parametrize("field, value, names", RECORD_EDITS, ids=[f"{f}={v!r:.20}" for f, v, _ in RECORD_EDITS])
-def test_an_edited_commit_record_is_one_line_naming_it(field, value, names, built_cache, synth_data, tmp_path,
-                                                       capsys):
+def test_an_edited_commit_record_is_one_line_naming_it(field, value, names, built_cache, synth_data, tiny_teacher,
+                                                       tmp_path, capsys):
     from logitcache.storage.layout import commit_path
 
     url = tmp_path / "cache.zarr"
@@ -131,8 +132,10 @@ def test_an_edited_commit_record_is_one_line_naming_it(field, value, names, buil
         CacheReader(str(url)).read_unit(0, 1)
     message = str(info.value)
     assert "\n" not in message and str(url) in message and "epoch 0, unit 1" in message and names in message, message
-    line = one_error_line(*run_main(["train", "--data", synth_data, "--cache", str(url), "--student", "test_resnet",
-                                     "--epochs", "1", "--batch-size", "16", "--limit-batches", "1", "--workers",
-                                     "0", "--no-progress", "--no-tensorboard", "--device", "cpu", "--out",
-                                     str(tmp_path / "run")], capsys))
-    assert "epoch 0, unit 1" in line and names in line, line
+    for args in (["train", "--data", synth_data, "--cache", str(url), "--student", "test_resnet", "--epochs", "1",
+                  "--batch-size", "16", "--limit-batches", "1", "--workers", "0", "--no-progress", "--no-tensorboard",
+                  "--device", "cpu", "--out", str(tmp_path / "run")], ["inspect", str(url)],
+                 ["verify", str(url), "--data", synth_data, "--teacher-weights", tiny_teacher, "--sample", "4",
+                  "--device", "cpu"]):
+        line = one_error_line(*run_main(args, capsys))
+        assert str(url) in line and "epoch 0, unit 1" in line and names in line, (args[0], line)

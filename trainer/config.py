@@ -107,6 +107,7 @@ class TrainConfig:
     epochs: int = 10
     reuse_epochs: bool = False  # cycle cached epochs when training longer than the cache
     allow_view_drift: bool = False  # train even if views rendered here differ from the cache's canary
+    skip_damaged_epochs: bool = False  # train on the other epochs when a finished (sealed) epoch lost data
     batch_size: int = 128  # global, in views
     opt: str = "adamw"
     lr: float = 2e-3

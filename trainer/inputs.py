@@ -60,6 +60,7 @@ class RunInputs:
     steps_per_epoch: int  # batches per epoch (scheduler, DKD warm-up)
     labels: np.ndarray  # (N,) int64 train labels
     epochs_needed: int = 0  # student epochs of the run
+    damaged_epochs: list[int] = field(default_factory=list)  # left out by --skip-damaged-epochs
     # The train loader, kept between epochs: its workers render epoch after epoch.
     _loader: BatchLoader | None = field(default=None, repr=False)
 
@@ -77,7 +78,7 @@ class RunInputs:
         if self.reader is None:
             return "no cache: views regenerated from the recipe"
         used = self.view_epochs
-        skipped = sorted({e for r in self.readers for e in r.epochs_present()} - set(used))
+        skipped = sorted({e for r in self.readers for e in r.epochs_present()} - set(used) - set(self.damaged_epochs))
         caches = " + ".join(r.url for r in self.readers)
         common = " common to every cache" if len(self.readers) > 1 else ""
         note = (f"cache{'s' if len(self.readers) > 1 else ''} {caches}: training on cached epochs {_ranges(used)} "
@@ -87,8 +88,10 @@ class RunInputs:
         if name in RENAMED_RECIPES:
             note += f"; its recipe is {name}, {RENAMED_RECIPES[name]}"
         if skipped:
-            note += (f"; epochs {_ranges(skipped)} are not complete{' in every cache' if common else ''} and are not "
-                     f"used (finish them with the same build command)")
+            note += (f"; epochs {_ranges(skipped)} are unfinished{' in some cache' if common else ''} and are not "
+                     f"used (a build has not finished them: finish them with the same build command)")
+        if self.damaged_epochs:
+            note += f"; damaged epochs {_ranges(self.damaged_epochs)} are left out (--skip-damaged-epochs)"
         return note
 
     def view_epoch(self, epoch: int) -> int:
@@ -135,12 +138,12 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
         readers = [_open_cache(cfg, url, train_src, t) for t, url in enumerate(urls)]
         check_same_views([r.manifest for r in readers], urls)
         recipe = readers[0].manifest.recipe
-        view_epochs = _cached_epochs(cfg, readers)
+        view_epochs, damaged = _cached_epochs(cfg, readers)
         for r in readers:
             check_views_of(r, train_src, view_epochs[:1], allow_drift=cfg.allow_view_drift)
     else:
         recipe = create_recipe(cfg.recipe or "demo32")
-        view_epochs = list(range(cfg.epochs))
+        view_epochs, damaged = list(range(cfg.epochs)), []
     gs = recipe.group_size
     try:
         check_batch_size(recipe, cfg.batch_size, world_size)
@@ -156,7 +159,7 @@ def open_inputs(cfg: TrainConfig, world_size: int) -> RunInputs:
     n_groups = len(_without(epoch_groups(train_src, recipe, view_epochs[0]), held_out))
     return RunInputs(train_src, val_src, readers, recipe, view_epochs, held_out,
                      steps_per_epoch=_steps_per_epoch(cfg, n_groups, gs), labels=train_src.labels(),
-                     epochs_needed=cfg.epochs)
+                     epochs_needed=cfg.epochs, damaged_epochs=damaged)
 
 
 def _open_cache(cfg: TrainConfig, url: str, train_src: SampleSource, teacher: int) -> CacheReader:
@@ -216,7 +219,7 @@ def _without(groups: Groups, held_out: np.ndarray | None) -> Groups:
 
 def _cached_epochs(cfg: TrainConfig, readers: list[CacheReader]) -> list[int]:
     """The epochs complete in every cache; enough of them for ``cfg.epochs`` unless reusing is allowed."""
-    view_epochs = common_epochs(readers)
+    view_epochs, damaged = common_epochs(readers, cfg.skip_damaged_epochs)
     url = " + ".join(r.url for r in readers)
     if not view_epochs:
         what = "no complete epoch yet" if len(readers) == 1 else (
@@ -233,7 +236,7 @@ def _cached_epochs(cfg: TrainConfig, readers: list[CacheReader]) -> list[int]:
             f"cached epochs (student epoch e trains on cached epoch e mod {len(view_epochs)}; --reuse-epochs)",
             UserWarning, stacklevel=4,  # attributed to train()
         )
-    return view_epochs
+    return view_epochs, damaged
 
 
 def _steps_per_epoch(cfg: TrainConfig, n_groups: int, gs: int) -> int:

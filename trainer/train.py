@@ -94,7 +94,7 @@ def _train(cfg: TrainConfig, env: DistContext, on_step: StepCallback | None) -> 
     if cfg.prokt is not None:
         check_prokt(cfg)  # also for configs made without make_config
     inputs = open_inputs(cfg, env.world_size)
-    if env.main and cfg.progress:
+    if env.main:  # which epochs the run trains on, and which it leaves out (unfinished, damaged)
         print(inputs.epochs_note(), flush=True)
     parts = _create_parts(cfg, inputs, env)
     out = Path(cfg.out)

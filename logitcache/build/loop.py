@@ -132,6 +132,8 @@ def build_many(
         feats.append(f)
     reports = [BuildReport(url=t.url, workers=num_workers) for t in targets]
     units, needs = _units_to_build(writers, recipe, source, epochs, rank, world_size, batch_size, reports, recheck)
+    for t, w in enumerate(writers):  # an epoch whose units are written again is unsealed first
+        w.unseal(np.unique(units.epochs[needs[:, t]]).tolist())
     t0 = time.perf_counter()
     sinks = [_Sink(t.teacher, t.codec, recipe, w, source, r, f) for t, w, f, r in zip(targets, writers, feats, reports)]
     for u in np.flatnonzero(units.unit_views == 0):  # an empty data shard has no batches: commit it now
@@ -147,6 +149,9 @@ def build_many(
         loader = create_batch_loader(dataset, units, num_workers=num_workers, pin_memory=device.type == "cuda",
                                      device=device)
         _teach_and_write(loader, units, needs, sinks, progress)
+    if rank == 0:  # epochs finished before (a build killed before sealing them), or by empty units only
+        for w in writers:
+            w.seal_finished(epochs)
     for r in reports:
         r.seconds = time.perf_counter() - t0
     return reports
@@ -271,6 +276,8 @@ def _teach_and_write(loader, units: UnitBatches, needs: np.ndarray, sinks: list[
     a unit is written to each of them when its last batch is in."""
     canaries: dict[int, dict] = {}  # per unit: its first views, hashed as the teachers see them
     remaining = {u: int(n) for u, n in enumerate(units.unit_views) if n}
+    epochs, counts = np.unique(units.epochs[units.unit_views > 0], return_counts=True)
+    epoch_left = dict(zip(epochs.tolist(), counts.tolist()))  # this rank's units still to write, per epoch
     with BuildProgress(progress, sum(remaining.values()), len(units.unit_views)) as bar:
         for batch in loader:
             u = batch["unit"]
@@ -288,6 +295,10 @@ def _teach_and_write(loader, units: UnitBatches, needs: np.ndarray, sinks: list[
                 for sink in mine:
                     _write_unit(sink, epoch, shard, sink.pending.pop(u), canary)
                 bar.unit_done()
+                epoch_left[epoch] -= 1
+                if not epoch_left[epoch]:  # this rank's last unit of the epoch: seal it if it is complete
+                    for sink in sinks:
+                        sink.writer.seal_if_complete(epoch)
 
 
 def _write_unit(sink: _Sink, epoch: int, shard: int, parts: list[dict], canary: dict) -> None:

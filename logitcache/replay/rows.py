@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from logitcache.errors import CacheMismatchError
 from logitcache.replay.teachers import row_keys
+from logitcache.storage.canary import check_plan
 from logitcache.storage.reader import EpochArrays
 from logitcache.views.augment import Recipe
-from logitcache.views.plan import unit_plan_digest
 
 
 class CachedRows:
@@ -54,14 +53,8 @@ class CachedRows:
 def check_plans(arrays: EpochArrays, source, recipe: Recipe, *, rank: int = 0, world_size: int = 1) -> None:
     """Refuse an epoch whose units were planned otherwise than this code plans them (other
     view seeds or mixing partners: another recipe, data or logitcache): each unit's plan digest
-    against :func:`logitcache.views.plan.unit_plan_digest`. Rank r checks units r, r + W, ... (about
-    a second per ImageNet epoch in all), so every unit is checked once per epoch."""
+    against :func:`logitcache.views.plan.unit_plan_digest` (:func:`logitcache.storage.canary.check_plan`).
+    Rank r checks units r, r + W, ... (about a second per ImageNet epoch in all), so every unit
+    is checked once per epoch."""
     for s in range(rank, len(source.shards), world_size):
-        shard = source.shards[s]
-        keys = [source.key(i) for i in range(shard.start, shard.stop)]
-        if arrays.plans[s] != unit_plan_digest(recipe, arrays.epoch, s, shard.start, shard.stop, keys):
-            raise CacheMismatchError(
-                f"the views of cached epoch {arrays.epoch}, unit {s} (shard {shard.name}) were planned otherwise "
-                f"than here (other view seeds or mixing partners): cache built with another recipe, data or "
-                f"logitcache version"
-            )
+        check_plan(arrays.plans[s], recipe, arrays.epoch, s, source, arrays.cache)

@@ -41,6 +41,11 @@ def read_basis(root: zarr.Group, manifest, url: str) -> FeatureBasis:
         except Exception as e:  # noqa: BLE001 - any storage/codec failure becomes one clear error
             raise CorruptCacheError(f"cache {url}: feature basis, array {BASIS_GROUP}/{key}: cannot read it "
                                     f"({type(e).__name__}: {e}); {_HINT}") from None
+    spec = manifest.feature_spec
+    if arrays["mean"].shape != (spec.dim,) or arrays["components"].shape != (spec.rank, spec.dim):
+        raise CorruptCacheError(f"cache {url}: feature basis, arrays {BASIS_GROUP}/mean and components: shapes "
+                                f"{arrays['mean'].shape} and {arrays['components'].shape}, the manifest's spec needs "
+                                f"({spec.dim},) and ({spec.rank}, {spec.dim}); {_HINT}")
     basis = FeatureBasis(mean=arrays["mean"], components=arrays["components"],
                          explained=float(manifest.features.get("explained") or 0.0))
     if basis.digest() != manifest.features.get("basis_sha256"):

@@ -19,7 +19,7 @@ from logitcache.errors import CacheMismatchError, CorruptCacheError
 from logitcache.storage.layout import REPAIR_HINT
 from logitcache.storage.manifest import Manifest, library_versions
 from logitcache.storage.reader import CacheReader
-from logitcache.views.plan import plan_unit
+from logitcache.views.plan import plan_unit, unit_plan_digest
 
 #: Views hashed per unit (the first ones of the unit, in build order).
 CANARY_VIEWS = 4
@@ -72,6 +72,19 @@ def check_canary(commit: dict | None, manifest: Manifest, source, epoch: int, sh
             f"--allow-view-drift to use the cache anyway"
         )
     return True
+
+
+def check_plan(plan: str, recipe, epoch: int, shard: int, source, where: str) -> None:
+    """Refuse unit (``epoch``, ``shard``) of the cache ``where`` when its plan digest (from its
+    commit record) is not the plan this code makes of the data ``source`` (other view seeds
+    or mixing partners: another recipe, data or logitcache version)."""
+    info = source.shards[shard]
+    keys = [source.key(i) for i in range(info.start, info.stop)]
+    if plan != unit_plan_digest(recipe, epoch, shard, info.start, info.stop, keys):
+        raise CacheMismatchError(
+            f"cache {where}: the views of epoch {epoch}, unit {shard} (shard {info.name}) were planned otherwise "
+            f"than here (other view seeds or mixing partners): cache built with another recipe, data or logitcache "
+            f"version, or its commit record was edited")
 
 
 def check_views_of(reader: CacheReader, source, epochs: list[int] | None = None, allow_drift: bool = False) -> None:

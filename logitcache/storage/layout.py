@@ -128,13 +128,17 @@ def array_crc32(arr: np.ndarray) -> int:
     return zlib.crc32(memoryview(arr).cast("B")) if arr.size else 0
 
 
-def commit_record(arrays: dict[str, np.ndarray], n: int, format_version: int, plan: str | None = None) -> dict:
-    """What a commit stores: the row count, every array's checksum and (format 3) the plan digest."""
+def commit_record(arrays: dict[str, np.ndarray], n: int, format_version: int, plan: str | None = None,
+                  manifest: str | None = None) -> dict:
+    """What a commit stores: the row count, every array's checksum, (format 3) the plan digest
+    and (format 5) the digest of the manifest the unit was written under."""
     if format_version == 1:
         return {"n": n, "sha256": {k: array_digest(a) for k, a in arrays.items()}}
     record = {"n": n, "crc32": {k: array_crc32(a) for k, a in arrays.items()}}
     if format_version >= 3:
         record["plan"] = plan
+    if format_version >= 5:
+        record["manifest"] = manifest
     return record
 
 
@@ -145,16 +149,34 @@ def damaged_arrays(commit: dict, arrays: dict[str, np.ndarray]) -> list[str]:
     return [k for k, a in arrays.items() if array_digest(a) != commit.get("sha256", {}).get(k)]
 
 
-def _bad_record_field(record: dict) -> str | None:
+def hex64(v) -> bool:
+    """Whether ``v`` is a sha256 digest as the format writes it: 64 lowercase hex digits."""
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def count(v) -> bool:
+    """Whether ``v`` is a non-negative int below 2^40 (a row or sample count or index)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 40
+
+
+def _bad_record_field(record: dict, format_version: int, manifest: str | None) -> str | None:
     """What is wrong with a format 2+ commit record's fields (their types and shapes), or None:
-    ``n`` a row count, ``crc32`` array name -> CRC-32, ``plan`` a sha256 hex digest, ``canary``
-    (storage/canary.py) a table of up to 4 sample indices and as many sha256 hex digests."""
-    def hex64(v) -> bool:
-        return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
-
-    def count(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 40
-
+    ``n`` a row count, ``crc32`` array name -> CRC-32, ``plan`` (format 3+) a sha256 hex digest,
+    ``manifest`` (format 5) the manifest's digest ``manifest``, ``canary`` (storage/canary.py;
+    format 5: every unit with rows) a table of up to 4 sample indices and as many sha256 hex digests."""
+    required = ("n", "crc32") + (("plan",) if format_version >= 3 else ()) + (
+        ("manifest",) + (("canary",) if record.get("n") else ()) if format_version >= 5 else ())
+    missing = [k for k in required if k not in record]
+    if missing:
+        return f"{missing[0]} is missing"
+    known = {"n", "crc32", "canary"} | ({"plan"} if format_version >= 3 else set()) | (
+        {"manifest"} if format_version >= 5 else set())
+    unknown = sorted(set(record) - known)
+    if unknown:
+        return f"{unknown[0]!r:.40} is not a field of a format {format_version} commit record"
+    if format_version >= 5 and record["manifest"] != manifest:
+        return (f"manifest is {record['manifest']!r:.20}..., not this cache's manifest digest {str(manifest)[:12]}... "
+                f"(the unit was written under another manifest, or the manifest was edited)")
     crc = record["crc32"]
     if not isinstance(crc, dict) or not all(isinstance(k, str) and count(v) and v < 1 << 32 for k, v in crc.items()):
         return "crc32 is not a table of array checksums"
@@ -173,12 +195,14 @@ def _bad_record_field(record: dict) -> str | None:
     return None
 
 
-def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 1, url: str = "") -> dict | None:
+def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 1, url: str = "",
+                manifest: str | None = None) -> dict | None:
     """The commit record of a unit, or None when the unit is not committed.
 
     Format 2: a record that exists but cannot be read is damage, and raises
     :class:`CorruptCacheError`. Format 1 keeps the record in the unit's own metadata, which
     a killed writer could leave cut short: unreadable there means not committed.
+    ``manifest``: the cache's manifest digest, which a format 5 record must name.
     """
     if format_version >= 2:
         try:
@@ -193,7 +217,7 @@ def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 
         if not isinstance(record, dict) or "crc32" not in record:
             raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
                                     f"{commit_path(epoch, shard)} holds no checksums; {REPAIR_HINT}")
-        bad = _bad_record_field(record)
+        bad = _bad_record_field(record, format_version, manifest)
         if bad:
             raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
                                     f"{commit_path(epoch, shard)} field {bad}; {REPAIR_HINT}")
@@ -207,10 +231,15 @@ def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 
 
 def committed_units_of(root: zarr.Group, url: str, storage_options: dict | None, format_version: int, epoch: int,
                      num_shards: int) -> list[int]:
-    """Format 2: the names under ``commits/`` (one listing); format 1: each unit's metadata."""
+    """Format 2: the names under ``commits/`` (one listing); format 1: each unit's metadata.
+    A record of a shard the manifest does not have is damage (an edit or a copy from another cache)."""
     if format_version >= 2:
-        return [s for s in numbered_entries(list_names(url, f"{epoch_path(epoch)}/commits", storage_options))
-                if s < num_shards]
+        units = numbered_entries(list_names(url, f"{epoch_path(epoch)}/commits", storage_options))
+        if units and units[-1] >= num_shards:
+            raise CorruptCacheError(f"cache {url}: epoch {epoch}: commit record {commit_path(epoch, units[-1])} "
+                                    f"names unit {units[-1]}, past the manifest's {num_shards} shards (not this "
+                                    f"cache's: remove it)")
+        return units
     return [s for s in range(num_shards) if unit_commit(root, epoch, s, 1) is not None]
 
 

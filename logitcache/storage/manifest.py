@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 
 from logitcache.codecs.logits import CodecSpec
 from logitcache.errors import CacheMismatchError, CorruptCacheError
-from logitcache.storage.manifest_schema import check_manifest_document, field_error
+from logitcache.storage.manifest_schema import (
+    DIGEST_FORMAT,
+    check_manifest_digest,
+    check_manifest_document,
+    field_error,
+    manifest_digest,
+)
 from logitcache.views.augment import Recipe
 
 #: The layout new caches are written in; every version in READABLE_VERSIONS still reads.
@@ -22,9 +28,11 @@ from logitcache.views.augment import Recipe
 #: entry, the basis under ``features/``, ``feat`` (and ``feat_scale``) in every unit. A cache
 #: without features stays format 3, so a logitcache that predates features still extends it,
 #: and refuses to extend a feature cache with featureless units.
-FORMAT_VERSION = 3
-FEATURES_FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+#: 5: checked metadata, with or without features: the manifest carries its own digest
+#: (``manifest_sha256``), every commit record names it (``manifest``) and carries a canary
+#: (non-empty units), and a finished epoch is sealed (logitcache/storage/seals.py).
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 ATTR_KEY = "logitcache"  # the root group attribute holding the manifest
 
 _VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy", "zarr", "logitcache")
@@ -96,6 +104,15 @@ class Manifest:
     teacher_input_size: int | None = None
 
     def to_dict(self) -> dict:
+        d = self._fields()
+        return {**d, "manifest_sha256": manifest_digest(d)} if self.format_version >= DIGEST_FORMAT else d
+
+    @property
+    def digest(self) -> str | None:
+        """``manifest_sha256``: what every commit record of a format 5 cache names; None before."""
+        return self.to_dict().get("manifest_sha256")
+
+    def _fields(self) -> dict:
         return {
             "format_version": self.format_version,
             "teacher": self.teacher,
@@ -123,7 +140,7 @@ class Manifest:
                 f"(this logitcache reads {', '.join(map(str, READABLE_VERSIONS))})"
             )
         check_manifest_document(d, where)
-        return cls(
+        m = cls(
             teacher=d["teacher"],
             teacher_weights=d["teacher_weights"],
             teacher_weights_sha256=d["teacher_weights_sha256"],
@@ -136,8 +153,15 @@ class Manifest:
             created=d.get("created", ""),
             build_env=d.get("build_env", {}),
             features=d.get("features"),
-            teacher_input_size=_input_size_field(d.get("teacher_input_size")),
+            teacher_input_size=_input_size_field(d.get("teacher_input_size"), where),
         )
+        check_manifest_digest(d, where)
+        if m.format_version >= DIGEST_FORMAT:  # the document is the canonical form of what was parsed
+            again = m.to_dict()
+            diff = sorted(k for k in set(d) | set(again) if d.get(k) != again.get(k))
+            if diff:
+                raise field_error(where, diff[0], ValueError("it is not in the form this format writes"))
+        return m
 
     def identity(self) -> dict:
         """The fields that must be equal for two builds to write into one cache."""
@@ -153,9 +177,8 @@ class Manifest:
         }
 
     def add_features(self, entry: dict) -> None:
-        """Make this a feature cache's manifest: ``entry`` as :attr:`features` documents, format 4."""
+        """Make this a feature cache's manifest: ``entry`` as :attr:`features` documents."""
         self.features = entry
-        self.format_version = FEATURES_FORMAT_VERSION
 
     def feature_identity(self) -> dict | None:
         """What must match for two builds' features to share a cache: their spec and basis."""
@@ -200,10 +223,11 @@ def _codec(d: dict, where: str) -> CodecSpec:
     return spec
 
 
-def _input_size_field(value) -> int | None:
-    """The manifest's ``teacher_input_size``: absent, or an int of at least 8 pixels."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 8):
-        raise CorruptCacheError(f"manifest field teacher_input_size is {value!r}: not an input size in pixels (>= 8)")
+def _input_size_field(value, where: str) -> int | None:
+    """The manifest's ``teacher_input_size``: absent, or an int of 8 to 65,536 pixels."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 8 <= value <= 1 << 16):
+        raise CorruptCacheError(f"cache {where}: manifest field teacher_input_size is {value!r:.40}: not an input "
+                                f"size in pixels (8 to 65536)")
     return value
 
 

@@ -29,8 +29,10 @@ from logitcache.storage.layout import (
     unit_path,
 )
 from logitcache.storage.manifest import ATTR_KEY, Manifest
+from logitcache.storage.seals import EpochStatus, check_sealed, epoch_status, read_seal, sealed_epochs
 from logitcache.storage.unit_layout import (
     FEATURE_ARRAYS,
+    array_kinds,
     legacy_rows,
     stored_arrays,
     unpack_unit,
@@ -38,14 +40,17 @@ from logitcache.storage.unit_layout import (
 from logitcache.views.plan import held_samples, plan_epoch, row_of, unit_views
 
 
-async def _read_unit_arrays(root, path: str, names: tuple[str, ...], empty: bool) -> list:
+async def _read_unit_arrays(root, path: str, names: tuple[str, ...], empty: bool, max_bytes: int) -> list:
     """[the unit group at ``path``, then the whole of each array ``names`` in it] from a zarr
     AsyncGroup, all opened and read concurrently: one trip through zarr's event loop per
     unit, not two per array. Whatever cannot be opened or read gives its exception in its
     place. ``empty``: a unit of 0 rows, whose arrays have no chunk: zero-length arrays of
-    their dtypes."""
+    their dtypes. An array whose metadata claims more than ``max_bytes`` is refused before
+    anything is allocated for it."""
     async def one(key: str):
         z = await root.getitem(f"{path}/{key}")
+        if z.nbytes > max_bytes:
+            raise ValueError(f"its metadata claims {z.nbytes:,} bytes, more than a unit of its rows holds")
         if empty or not z.size:
             return np.zeros((0,) + tuple(z.shape[1:]), z.dtype)
         return await z.getitem(...)
@@ -81,6 +86,7 @@ class EpochArrays:
     feat_scale: np.ndarray | None = None
     repeats: int = 1
     held: np.ndarray | None = None  # (V / repeats,) sorted samples with rows (repeats > 1)
+    cache: str = ""  # the cache's URL (for messages)
 
     @property
     def num_views(self) -> int:
@@ -101,6 +107,9 @@ class CacheReader:
         self.storage_options = storage_options
         self.root = open_group(url, mode="r", storage_options=storage_options)
         self.manifest = _read_manifest(self.root, url)
+        self.manifest_digest = self.manifest.digest  # format 5: what every commit record names
+        # what each stored array must be (format 3+; formats 1-2 are checked by their checksums only)
+        self._kinds = array_kinds(self.manifest.codec, self.manifest.feature_spec) if self.format_version >= 3 else {}
         self._basis = None
 
     @property
@@ -122,12 +131,20 @@ class CacheReader:
 
     def epochs(self) -> list[int]:
         """Epochs whose every unit is committed (only these are readable): about one
-        listing per epoch on format 2 caches."""
-        return [e for e in self.epochs_present() if len(self.committed_units(e)) == self.num_shards]
+        listing per epoch on format 2 caches. Damaged epochs are not among them:
+        :meth:`epoch_status` tells them from unfinished ones."""
+        return self.epoch_status().complete
+
+    def epoch_status(self) -> EpochStatus:
+        """Complete, unfinished and damaged epochs (logitcache/storage/seals.py): a listing of
+        the epochs, of the seals and of each epoch's commit records."""
+        present = self.epochs_present()
+        sealed = sealed_epochs(self.url, self.storage_options, self.format_version)
+        return epoch_status(present, sealed, {e: self.committed_units(e) for e in present}, self.num_shards)
 
     def commit(self, epoch: int, shard: int) -> dict | None:
         """The unit's commit record (``n`` and every array's checksum), or None if uncommitted."""
-        return unit_commit(self.root, epoch, shard, self.format_version, self.url)
+        return unit_commit(self.root, epoch, shard, self.format_version, self.url, self.manifest_digest)
 
     def _where(self, epoch: int, shard: int, key: str | None = None) -> str:
         array = f", array {key}" if key else ""
@@ -176,8 +193,10 @@ class CacheReader:
         ``features=False`` leaves a feature cache's feature arrays unread."""
         names = self._names(features)
         # zarr's Group wraps an AsyncGroup (zarr 3); its async API reads the unit in one gather
+        m = self.manifest
+        width = m.num_classes + m.codec.k + (m.feature_spec.width if m.features else 0) + 8  # values per row, at most
         group, *arrays = sync(_read_unit_arrays(self.root._async_group, unit_path(epoch, shard), names,
-                                                empty=not commit["n"]))
+                                                empty=not commit["n"], max_bytes=(1 << 20) + 8 * width * commit["n"]))
         for got in (group, *arrays):  # cancelled or interrupted: not damage, pass it on
             if isinstance(got, BaseException) and not isinstance(got, Exception):
                 raise got
@@ -189,6 +208,12 @@ class CacheReader:
                 raise CorruptCacheError(f"{self._where(epoch, shard, key)}: cannot read it ({type(got).__name__}: "
                                         f"{got}); {REPAIR_HINT}") from None
         out = dict(zip(names, arrays))
+        for key, a in out.items():
+            want = self._kinds.get(key)
+            if want is not None and (a.dtype != want[0] or a.shape[1:] != want[1]):
+                raise CorruptCacheError(f"{self._where(epoch, shard, key)}: is {a.dtype} of shape {a.shape}, the "
+                                        f"format stores {want[0]} of shape (n{''.join(f', {d}' for d in want[1])}) "
+                                        f"(its metadata was edited or damaged); {REPAIR_HINT}")
         bad = damaged_arrays(commit, out)
         if bad:
             raise CorruptCacheError(f"{self._where(epoch, shard, bad[0])}: fails its checksum (damaged or "
@@ -200,6 +225,11 @@ class CacheReader:
         sample; with repeated augmentation by (sample, repeat), the unit's views), and its plan
         digest; every array read is checked. Any format. ``features``: also the unit's ``feat``
         (and ``feat_scale``) rows (a feature cache only)."""
+        rows, plan, _ = self._rows(epoch, shard, features)
+        return rows, plan
+
+    def _rows(self, epoch: int, shard: int, features: bool) -> tuple[dict[str, np.ndarray], str, dict]:
+        """:meth:`read_rows` and the unit's commit record."""
         commit = self._commit_of(epoch, shard)
         arrays = self._read_checked(epoch, shard, commit, features)
         d = self.manifest.dataset
@@ -209,7 +239,7 @@ class CacheReader:
             if len(idx) != size or (size and not np.array_equal(np.sort(idx), np.arange(start, start + size))):
                 raise CorruptCacheError(f"{self._where(epoch, shard)}: its rows do not cover the shard's samples "
                                         f"{start}..{start + size - 1} exactly once; {REPAIR_HINT}")
-            return legacy_rows(self.manifest.codec, arrays, start)
+            return (*legacy_rows(self.manifest.codec, arrays, start), commit)
         views = int(unit_views(self.manifest.recipe, size))
         if int(commit["n"]) != views:
             raise CorruptCacheError(f"{self._where(epoch, shard)}: holds {commit['n']} rows for a shard of {size} "
@@ -218,17 +248,36 @@ class CacheReader:
             rows = unpack_unit(self.manifest.codec, arrays, views)
         except ValueError as e:  # arrays too short for their row count (a writer bug, never storage damage)
             raise CorruptCacheError(f"{self._where(epoch, shard)}: {e}; {REPAIR_HINT}") from None
-        return rows, str(commit.get("plan"))
+        return rows, str(commit.get("plan")), commit
+
+    def _seal(self, epoch: int) -> dict | None:
+        """``epoch``'s seal (format 5; None when unsealed), checked to cover every unit."""
+        seal = read_seal(self.root, epoch, self.url, self.num_shards, self.manifest_digest) \
+            if self.format_version >= 5 else None
+        if seal is not None:
+            status = epoch_status([epoch], [epoch], {epoch: self.committed_units(epoch)}, self.num_shards)
+            if status.damaged:
+                raise status.damage_error(self.url)
+        return seal
+
+    def check_seal(self, epoch: int) -> None:
+        """Check ``epoch``'s commit records against its seal (without reading the units)."""
+        seal = self._seal(epoch)
+        if seal is not None:
+            check_sealed(seal, epoch, [self._commit_of(epoch, s) for s in range(self.num_shards)], self.url)
 
     def read_units(self, epoch: int, features: bool = False) -> list[tuple[dict[str, np.ndarray], str]]:
         """Every unit of ``epoch`` as :meth:`read_rows`, in shard order, read by up to
-        ``IO_THREADS`` threads.
+        ``IO_THREADS`` threads; a sealed epoch's commit records are checked against its seal.
 
         A unit read mostly waits on zarr's event loop and the storage (a metadata and a
         chunk request per array), so overlapping them cuts the time on a local disk and
         divides it by the thread count on object storage."""
+        seal = self._seal(epoch)
         with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, self.num_shards))) as pool:
-            return list(pool.map(lambda s: self.read_rows(epoch, s, features), range(self.num_shards)))
+            units = list(pool.map(lambda s: self._rows(epoch, s, features), range(self.num_shards)))
+        check_sealed(seal, epoch, [c for _, _, c in units], self.url)
+        return [(rows, plan) for rows, plan, _ in units]
 
     def load_epoch(self, epoch: int, features: bool = False) -> EpochArrays:
         """All views of ``epoch`` as teacher rows indexed by global sample index (with repeats:
@@ -255,4 +304,4 @@ class CacheReader:
             bounds = np.cumsum([0, *self.manifest.dataset.shard_sizes])
             held = held_samples(plan_epoch(recipe, epoch, list(zip(bounds[:-1], bounds[1:]))))
         return EpochArrays(epoch=epoch, ids=ids, values=values, tail=tail, plans=[p for _, p in units],
-                           repeats=recipe.aug_repeats, held=held, **feat)
+                           repeats=recipe.aug_repeats, held=held, cache=self.url, **feat)

@@ -159,6 +159,8 @@ class CacheStats:
     mean_tail_mass: float | None  # mean probability outside the kept top-k
     features: dict | None = None  # the manifest's features entry (label, spec, basis sha256, explained)
     views_digest: str = ""  # storage.views_compat.views_digest: caches with one digest hold the same views
+    epochs_unfinished: list[int] = dataclasses.field(default_factory=list)  # a build has not finished them
+    checks: dict[str, str] = dataclasses.field(default_factory=dict)  # what inspect checked, in words
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -197,10 +199,19 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
     labels = source.labels() if source is not None else None
     starts = np.cumsum([0] + list(m.dataset.shard_sizes))
 
+    status = reader.epoch_status()
+    if status.damaged:
+        raise status.damage_error(url)
+    checked = _Checked()
+    if reader.feature_basis() is not None:  # read and checked against the manifest's sha256
+        checked.basis = True
     sums = _Totals()
     for e, units in committed.items():
-        for s in units:
-            rows, _ = reader.read_rows(e, s)
+        # a complete epoch is read as train reads it: its seal checked against every commit record
+        read = reader.read_units(e, reader.has_features) if e in status.complete else [
+            reader.read_rows(e, s, reader.has_features) for s in units]
+        checked.add_epoch(reader, source, e, list(units), read)
+        for s, (rows, _) in zip(units, read):
             row_labels = None
             if labels is not None:  # each row's sample: with repeats, the unit's plan says which
                 row_labels = labels[row_samples(plan_unit(m.recipe, e, s, starts[s], starts[s + 1]),
@@ -227,6 +238,54 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
         mean_entropy=sums.entropy / views if views else None, max_entropy=math.log(C),
         mean_top1_prob=sums.top1_prob / views if views else None,
         mean_tail_mass=sums.tail_mass / views if views else None, features=m.features, views_digest=views_digest(m),
+        epochs_unfinished=status.unfinished, checks=checked.summary(reader, source is not None),
     )
+
+
+@dataclass
+class _Checked:
+    """What :func:`inspect_cache` checked beyond the checksums of every array it read."""
+
+    basis: bool = False
+    units: int = 0
+    plans: int = 0  # units whose plan digest matched this code's plan of the data (--data)
+    canaries: int = 0  # units whose canary views rendered again identically (--data; one per epoch)
+    sealed: int = 0
+
+    def add_epoch(self, reader: CacheReader, source, epoch: int, units: list[int], read: list) -> None:
+        """Count one epoch's units; with ``source``, check their plans and one canary."""
+        from logitcache.storage.canary import check_canary, check_plan
+
+        self.units += len(units)
+        self.sealed += reader.format_version >= 5 and len(units) == reader.num_shards
+        if source is None:
+            return
+        for s, (_, plan) in zip(units, read):
+            check_plan(plan, reader.manifest.recipe, epoch, s, source, reader.url)
+            self.plans += 1
+        for s in units:  # the first unit with views: its canary (train checks one unit per run)
+            if check_canary(reader.commit(epoch, s), reader.manifest, source, epoch, s, reader.url):
+                self.canaries += 1
+                break
+
+    def summary(self, reader: CacheReader, with_data: bool) -> dict[str, str]:
+        """Each check, in words: what it covered, or why it did not run."""
+        fmt = reader.format_version
+        no_data = "not checked: pass --data (the cache's dataset)"
+        return {
+            "checksums": f"every array of {_count(self.units, 'committed unit')}" + (
+                " (features included)" if reader.has_features else ""),
+            "manifest": "its digest, and every commit record names it" if fmt >= 5 else
+                        f"fields and recipe digest only (format {fmt} has no manifest digest)",
+            "seals": (f"{_count(self.sealed, 'complete epoch')} against its seal" if fmt >= 5 else
+                      f"none (format {fmt} has no seals: a lost epoch looks unfinished)"),
+            "basis": "checked against the manifest's sha256" if self.basis else "none (no PCA features)",
+            "plans": f"{_count(self.plans, 'unit')} against this code's plan" if with_data else no_data,
+            "canaries": f"{_count(self.canaries, 'unit')} rendered again, one per epoch" if with_data else no_data,
+        }
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 

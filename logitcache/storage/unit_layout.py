@@ -55,6 +55,21 @@ def stored_arrays(spec: CodecSpec, format_version: int, features=None) -> tuple[
     return _logit_arrays(spec) + (tuple(features.stored_arrays()) if features is not None else ())
 
 
+def array_kinds(spec: CodecSpec, features=None) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Format 3+: each stored array's dtype and shape past its first axis (``()`` for 1-D
+    arrays and streams), as :func:`pack_unit` writes them: what a stored array must be, so an
+    edited dtype (same bytes read as other numbers) is damage, not other values."""
+    import torch
+
+    from logitcache.codecs.logits import encode
+
+    rows = encode(spec, torch.zeros(1, spec.num_classes), np.zeros(1, np.uint64))
+    kinds = {k: (a.dtype, a.shape[1:]) for k, a in _pack_logits(spec, rows).items()}
+    for key, (dtype, width) in (features.stored_arrays().items() if features is not None else ()):
+        kinds[key] = (np.dtype(dtype), () if width is None else (width,))
+    return kinds
+
+
 def _logit_arrays(spec: CodecSpec) -> tuple[str, ...]:
     if spec.name == "sampled":
         return ("unique", "ids", "counts")

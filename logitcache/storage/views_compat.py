@@ -57,9 +57,26 @@ def check_same_plans(epoch: int, plans: list[list[str]], urls: list[str]) -> Non
                     f"digests {a[:12]} and {b[:12]}")
 
 
-def common_epochs(readers: list[CacheReader]) -> list[int]:
-    """The epochs complete in every cache, sorted."""
-    return sorted(set.intersection(*(set(r.epochs()) for r in readers)))
+def common_epochs(readers: list[CacheReader], skip_damaged: bool = False) -> tuple[list[int], list[int]]:
+    """(the epochs complete in every cache, sorted; the damaged epochs left out, sorted).
+
+    An epoch its build sealed that has lost a unit, a commit record or its folder
+    (logitcache/storage/seals.py) is damage: refused in one line, unless ``skip_damaged``
+    (train's ``--skip-damaged-epochs``), which leaves it out with a warning."""
+    import warnings
+
+    complete, damaged = [], set()
+    for r in readers:
+        status = r.epoch_status()
+        if status.damaged and not skip_damaged:
+            error = status.damage_error(r.url)
+            raise type(error)(f"{error}; or train on the other epochs with --skip-damaged-epochs")
+        if status.damaged:
+            warnings.warn(f"{status.damage_error(r.url)}; training on the other epochs (--skip-damaged-epochs)",
+                          UserWarning, stacklevel=3)
+        complete.append(set(status.complete))
+        damaged |= set(status.damaged)
+    return sorted(set.intersection(*complete) - damaged), sorted(damaged)
 
 
 def load_same_views(readers: list[CacheReader], epoch: int, features: bool = False) -> list[EpochArrays]:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from logitcache.errors import CacheMismatchError
+from logitcache.errors import CacheMismatchError, CorruptCacheError
 from logitcache.storage.basis import BASIS_GROUP, write_basis
 from logitcache.storage.layout import (
     COMPRESSOR,
@@ -18,8 +18,10 @@ from logitcache.storage.layout import (
     committed_units_of,
     epoch_path,
     open_group,
+    unit_commit,
 )
 from logitcache.storage.manifest import ATTR_KEY, Manifest
+from logitcache.storage.seals import SEALS, read_seal, remove_seal, seal_record, sealed_epochs, write_seal
 from logitcache.storage.unit_layout import pack_unit
 from logitcache.views.plan import unit_views
 
@@ -45,6 +47,7 @@ class CacheWriter:
                 write_basis(self.root, basis)
             self.root.attrs[ATTR_KEY] = manifest.to_dict()
             self.format_version = manifest.format_version
+            self.manifest_digest = manifest.digest
         else:
             built = Manifest.from_dict(existing, url)
             if built.features != manifest.features:  # also decides the format (3 or 4): name the features
@@ -56,6 +59,7 @@ class CacheWriter:
                     f"epochs, build a new cache (another --out)")
             manifest.check_same_build(built, url)
             self.format_version = built.format_version
+            self.manifest_digest = built.digest  # the stored manifest's (its created time, versions, ...)
 
     def prepare_epochs(self, epochs: list[int]) -> None:
         """Create the epoch groups up front (one process), so unit writers never race on them.
@@ -68,6 +72,8 @@ class CacheWriter:
         a metadata write, latency-bound on object storage).
         """
         self.root.require_group("epochs")
+        if self.format_version >= 5:
+            self.root.require_group(SEALS)  # before any unit writer seals an epoch into it
 
         def prepare(e: int) -> None:
             self.root.require_group(epoch_path(e))
@@ -98,6 +104,8 @@ class CacheWriter:
         if n != size or any(k not in rows or len(rows[k]) != n for k in expected):
             raise ValueError(f"unit {shard} needs {size} rows (its shard's views), got "
                              f"{ {k: len(v) for k, v in rows.items()} }")
+        if n and canary is None and self.format_version >= 5:
+            raise ValueError(f"unit {shard} has rows and no canary (storage/canary.py:canary_of)")
         arrays = pack_unit(self.manifest.codec, rows)
         commits = self.root.require_group(f"{epoch_path(epoch)}/commits")
         del commits[f"{shard:05d}"]  # a no-op when absent; no listing of the epoch's records
@@ -116,7 +124,39 @@ class CacheWriter:
         # latency-bound, two requests per array), then the commit record, strictly after.
         with ThreadPoolExecutor(max_workers=min(IO_THREADS, len(arrays))) as pool:
             list(pool.map(write, list(arrays)))  # list(): re-raises the first error here
-        record = commit_record(arrays, n, self.format_version, plan)
+        record = commit_record(arrays, n, self.format_version, plan, self.manifest_digest)
         if canary is not None:
             record["canary"] = canary
         commits.create_group(f"{shard:05d}", attributes={"commit": record})  # one write: its zarr.json
+
+    def unseal(self, epochs: list[int]) -> None:
+        """Remove the seals of ``epochs`` (units of them are about to be written again); one listing."""
+        for e in set(epochs) & set(sealed_epochs(self.url, self.storage_options, self.format_version)):
+            remove_seal(self.root, e)
+
+    def seal_if_complete(self, epoch: int) -> bool:
+        """Seal ``epoch`` (logitcache/storage/seals.py) when every unit is committed, replacing a seal
+        that names other commit records; False when it is not complete (or the format has no seals).
+        Whichever process commits an epoch's last unit seals it: each calls this after its own."""
+        num_shards = len(self.manifest.dataset.shards)
+        if self.format_version < 5 or len(self.committed_units(epoch)) < num_shards:
+            return False
+        with ThreadPoolExecutor(max_workers=min(IO_THREADS, num_shards)) as pool:
+            records = list(pool.map(lambda s: unit_commit(self.root, epoch, s, self.format_version, self.url,
+                                                          self.manifest_digest), range(num_shards)))
+        seal = seal_record(self.manifest_digest, records)
+        try:
+            same = read_seal(self.root, epoch, self.url, num_shards, self.manifest_digest) == seal
+        except CorruptCacheError:  # a damaged seal is replaced
+            same = False
+        if not same:
+            write_seal(self.root, epoch, seal)
+        return True
+
+    def seal_finished(self, epochs: list[int]) -> None:
+        """Seal those of ``epochs`` that are complete and unsealed (a build killed between an
+        epoch's last commit and its seal leaves one): one listing, then one per unsealed epoch."""
+        sealed = set(sealed_epochs(self.url, self.storage_options, self.format_version))
+        for e in epochs:
+            if e not in sealed:
+                self.seal_if_complete(e)

@@ -152,6 +152,8 @@ def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, trans
     keys_all = source.keys()
     out = _Regenerated()
     features = m.features is not None
+    for e in sorted({picked.units[j][0] for j in np.unique(picked.unit_of)} & set(reader.epochs())):
+        reader.check_seal(e)  # the units of a complete epoch are the ones it was sealed with
     for j in np.unique(picked.unit_of):
         e, s, _n = picked.units[j]
         # checked against its commit record: damage stops here, named
@@ -223,6 +225,9 @@ def verify_cache(
         raise LogitcacheError(f"--sample must be >= 1, not {sample}")
     reader = CacheReader(url, storage_options=storage_options)
     m = reader.manifest
+    status = reader.epoch_status()
+    if status.damaged:
+        raise status.damage_error(url)
     check_teacher_weights(m, teacher_weights, url)
     source = _open_checked_source(m, data, url)
     C = m.num_classes
