@@ -44,10 +44,16 @@ def s3_server() -> Iterator[dict[str, str]]:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    import s3fs
+
+    # fsspec reuses one S3FileSystem per set of arguments, and the endpoint comes from the
+    # environment, not the arguments: an instance made for an earlier server would be reused
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield s3_env(f"http://127.0.0.1:{port}")
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 class RequestCount(logging.Handler):
