@@ -80,9 +80,27 @@ def ls_cmd(
         print(format_ls(summaries))
 
 
+def publish_cmd(
+    url: str = typer.Argument(..., metavar="CACHE", help="The cache to publish (a path or any fsspec URL)."),
+    dest: str = typer.Argument(..., metavar="DEST_URL", help="Where to write the published copy (any fsspec URL)."),
+    epochs: Optional[str] = typer.Option(None, metavar="N|A:B", show_default="every complete epoch",
+                                         help="The epochs to publish."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Write a read-only copy of a cache for static hosting (no directory listing needed): one
+    index, and per epoch one index and one pack; readers open it by URL, as any cache."""
+    from logitcache.cli.build_command import parse_epochs
+
+    from logitcache.storage.publish import publish_cache
+
+    out = publish_cache(url, dest, parse_epochs(epochs) if epochs else None, progress=progress)
+    print(f"published {len(out['epochs'])} epochs of {url} to {dest} ({out['bytes']:,} bytes); index sha256 "
+          f"{out['index_sha256']}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``inspect``, ``verify`` and ``ls`` to ``app``."""
+    """Add ``inspect``, ``verify``, ``ls`` and ``publish`` to ``app``."""
     have = {c.name for c in app.registered_commands}
-    for name, fn in (("inspect", inspect_cmd), ("verify", verify_cmd), ("ls", ls_cmd)):
+    for name, fn in (("inspect", inspect_cmd), ("verify", verify_cmd), ("ls", ls_cmd), ("publish", publish_cmd)):
         if name not in have:  # idempotent: registering twice adds nothing
             app.command(name)(fn)

@@ -41,6 +41,13 @@ def read_basis(root: zarr.Group, manifest, url: str) -> FeatureBasis:
         except Exception as e:  # noqa: BLE001 - any storage/codec failure becomes one clear error
             raise CorruptCacheError(f"cache {url}: feature basis, array {BASIS_GROUP}/{key}: cannot read it "
                                     f"({type(e).__name__}: {e}); {_HINT}") from None
+    return check_basis(arrays["mean"], arrays["components"], manifest, url)
+
+
+def check_basis(mean: np.ndarray, components: np.ndarray, manifest, url: str) -> FeatureBasis:
+    """The basis of arrays ``mean`` (D,) and ``components`` (r, D), checked against the
+    manifest's spec and sha256 (:class:`CorruptCacheError` otherwise)."""
+    arrays = {"mean": np.asarray(mean, dtype=np.float32), "components": np.asarray(components, dtype=np.float32)}
     spec = manifest.feature_spec
     if arrays["mean"].shape != (spec.dim,) or arrays["components"].shape != (spec.rank, spec.dim):
         raise CorruptCacheError(f"cache {url}: feature basis, arrays {BASIS_GROUP}/mean and components: shapes "

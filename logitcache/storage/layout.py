@@ -73,6 +73,24 @@ def list_names(url: str, path: str, storage_options: dict | None = None) -> list
         return []
 
 
+def storage_bytes(url: str, storage_options: dict | None = None) -> int:
+    """Bytes the cache takes on storage: a directory walk locally, ``fs.du`` elsewhere."""
+    if is_local(url):
+        path = url.removeprefix("file://")
+        total = 0
+        for dirpath, _dirs, files in os.walk(path):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    pass  # removed while walking
+        return total
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return int(fs.du(path, total=True))
+
+
 def numbered_entries(names: list[str]) -> list[int]:
     """The entries named by a number (epoch or shard groups), sorted; metadata files skipped."""
     return sorted(int(n) for n in names if n.isdigit())
@@ -195,6 +213,19 @@ def _bad_record_field(record: dict, format_version: int, manifest: str | None) -
     return None
 
 
+def check_commit_record(record, epoch: int, shard: int, format_version: int, url: str,
+                        manifest: str | None) -> dict:
+    """``record`` (a format 2+ unit's commit record), its fields checked (``_bad_record_field``);
+    a malformed one is :class:`CorruptCacheError` naming cache, epoch, unit and field."""
+    where = f"cache {url}: epoch {epoch}, unit {shard}: commit record {commit_path(epoch, shard)}"
+    if not isinstance(record, dict) or "crc32" not in record:
+        raise CorruptCacheError(f"{where} holds no checksums; {REPAIR_HINT}")
+    bad = _bad_record_field(record, format_version, manifest)
+    if bad:
+        raise CorruptCacheError(f"{where} field {bad}; {REPAIR_HINT}")
+    return record
+
+
 def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 1, url: str = "",
                 manifest: str | None = None) -> dict | None:
     """The commit record of a unit, or None when the unit is not committed.
@@ -213,15 +244,7 @@ def unit_commit(root: zarr.Group, epoch: int, shard: int, format_version: int = 
             raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
                                     f"{commit_path(epoch, shard)} is unreadable ({type(e).__name__}); "
                                     f"{REPAIR_HINT}") from None
-        record = group.attrs.asdict().get("commit")
-        if not isinstance(record, dict) or "crc32" not in record:
-            raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
-                                    f"{commit_path(epoch, shard)} holds no checksums; {REPAIR_HINT}")
-        bad = _bad_record_field(record, format_version, manifest)
-        if bad:
-            raise CorruptCacheError(f"cache {url}: epoch {epoch}, unit {shard}: commit record "
-                                    f"{commit_path(epoch, shard)} field {bad}; {REPAIR_HINT}")
-        return record
+        return check_commit_record(group.attrs.asdict().get("commit"), epoch, shard, format_version, url, manifest)
     try:
         group = root[unit_path(epoch, shard)]
         return group.attrs.asdict().get("commit")

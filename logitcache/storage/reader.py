@@ -8,28 +8,21 @@ records: :mod:`logitcache.storage.layout`.
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import zarr
-from zarr.core.sync import sync
 
-from logitcache.errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError
+from logitcache.errors import CacheMismatchError, CorruptCacheError
 from logitcache.storage.layout import (
     IO_THREADS,
     REPAIR_HINT,
-    committed_units_of,
     damaged_arrays,
-    list_names,
-    numbered_entries,
-    open_group,
-    unit_commit,
     unit_path,
 )
-from logitcache.storage.manifest import ATTR_KEY, Manifest
-from logitcache.storage.seals import EpochStatus, check_sealed, epoch_status, read_seal, sealed_epochs
+from logitcache.storage.manifest import Manifest
+from logitcache.storage.seals import EpochStatus, check_sealed, epoch_status
+from logitcache.storage.store import open_store
 from logitcache.storage.unit_layout import (
     FEATURE_ARRAYS,
     array_kinds,
@@ -38,31 +31,6 @@ from logitcache.storage.unit_layout import (
     unpack_unit,
 )
 from logitcache.views.plan import held_samples, plan_epoch, row_of, unit_views
-
-
-async def _read_unit_arrays(root, path: str, names: tuple[str, ...], empty: bool, max_bytes: int) -> list:
-    """[the unit group at ``path``, then the whole of each array ``names`` in it] from a zarr
-    AsyncGroup, all opened and read concurrently: one trip through zarr's event loop per
-    unit, not two per array. Whatever cannot be opened or read gives its exception in its
-    place. ``empty``: a unit of 0 rows, whose arrays have no chunk: zero-length arrays of
-    their dtypes. An array whose metadata claims more than ``max_bytes`` is refused before
-    anything is allocated for it."""
-    async def one(key: str):
-        z = await root.getitem(f"{path}/{key}")
-        if z.nbytes > max_bytes:
-            raise ValueError(f"its metadata claims {z.nbytes:,} bytes, more than a unit of its rows holds")
-        if empty or not z.size:
-            return np.zeros((0,) + tuple(z.shape[1:]), z.dtype)
-        return await z.getitem(...)
-
-    return list(await asyncio.gather(root.getitem(path), *(one(k) for k in names), return_exceptions=True))
-
-
-def _read_manifest(group: zarr.Group, url: str) -> Manifest:
-    attrs = group.attrs.asdict()
-    if ATTR_KEY not in attrs:
-        raise CacheNotFoundError(f"{url} is a Zarr group but not a logitcache cache (no '{ATTR_KEY}' attribute)")
-    return Manifest.from_dict(attrs[ATTR_KEY], url)
 
 
 @dataclass
@@ -105,8 +73,8 @@ class CacheReader:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
         self.storage_options = storage_options
-        self.root = open_group(url, mode="r", storage_options=storage_options)
-        self.manifest = _read_manifest(self.root, url)
+        self.store = open_store(url, storage_options)  # the Zarr group, or a published cache's index
+        self.manifest = Manifest.from_dict(self.store.manifest_document(), url)
         self.manifest_digest = self.manifest.digest  # format 5: what every commit record names
         # what each stored array must be (format 3+; formats 1-2 are checked by their checksums only)
         self._kinds = array_kinds(self.manifest.codec, self.manifest.feature_spec) if self.format_version >= 3 else {}
@@ -122,12 +90,11 @@ class CacheReader:
 
     def epochs_present(self) -> list[int]:
         """Epochs that have a group in the cache, complete or not, sorted (one listing)."""
-        return numbered_entries(list_names(self.url, "epochs", self.storage_options))
+        return self.store.epoch_names()
 
     def committed_units(self, epoch: int) -> list[int]:
         """Shards of ``epoch`` whose unit is committed, sorted (format 2: one listing)."""
-        return committed_units_of(self.root, self.url, self.storage_options, self.format_version, epoch,
-                                self.num_shards)
+        return self.store.committed(epoch, self.format_version, self.num_shards)
 
     def epochs(self) -> list[int]:
         """Epochs whose every unit is committed (only these are readable): about one
@@ -139,12 +106,12 @@ class CacheReader:
         """Complete, unfinished and damaged epochs (logitcache/storage/seals.py): a listing of
         the epochs, of the seals and of each epoch's commit records."""
         present = self.epochs_present()
-        sealed = sealed_epochs(self.url, self.storage_options, self.format_version)
+        sealed = self.store.sealed(self.format_version)
         return epoch_status(present, sealed, {e: self.committed_units(e) for e in present}, self.num_shards)
 
     def commit(self, epoch: int, shard: int) -> dict | None:
         """The unit's commit record (``n`` and every array's checksum), or None if uncommitted."""
-        return unit_commit(self.root, epoch, shard, self.format_version, self.url, self.manifest_digest)
+        return self.store.commit(epoch, shard, self.format_version, self.manifest_digest)
 
     def _where(self, epoch: int, shard: int, key: str | None = None) -> str:
         array = f", array {key}" if key else ""
@@ -168,10 +135,9 @@ class CacheReader:
     def feature_basis(self):
         """The cache's feature basis (:class:`logitcache.codecs.features.FeatureBasis`), checked
         against the manifest's sha256, or None for full features; read once per reader."""
-        from logitcache.storage.basis import read_basis
 
         if self._basis is None and self.has_features and self.manifest.feature_spec.rank is not None:
-            self._basis = read_basis(self.root, self.manifest, self.url)
+            self._basis = self.store.basis(self.manifest)
         return self._basis
 
     def read_unit(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
@@ -195,8 +161,8 @@ class CacheReader:
         # zarr's Group wraps an AsyncGroup (zarr 3); its async API reads the unit in one gather
         m = self.manifest
         width = m.num_classes + m.codec.k + (m.feature_spec.width if m.features else 0) + 8  # values per row, at most
-        group, *arrays = sync(_read_unit_arrays(self.root._async_group, unit_path(epoch, shard), names,
-                                                empty=not commit["n"], max_bytes=(1 << 20) + 8 * width * commit["n"]))
+        group, *arrays = self.store.unit_arrays(epoch, shard, names, not commit["n"],
+                                                (1 << 20) + 8 * width * commit["n"])
         for got in (group, *arrays):  # cancelled or interrupted: not damage, pass it on
             if isinstance(got, BaseException) and not isinstance(got, Exception):
                 raise got
@@ -252,8 +218,7 @@ class CacheReader:
 
     def _seal(self, epoch: int) -> dict | None:
         """``epoch``'s seal (format 5; None when unsealed), checked to cover every unit."""
-        seal = read_seal(self.root, epoch, self.url, self.num_shards, self.manifest_digest) \
-            if self.format_version >= 5 else None
+        seal = self.store.seal(epoch, self.num_shards, self.manifest_digest) if self.format_version >= 5 else None
         if seal is not None:
             status = epoch_status([epoch], [epoch], {epoch: self.committed_units(epoch)}, self.num_shards)
             if status.damaged:

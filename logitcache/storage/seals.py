@@ -80,7 +80,12 @@ def read_seal(root: zarr.Group, epoch: int, url: str, num_shards: int, manifest:
         return None
     except Exception as e:  # noqa: BLE001 - garbled metadata: any parser error
         raise CorruptCacheError(f"{where} is unreadable ({type(e).__name__}); {REPAIR_HINT}") from None
-    seal = group.attrs.asdict().get("seal")
+    return check_seal_record(group.attrs.asdict().get("seal"), epoch, url, num_shards, manifest)
+
+
+def check_seal_record(seal, epoch: int, url: str, num_shards: int, manifest: str | None) -> dict:
+    """``seal`` (``epoch``'s seal document), its fields checked; else :class:`CorruptCacheError`."""
+    where = f"cache {url}: epoch {epoch}: seal {seal_path(epoch)}"
     if not isinstance(seal, dict) or set(seal) != {"manifest", "units", "commits"}:
         raise CorruptCacheError(f"{where} is not a table of manifest, units and commits; {REPAIR_HINT}")
     if seal["manifest"] != manifest:

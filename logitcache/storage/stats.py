@@ -11,36 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from logitcache.codecs.logits import CodecSpec, rebuilt_probs
-from logitcache.storage.layout import is_local
+from logitcache.storage.layout import storage_bytes  # noqa: F401 - also used from here (bench/)
 from logitcache.storage.manifest import Manifest, check_serves
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.views_compat import views_digest
 from logitcache.views.plan import plan_unit, row_samples
-
-
-def storage_bytes(url: str, storage_options: dict | None = None) -> int:
-    """Bytes the cache takes on storage: a directory walk locally, ``fs.du`` elsewhere."""
-    if is_local(url):
-        path = url.removeprefix("file://")
-        total = 0
-        for dirpath, _dirs, files in os.walk(path):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(dirpath, name)).st_size
-                except OSError:
-                    pass  # removed while walking
-        return total
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return int(fs.du(path, total=True))
 
 
 def recipe_name(manifest: Manifest) -> str | None:
@@ -177,7 +158,7 @@ def summarize_cache(url: str, storage_options: dict | None = None, with_bytes: b
         values=m.codec.values,
         num_classes=m.num_classes, epochs_complete=complete,
         views=sum(n for units in committed.values() for n in units.values()),
-        bytes=storage_bytes(url, storage_options) if with_bytes else None,
+        bytes=reader.store.total_bytes() if with_bytes else None,
         features=m.features["label"] if m.features else None, views_digest=views_digest(m),
     )
 
@@ -220,7 +201,7 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
     views = sums.views
     payload = m.codec.payload_bits_per_view
 
-    nbytes = storage_bytes(url, storage_options)
+    nbytes = reader.store.total_bytes()
     d = m.dataset
     return CacheStats(
         url=url, format_version=m.format_version, created=m.created, teacher=m.teacher,
