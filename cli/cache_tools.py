@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 import typer
-from logitcache.cli.format import format_json, format_ls, format_report, format_stats
+from logitcache.cli.format import format_json, format_ls, format_ranges, format_report, format_stats
 
 
 def inspect_cmd(
@@ -98,9 +98,28 @@ def publish_cmd(
           f"{out['index_sha256']}")
 
 
+def pull_cmd(
+    url: str = typer.Argument(..., metavar="URL", help="A published cache (https://, s3://, a path, ...)."),
+    dest: str = typer.Argument(..., metavar="DEST", help="Where to mirror it (a path or any fsspec URL)."),
+    epochs: Optional[str] = typer.Option(None, metavar="N|A:B", show_default="every published epoch",
+                                         help="The epochs to pull."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (bytes/s, ETA)."),
+):
+    """Mirror a published cache, or some of its epochs: every file checked against the index,
+    resumable (a killed pull re-run fetches only what is not there and verified)."""
+    from logitcache.cli.build_command import parse_epochs
+
+    from logitcache.storage.pull import pull_cache
+
+    out = pull_cache(url, dest, parse_epochs(epochs) if epochs else None, progress=progress)
+    print(f"pulled epochs {format_ranges(out['epochs'])} of {url} to {dest}: {out['fetched']} files fetched "
+          f"({out['bytes']:,} bytes), {out['skipped']} already there and verified")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``inspect``, ``verify``, ``ls`` and ``publish`` to ``app``."""
+    """Add ``inspect``, ``verify``, ``ls``, ``publish`` and ``pull`` to ``app``."""
     have = {c.name for c in app.registered_commands}
-    for name, fn in (("inspect", inspect_cmd), ("verify", verify_cmd), ("ls", ls_cmd), ("publish", publish_cmd)):
+    for name, fn in (("inspect", inspect_cmd), ("verify", verify_cmd), ("ls", ls_cmd), ("publish", publish_cmd),
+                     ("pull", pull_cmd)):
         if name not in have:  # idempotent: registering twice adds nothing
             app.command(name)(fn)

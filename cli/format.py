@@ -95,7 +95,9 @@ def format_stats(st: CacheStats) -> str:
         ("features", _features_line(st.features)),
         ("epochs", f"{len(st.epochs_complete)} complete: {format_ranges(st.epochs_complete)}" + (
             f"; unfinished (a build has not finished them): {format_ranges(st.epochs_unfinished)}"
-            if st.epochs_unfinished else "")),
+            if st.epochs_unfinished else "") + (
+            f"; pulled: {len(st.epochs_complete)} of the {len(st.pulled_from['epochs'])} epochs published at "
+            f"{st.pulled_from['url']}" if st.pulled_from else "")),
         ("units", f"committed/total per epoch  {units}"),
         ("views", f"{st.views:,} committed"),
         ("storage", f"{format_bytes(st.bytes)}  {_num(st.bytes_per_view, '.1f')} B/view  "

@@ -8,11 +8,13 @@ import functools
 import http.server
 import os
 import threading
+import time
 from typing import Iterator
 
 
 class _StaticHandler(http.server.SimpleHTTPRequestHandler):
     requests: list[str]
+    faults: dict[str, list[str]]  # URL path -> the faults of its next GETs, in order (see static_server)
 
     def send_head(self):
         if os.path.isdir(self.translate_path(self.path)):  # no listings, no index.html
@@ -22,7 +24,29 @@ class _StaticHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):
         self.requests.append(f"GET {self.path}")
-        super().do_GET()
+        pending = self.faults.get(self.path)
+        fault = pending.pop(0) if pending else None
+        if fault is None or os.path.isdir(self.translate_path(self.path)):
+            return super().do_GET()
+        if fault == "503":
+            return self.send_error(503, "try again")
+        if fault == "slow":  # answers late (a big file on a slow link): time to kill a client mid-pull
+            time.sleep(20)
+            return super().do_GET()
+        with open(self.translate_path(self.path), "rb") as f:
+            body = f.read()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if fault == "flip":  # one byte changed in transit
+            body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0x01]) + body[len(body) // 2 + 1:]
+        elif fault == "truncate":  # the connection closes half-way through the body
+            body = body[:len(body) // 2]
+        elif fault == "drop":  # the connection closes right after the headers
+            body = b""
+        self.wfile.write(body)
+        self.close_connection = fault in ("truncate", "drop")
 
     def do_HEAD(self):
         self.requests.append(f"HEAD {self.path}")
@@ -33,10 +57,15 @@ class _StaticHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def static_server(root: str) -> Iterator[tuple[str, list[str]]]:
-    """Serve ``root``; yields (its base URL, the list every request is appended to)."""
+def static_server(root: str, faults: dict[str, list[str]] | None = None) -> Iterator[tuple[str, list[str]]]:
+    """Serve ``root``; yields (its base URL, the list every request is appended to).
+
+    ``faults``: URL path -> what its next GETs do, one entry per request: "503" (an error
+    status), "drop" (headers, then the connection closes), "truncate" (half the body, then
+    the connection closes), "flip" (the whole body, one byte changed), "slow" (served after
+    20 s). Later GETs are served."""
     requests: list[str] = []
-    handler = type("Handler", (_StaticHandler,), {"requests": requests})
+    handler = type("Handler", (_StaticHandler,), {"requests": requests, "faults": faults if faults is not None else {}})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=root))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

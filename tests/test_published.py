@@ -94,10 +94,10 @@ def _copy(published: dict, tmp_path: Path) -> Path:
 
 
 DAMAGE = {
-    "a flipped byte in a pack": (lambda p: _flip(p / "epochs" / "0000.pack"), "epoch pack epochs/0000.pack fails"),
+    "a flipped byte in a pack": (lambda p: _flip(p / "epochs" / "0000.pack"), "epochs/0000.pack: its bytes fail the index's sha256"),
     "a missing pack": (lambda p: (p / "epochs" / "0000.pack").unlink(), "epoch pack epochs/0000.pack is missing"),
-    "a cut epoch index": (lambda p: _cut(p / "epochs" / "0000.json"), "epoch index epochs/0000.json fails"),
-    "an index that is not JSON": (lambda p: _cut(p / "logitcache-index.json"), "logitcache-index.json is not JSON"),
+    "a cut epoch index": (lambda p: _cut(p / "epochs" / "0000.json"), "epochs/0000.json: its bytes fail the index's sha256"),
+    "an index that is not JSON": (lambda p: _cut(p / "logitcache-index.json"), "logitcache-index.json: it is not JSON"),
     "an index naming a path": (lambda p: _edit_index(p, lambda d: d["epochs"]["0"].__setitem__("path", "../x")),
                                "field epochs.0 is not an epoch entry"),
 }
@@ -142,3 +142,84 @@ def test_a_damaged_cache_is_not_published(built_cache, tmp_path):
     with pytest.raises(CorruptCacheError, match="epoch 1 was finished and sealed"):
         publish_cache(str(src), str(tmp_path / "pub"), progress=False)
     assert not (tmp_path / "pub" / "logitcache-index.json").exists()
+
+
+@pytest.mark.parametrize("fault", ["503", "drop", "truncate", "flip"])
+@pytest.mark.parametrize("name", ["logitcache-index.json", "epochs/0000.pack"])
+def test_a_transient_fault_is_tried_again_and_the_read_is_exact(fault, name, published, built_cache_mix):
+    faults = {f"/mix/{name}": [fault, fault]}  # twice: the reader recovers on the third GET
+    with static_server(str(published["root"]), faults) as (base, requests):
+        reader = CacheReader(f"{base}/mix")  # a flipped index byte that still parses: only the epochs check it
+        _same_epochs(reader, CacheReader(built_cache_mix))
+        assert requests.count(f"GET /mix/{name}") == 3, requests
+
+
+def test_a_fault_that_persists_is_one_line_naming_the_url(published, synth_data, tmp_path, capsys):
+    faults = {"/mix/epochs/0000.pack": ["503"] * 100}
+    with static_server(str(published["root"]), faults) as (base, _):
+        url = f"{base}/mix"
+        with pytest.raises(CorruptCacheError, match=r"epochs/0000.pack: HTTPError|epochs/0000.pack: .*503"):
+            CacheReader(url).load_epoch(0)
+        line = one_error_line(*run_main(
+            ["train", "--data", synth_data, "--cache", url, "--student", "test_resnet", "--epochs", "1",
+             "--batch-size", "16", "--limit-batches", "1", "--workers", "0", "--no-progress", "--no-tensorboard",
+             "--device", "cpu", "--out", str(tmp_path / "run")], capsys))
+        assert url in line and "epochs/0000.pack" in line and "5 tries" in line, line
+
+
+# -- pull ------------------------------------------------------------------------------------------
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_pulled_subset_trains_and_inspect_says_what_it_holds(published, synth_data, tmp_path, capsys):
+    from logitcache.storage.pull import pull_cache
+
+    with static_server(str(published["root"])) as (base, requests):
+        url = f"{base}/mix"
+        out = pull_cache(url, str(tmp_path / "one"), [1], progress=False)
+        assert out["epochs"] == [1] and out["fetched"] == 2 and out["skipped"] == 0
+        assert not any("0000" in r for r in requests)  # only the epoch asked for is fetched
+        again = pull_cache(url, str(tmp_path / "one"), [1], progress=False)
+        assert again["fetched"] == 0 and again["skipped"] == 2  # verified files are never fetched again
+        line = one_error_line(*run_main(["pull", url, str(tmp_path / "two"), "--epochs", "3:4"], capsys))
+        assert url in line and "no epoch 3" in line
+    pulled = str(tmp_path / "one")
+    code, out, err = run_main_output(["inspect", pulled], capsys)
+    assert code == 0 and "1 complete: 1; pulled: 1 of the 2 epochs published at http" in out, out + err
+    code, out, err = run_main_output(
+        ["train", "--data", synth_data, "--cache", pulled, "--student", "test_resnet", "--epochs", "2",
+         "--reuse-epochs", "--batch-size", "16", "--limit-batches", "1", "--workers", "0", "--no-progress",
+         "--no-tensorboard", "--device", "cpu", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0 and "training on cached epochs 1 " in out, err
+
+
+def test_a_pull_killed_and_run_again_ends_identical_to_one_uninterrupted(published, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from logitcache.storage.pull import pull_cache
+
+    faults: dict[str, list[str]] = {}
+    with static_server(str(published["root"]), faults) as (base, requests):
+        url, dest = f"{base}/features", tmp_path / "killed"
+        pull_cache(url, str(tmp_path / "straight"), progress=False)  # the same URL: the same index
+        faults["/features/epochs/0001.pack"] = ["slow"]
+        requests.clear()
+        proc = subprocess.Popen([sys.executable, "-m", "logitcache.cli.main", "pull", url, str(dest),
+                                 "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while "GET /features/epochs/0001.pack" not in requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-pull: epoch 0 is in, epoch 1's pack is on its way
+        proc.wait()
+        assert (dest / "epochs" / "0000.pack").exists() and not (dest / "logitcache-index.json").exists()
+        code, out, err = run_main_output(["pull", url, str(dest), "--no-progress"], capsys)
+        assert code == 0, err
+        assert requests.count("GET /features/epochs/0000.pack") == 1  # verified there: not fetched again
+    assert _tree(dest) == _tree(tmp_path / "straight")

@@ -54,10 +54,56 @@ def _fs(url: str, storage_options: dict | None):
     return fsspec.core.url_to_fs(url.removeprefix("file://") if is_local(url) else url, **(storage_options or {}))
 
 
-def fetch(url: str, name: str, storage_options: dict | None) -> bytes:
-    """The bytes of file ``name`` of the published cache at ``url`` (one GET); FileNotFoundError if absent."""
+#: Tries of a remote file before a transient fault (connection reset, 5xx or 429, short read,
+#: timeout, bytes that fail their sha256) is an error; waits double from BACKOFF_S.
+TRIES = 5
+BACKOFF_S = 0.1
+
+
+def _transient(e: BaseException) -> bool:
+    """Whether a failed GET may succeed if tried again (anything but a missing file or a 4xx)."""
+    if isinstance(e, FileNotFoundError):
+        return False
+    status = getattr(e, "status", None)
+    return status is None or status >= 500 or status == 429
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        return False
+
+
+def fetch(url: str, name: str, storage_options: dict | None, sha256: str | None = None,
+          json_document: bool = False) -> bytes:
+    """The bytes of file ``name`` of the published cache at ``url``, checked against ``sha256``
+    when given (``json_document``: that they parse as JSON): one GET, tried again with
+    back-off on a transient fault (remote URLs). FileNotFoundError when absent; a fault that
+    persists is :class:`CorruptCacheError`."""
+    import time
+
     fs, root = _fs(url, storage_options)
-    return fs.cat_file(f"{root.rstrip('/')}/{name}")
+    tries = 1 if is_local(url) else TRIES
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            data = fs.cat_file(f"{root.rstrip('/')}/{name}")
+        except Exception as e:  # noqa: BLE001 - a transport fault: tried again, then named
+            if not _transient(e):
+                raise
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+            continue
+        if json_document and not _is_json(data):
+            why = "it is not JSON (damaged, or cut short)"
+            continue
+        if sha256 is None or sha256_hex(data) == sha256:
+            return data
+        why = "its bytes fail the index's sha256 (damaged, or cut short)"
+    raise CorruptCacheError(f"published cache {url}: {name}: {why}{f' ({tries} tries)' if tries > 1 else ''}; "
+                            f"{_HINT}")
 
 
 def read_index(url: str, storage_options: dict | None = None) -> dict | None:
@@ -68,7 +114,7 @@ def read_index(url: str, storage_options: dict | None = None) -> dict | None:
         if not os.path.exists(os.path.join(url.removeprefix("file://"), INDEX_NAME)):
             return None
     try:
-        raw = fetch(url, INDEX_NAME, storage_options)
+        raw = fetch(url, INDEX_NAME, storage_options, json_document=True)
     except FileNotFoundError:
         return None
     return parse_index(raw, url)
@@ -83,8 +129,15 @@ def parse_index(raw: bytes, url: str) -> dict:
         index = json.loads(raw)
     except ValueError as e:
         raise CorruptCacheError(f"{where} is not JSON ({e}); {_HINT}") from None
-    if not isinstance(index, dict) or set(index) != {"logitcache_published", "manifest", "epochs", "basis"}:
-        raise CorruptCacheError(f"{where} is not a table of logitcache_published, manifest, epochs and basis")
+    keys = {"logitcache_published", "manifest", "epochs", "basis"}
+    if not isinstance(index, dict) or not keys <= set(index) <= keys | {"pulled_from"}:
+        raise CorruptCacheError(f"{where} is not a table of logitcache_published, manifest, epochs, basis (and "
+                                f"pulled_from)")
+    pulled = index.get("pulled_from")
+    if pulled is not None and (not isinstance(pulled, dict) or set(pulled) != {"url", "epochs"}
+                               or not isinstance(pulled["url"], str) or not isinstance(pulled["epochs"], list)
+                               or not all(count(e) for e in pulled["epochs"])):
+        raise CorruptCacheError(f"{where}: field pulled_from is not a table of url and epochs")
     if index["logitcache_published"] != PUBLISHED_VERSION:
         raise CorruptCacheError(f"{where}: version {index['logitcache_published']!r:.20} is not one this "
                                 f"logitcache reads ({PUBLISHED_VERSION})")
@@ -148,13 +201,9 @@ class IndexStore:
 
     def _checked(self, name: str, sha256: str, what: str) -> bytes:
         try:
-            data = fetch(self.url, name, self.storage_options)
+            return fetch(self.url, name, self.storage_options, sha256)
         except FileNotFoundError:
             raise CorruptCacheError(f"published cache {self.url}: {what} {name} is missing; {_HINT}") from None
-        if sha256_hex(data) != sha256:
-            raise CorruptCacheError(f"published cache {self.url}: {what} {name} fails the index's sha256 (damaged "
-                                    f"or cut short); {_HINT}")
-        return data
 
     def _epoch_index(self, epoch: int, pack: bool = False) -> tuple[dict, bytes | None]:
         with self._lock:

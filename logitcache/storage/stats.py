@@ -142,6 +142,7 @@ class CacheStats:
     views_digest: str = ""  # storage.views_compat.views_digest: caches with one digest hold the same views
     epochs_unfinished: list[int] = dataclasses.field(default_factory=list)  # a build has not finished them
     checks: dict[str, str] = dataclasses.field(default_factory=dict)  # what inspect checked, in words
+    pulled_from: dict | None = None  # a pulled published cache: {"url", "epochs": every epoch published there}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,6 +221,7 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
         mean_top1_prob=sums.top1_prob / views if views else None,
         mean_tail_mass=sums.tail_mass / views if views else None, features=m.features, views_digest=views_digest(m),
         epochs_unfinished=status.unfinished, checks=checked.summary(reader, source is not None),
+        pulled_from=getattr(reader.store, "index", {}).get("pulled_from"),
     )
 
 
