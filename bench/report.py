@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .common import RESULTS_DIR
 
-ORDER = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch", "teachers")
+ORDER = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch", "teachers", "published")
 TITLES = {
     "build": "1. Build throughput (build vs raw teacher)",
     "train_step": "2. Student step time (CE vs cached KD vs online KD)",
@@ -23,6 +23,7 @@ TITLES = {
     "replay": "7. Replay loader vs timm's loader: views/s of a training epoch's loader, side by side",
     "epoch": "8. Whole training epochs, loader included: logitcache train vs timm's loop (CE, KD)",
     "teachers": "8b. Two teachers, one rendering pass: build throughput against two single-teacher builds",
+    "published": "8c. A published cache over HTTP (no listing) against the cache as built: requests, bytes, pull",
 }
 
 # (benchmark, summary key, target, direction, what)
@@ -57,6 +58,8 @@ TARGETS = [
     ("epoch", "ce_epoch_over_timm", 1.05, "<=", "CE epoch, logitcache train / timm's loop (loader included)"),
     ("epoch", "kd_speedup_over_ideal", 0.9, ">=", "cached KD epoch vs timm online KD, share of the ideal speed-up"),
     ("teachers", "two_teacher_build_speedup", 1.0, ">=", "two single-teacher builds / one build of both, wall time"),
+    ("published", "published_open_requests", 3, "<=", "requests to open a published cache (1,024 units per epoch)"),
+    ("published", "published_requests_per_epoch", 2, "<=", "requests to read one epoch of it (1,024 units)"),
     ("accuracy_codecs", "acc_gap8_minus_float16_abs_pp", 0.5, "<=",
      "|mean paired difference| gap8 vs float16 top-10, pp"),
 ]

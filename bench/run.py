@@ -23,7 +23,8 @@ from logitcache.distributed import resolve_device
 
 from .common import RESULTS_DIR, Clock, Ctx, environment
 
-BENCHMARKS = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch", "teachers")
+BENCHMARKS = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch", "teachers",
+              "published")
 
 
 def _jsonable(o):

@@ -53,7 +53,7 @@ def test_update_readme_replaces_only_the_block(tmp_path):
 def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
     readme_before = (ROOT / "README.md").read_text()
     out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,frontier,scale,replay,epoch", "--device", "cpu",
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--only", "reader,frontier,scale,replay,epoch,published", "--device", "cpu",
                         "--results-dir", str(out), "--workdir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -77,6 +77,9 @@ def test_tiny_suite_runs_and_writes_where_asked(tmp_path):
     scale = json.loads((out / "scale.json").read_text())["summary"]
     assert scale["resume_scan_local_listings_per_epoch"] == 1 and scale["resume_scan_s3_requests_per_epoch"] == 1
     assert scale["cli_first_unit_s"] > 0 and scale["startup_to_first_batch_s"] > 0
+    published = json.loads((out / "published.json").read_text())["summary"]
+    assert published["published_open_requests"] == 1 and published["published_requests_per_epoch"] == 2
+    assert published["built_requests_per_epoch"] > 2 * 8  # 8 units: a listing, then several requests per unit
     assert (ROOT / "README.md").read_text() == readme_before  # only the committed results rewrite README
 
 

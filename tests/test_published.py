@@ -94,9 +94,11 @@ def _copy(published: dict, tmp_path: Path) -> Path:
 
 
 DAMAGE = {
-    "a flipped byte in a pack": (lambda p: _flip(p / "epochs" / "0000.pack"), "epochs/0000.pack: its bytes fail the index's sha256"),
+    "a flipped byte in a pack": (lambda p: _flip(p / "epochs" / "0000.pack"),
+                                 "epochs/0000.pack: its bytes fail the index's sha256"),
     "a missing pack": (lambda p: (p / "epochs" / "0000.pack").unlink(), "epoch pack epochs/0000.pack is missing"),
-    "a cut epoch index": (lambda p: _cut(p / "epochs" / "0000.json"), "epochs/0000.json: its bytes fail the index's sha256"),
+    "a cut epoch index": (lambda p: _cut(p / "epochs" / "0000.json"),
+                          "epochs/0000.json: its bytes fail the index's sha256"),
     "an index that is not JSON": (lambda p: _cut(p / "logitcache-index.json"), "logitcache-index.json: it is not JSON"),
     "an index naming a path": (lambda p: _edit_index(p, lambda d: d["epochs"]["0"].__setitem__("path", "../x")),
                                "field epochs.0 is not an epoch entry"),
