@@ -225,3 +225,48 @@ def test_a_pull_killed_and_run_again_ends_identical_to_one_uninterrupted(publish
         assert code == 0, err
         assert requests.count("GET /features/epochs/0000.pack") == 1  # verified there: not fetched again
     assert _tree(dest) == _tree(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("fault", ["503", "truncate", "flip"])
+def test_inspect_verify_and_pull_recover_from_a_transient_fault(fault, published, synth_data, tiny_teacher,
+                                                                tmp_path, capsys):
+    from logitcache.storage.pull import pull_cache
+
+    faults: dict[str, list[str]] = {}
+    with static_server(str(published["root"]), faults) as (base, requests):
+        url = f"{base}/mix"
+        for args, expect in ((["inspect", url], "2 complete: 0-1"),
+                             (["verify", url, "--data", synth_data, "--teacher-weights", tiny_teacher, "--sample",
+                               "8", "--device", "cpu"], "PASS")):
+            faults["/mix/epochs/0000.pack"] = [fault]
+            code, out, err = run_main_output(args, capsys)
+            assert code == 0 and expect in out, (args[0], out + err)
+        faults["/mix/epochs/0001.pack"] = [fault, fault]
+        requests.clear()
+        out = pull_cache(url, str(tmp_path / "copy"), progress=False)
+        assert out["fetched"] == 4 and requests.count("GET /mix/epochs/0001.pack") == 3
+    source = published["root"] / "mix" / "epochs" / "0001.pack"
+    assert _tree(tmp_path / "copy")["epochs/0001.pack"] == source.read_bytes()
+
+
+def test_inspect_verify_and_pull_name_the_url_of_a_fault_that_persists(published, synth_data, tiny_teacher, tmp_path,
+                                                                       capsys):
+    with static_server(str(published["root"]), {"/mix/epochs/0000.pack": ["503"] * 100}) as (base, _):
+        url = f"{base}/mix"
+        for args in (["inspect", url], ["verify", url, "--data", synth_data, "--teacher-weights", tiny_teacher,
+                                        "--sample", "64", "--device", "cpu"], ["pull", url, str(tmp_path / "c")]):
+            line = one_error_line(*run_main(args, capsys))
+            assert url in line and "epochs/0000.pack" in line and "5 tries" in line, (args[0], line)
+    assert not (tmp_path / "c" / "logitcache-index.json").exists()  # a failed pull is not a cache
+
+
+def test_a_run_names_the_published_index_it_trained_on(published, synth_data, tmp_path, capsys):
+    import hashlib
+
+    with static_server(str(published["root"])) as (base, _):
+        code, out, err = run_main_output(
+            ["train", "--data", synth_data, "--cache", f"{base}/mix", "--student", "test_resnet", "--epochs", "1",
+             "--batch-size", "16", "--limit-batches", "1", "--workers", "0", "--no-progress", "--no-tensorboard",
+             "--device", "cpu", "--out", str(tmp_path / "run")], capsys)
+    digest = hashlib.sha256((published["root"] / "mix" / "logitcache-index.json").read_bytes()).hexdigest()
+    assert code == 0 and f"is published index sha256 {digest[:16]}" in out, out + err

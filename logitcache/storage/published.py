@@ -117,7 +117,9 @@ def read_index(url: str, storage_options: dict | None = None) -> dict | None:
         raw = fetch(url, INDEX_NAME, storage_options, json_document=True)
     except FileNotFoundError:
         return None
-    return parse_index(raw, url)
+    index = parse_index(raw, url)
+    index["_sha256"] = sha256_hex(raw)  # what names this publication (not a field of the document)
+    return index
 
 
 def parse_index(raw: bytes, url: str) -> dict:
@@ -134,10 +136,10 @@ def parse_index(raw: bytes, url: str) -> dict:
         raise CorruptCacheError(f"{where} is not a table of logitcache_published, manifest, epochs, basis (and "
                                 f"pulled_from)")
     pulled = index.get("pulled_from")
-    if pulled is not None and (not isinstance(pulled, dict) or set(pulled) != {"url", "epochs"}
+    if pulled is not None and (not isinstance(pulled, dict) or set(pulled) != {"url", "epochs", "index_sha256"}
                                or not isinstance(pulled["url"], str) or not isinstance(pulled["epochs"], list)
-                               or not all(count(e) for e in pulled["epochs"])):
-        raise CorruptCacheError(f"{where}: field pulled_from is not a table of url and epochs")
+                               or not all(count(e) for e in pulled["epochs"]) or not hex64(pulled["index_sha256"])):
+        raise CorruptCacheError(f"{where}: field pulled_from is not a table of url, epochs and index_sha256")
     if index["logitcache_published"] != PUBLISHED_VERSION:
         raise CorruptCacheError(f"{where}: version {index['logitcache_published']!r:.20} is not one this "
                                 f"logitcache reads ({PUBLISHED_VERSION})")
@@ -192,7 +194,9 @@ class IndexStore:
     per epoch read its index and its pack (two requests), each checked against its sha256."""
 
     def __init__(self, url: str, storage_options: dict | None, index: dict):
-        self.url, self.storage_options, self.index = url, storage_options, index
+        self.url, self.storage_options = url, storage_options
+        self.index_sha256 = index.pop("_sha256", None)  # the published index's digest: what a run names
+        self.index = index
         self._epoch: tuple[int, dict, bytes | None] | None = None  # the last epoch's index and pack
         self._lock = threading.Lock()  # units of an epoch are read by several threads: fetch once
 

@@ -64,6 +64,7 @@ def pull_cache(url: str, dest: str, epochs: list[int] | None = None, storage_opt
     if index is None:
         raise LogitcacheError(f"{url} holds no published cache ({INDEX_NAME}); publish one with `logitcache "
                               f"publish`")
+    source_sha256 = index.pop("_sha256")
     published = sorted(int(e) for e in index["epochs"])
     chosen = published if epochs is None else sorted(epochs)
     missing = sorted(set(chosen) - set(published))
@@ -88,6 +89,6 @@ def pull_cache(url: str, dest: str, epochs: list[int] | None = None, storage_opt
                 done["bytes"] += len(data)
             bar.advance(task, nbytes)
     pulled = {**index, "epochs": {str(e): index["epochs"][str(e)] for e in chosen},
-              "pulled_from": {"url": url, "epochs": published}}
+              "pulled_from": {"url": url, "epochs": published, "index_sha256": source_sha256}}
     _put(fs, f"{root.rstrip('/')}/{INDEX_NAME}", json.dumps(pulled, sort_keys=True).encode(), local)  # last
     return {"epochs": chosen, **done}
