@@ -258,6 +258,12 @@ def test_inspect_verify_and_pull_name_the_url_of_a_fault_that_persists(published
             line = one_error_line(*run_main(args, capsys))
             assert url in line and "epochs/0000.pack" in line and "5 tries" in line, (args[0], line)
     assert not (tmp_path / "c" / "logitcache-index.json").exists()  # a failed pull is not a cache
+    root = _copy(published, tmp_path)
+    (root / "epochs" / "0001.pack").unlink()
+    with static_server(str(tmp_path)) as (base, _):
+        for args in (["pull", f"{base}/pub", str(tmp_path / "d")], ["inspect", f"{base}/pub"]):
+            line = one_error_line(*run_main(args, capsys))
+            assert f"{base}/pub" in line and "epochs/0001.pack is missing" in line, (args[0], line)
 
 
 def test_a_run_names_the_published_index_it_trained_on(published, synth_data, tmp_path, capsys):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from logitcache.errors import LogitcacheError
+from logitcache.errors import CorruptCacheError, LogitcacheError
 from logitcache.storage.layout import is_local
 from logitcache.storage.published import (
     BASIS_PACK,
@@ -83,7 +83,11 @@ def pull_cache(url: str, dest: str, epochs: list[int] | None = None, storage_opt
             if _present(fs, path, sha256):
                 done["skipped"] += 1
             else:
-                data = fetch(url, name, storage_options, sha256)  # checked (tried again on transient faults)
+                try:
+                    data = fetch(url, name, storage_options, sha256)  # checked (tried again on transient faults)
+                except FileNotFoundError:
+                    raise CorruptCacheError(f"published cache {url}: {name} is missing (the index lists it); "
+                                            f"it cannot be pulled") from None
                 _put(fs, path, data, local)
                 done["fetched"] += 1
                 done["bytes"] += len(data)
