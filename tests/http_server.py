@@ -39,8 +39,8 @@ class _StaticHandler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if fault == "flip":  # one byte changed in transit
-            body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0x01]) + body[len(body) // 2 + 1:]
+        if fault == "flip":  # one byte changed in transit: the first, so that the change is the same every run
+            body = bytes([body[0] ^ 0x01]) + body[1:]
         elif fault == "truncate":  # the connection closes half-way through the body
             body = body[:len(body) // 2]
         elif fault == "drop":  # the connection closes right after the headers
@@ -62,7 +62,7 @@ def static_server(root: str, faults: dict[str, list[str]] | None = None) -> Iter
 
     ``faults``: URL path -> what its next GETs do, one entry per request: "503" (an error
     status), "drop" (headers, then the connection closes), "truncate" (half the body, then
-    the connection closes), "flip" (the whole body, one byte changed), "slow" (served after
+    the connection closes), "flip" (the whole body, its first byte changed), "slow" (served after
     20 s). Later GETs are served."""
     requests: list[str] = []
     handler = type("Handler", (_StaticHandler,), {"requests": requests, "faults": faults if faults is not None else {}})

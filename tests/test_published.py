@@ -151,7 +151,7 @@ def test_a_damaged_cache_is_not_published(built_cache, tmp_path):
 def test_a_transient_fault_is_tried_again_and_the_read_is_exact(fault, name, published, built_cache_mix):
     faults = {f"/mix/{name}": [fault, fault]}  # twice: the reader recovers on the third GET
     with static_server(str(published["root"]), faults) as (base, requests):
-        reader = CacheReader(f"{base}/mix")  # a flipped index byte that still parses: only the epochs check it
+        reader = CacheReader(f"{base}/mix")
         _same_epochs(reader, CacheReader(built_cache_mix))
         assert requests.count(f"GET /mix/{name}") == 3, requests
 
