@@ -278,6 +278,6 @@ def test_a_cache_without_repeats_is_refused_for_a_recipe_with_them(caches, synth
     _check_recipe("vanillakd_a2_norepeat", RECIPES["vanillakd_a2_norepeat"], "old.zarr")  # the same views: fine
     # a cache of the old vanillakd_a2 trains, and the run's first line names its recipe's new name
     old = types.SimpleNamespace(url="old.zarr", manifest=types.SimpleNamespace(recipe=RECIPES["vanillakd_a2_norepeat"]),
-                                epochs_present=lambda: [0])
+                                epochs_present=lambda: [0], store=types.SimpleNamespace(index_sha256=None))
     inputs = RunInputs(None, None, [old], RECIPES["vanillakd_a2_norepeat"], [0], None, 1, np.zeros(1), epochs_needed=1)
     assert "its recipe is vanillakd_a2_norepeat, the recipe `vanillakd_a2` named before" in inputs.epochs_note()

@@ -84,8 +84,8 @@ class RunInputs:
         note = (f"cache{'s' if len(self.readers) > 1 else ''} {caches}: training on cached epochs {_ranges(used)} "
                 f"({len(used)} complete{common}, used in this order"
                 f"{', cycled' if len(used) < self.epochs_needed else ''})")
-        digests = [(r.url, getattr(getattr(r, "store", None), "index_sha256", None)) for r in self.readers]
-        pins = [f"{url} is published index sha256 {d[:16]}" for url, d in digests if d]
+        pins = [f"{r.url} is published index sha256 {r.store.index_sha256[:16]}" for r in self.readers
+                if r.store.index_sha256]
         if pins:
             note += f" ({'; '.join(pins)})"
         name = recipe_name(self.reader.manifest)

@@ -32,6 +32,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from logitcache.errors import CacheNotFoundError, CorruptCacheError
+from logitcache.storage.manifest_schema import DIGEST_FORMAT
 
 #: Threads for concurrent zarr requests: units read at once by ``CacheReader.read_units``, arrays
 #: written at once by ``logitcache.storage.writer.CacheWriter.write_unit``.
@@ -155,7 +156,7 @@ def commit_record(arrays: dict[str, np.ndarray], n: int, format_version: int, pl
     record = {"n": n, "crc32": {k: array_crc32(a) for k, a in arrays.items()}}
     if format_version >= 3:
         record["plan"] = plan
-    if format_version >= 5:
+    if format_version >= DIGEST_FORMAT:
         record["manifest"] = manifest
     return record
 
@@ -182,17 +183,18 @@ def _bad_record_field(record: dict, format_version: int, manifest: str | None) -
     ``n`` a row count, ``crc32`` array name -> CRC-32, ``plan`` (format 3+) a sha256 hex digest,
     ``manifest`` (format 5) the manifest's digest ``manifest``, ``canary`` (storage/canary.py;
     format 5: every unit with rows) a table of up to 4 sample indices and as many sha256 hex digests."""
+    digested = format_version >= DIGEST_FORMAT
     required = ("n", "crc32") + (("plan",) if format_version >= 3 else ()) + (
-        ("manifest",) + (("canary",) if record.get("n") else ()) if format_version >= 5 else ())
+        ("manifest",) + (("canary",) if record.get("n") else ()) if digested else ())
     missing = [k for k in required if k not in record]
     if missing:
         return f"{missing[0]} is missing"
     known = {"n", "crc32", "canary"} | ({"plan"} if format_version >= 3 else set()) | (
-        {"manifest"} if format_version >= 5 else set())
+        {"manifest"} if digested else set())
     unknown = sorted(set(record) - known)
     if unknown:
         return f"{unknown[0]!r:.40} is not a field of a format {format_version} commit record"
-    if format_version >= 5 and record["manifest"] != manifest:
+    if digested and record["manifest"] != manifest:
         return (f"manifest is {record['manifest']!r:.20}..., not this cache's manifest digest {str(manifest)[:12]}... "
                 f"(the unit was written under another manifest, or the manifest was edited)")
     crc = record["crc32"]

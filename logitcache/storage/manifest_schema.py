@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from logitcache.codecs.features import FEATURE_DTYPES
+from logitcache.codecs.features import FEATURE_DTYPES, FeatureSpec
 from logitcache.errors import CorruptCacheError
 
 MAX_CLASSES = 1 << 24
@@ -108,8 +108,7 @@ def check_features_entry(f: dict, where: str) -> None:
     if (spec["rank"] is None) != (f["basis_sha256"] is None):
         _bad(where, "features.basis_sha256", "a basis digest goes with a rank (PCA features), none without")
     _in_range(f["fit_views"], 0, MAX_SAMPLES, "features.fit_views", where)
-    rank = spec["rank"]
-    label = f"{'full' if rank is None else f'pca{rank}'}/{spec['dtype']}"
+    label = FeatureSpec(spec["dim"], spec["rank"], spec["dtype"]).label  # the fields are checked above
     if f["label"] != label:
         _bad(where, "features.label", f"{f['label']!r:.40}, but the spec gives {label!r}")
 

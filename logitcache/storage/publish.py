@@ -39,12 +39,11 @@ def _pack(arrays: dict[str, np.ndarray], names, pack: bytearray) -> dict:
 
 def _publish_epoch(reader: CacheReader, epoch: int, put) -> dict:
     """Write one epoch's index and pack; its entry in the published index."""
-    reader.check_seal(epoch)
+    seal, records = reader.check_seal(epoch)
     pack, units = bytearray(), []
-    for s in range(reader.num_shards):
-        arrays = reader.read_unit(epoch, s)  # checked against its commit record
-        units.append({"commit": reader.commit(epoch, s), "arrays": _pack(arrays, reader.array_names, pack)})
-    seal = reader.store.seal(epoch, reader.num_shards, reader.manifest_digest) if reader.format_version >= 5 else None
+    for s, record in enumerate(records):
+        arrays = reader.read_unit(epoch, s, record)  # checked against its commit record
+        units.append({"commit": record, "arrays": _pack(arrays, reader.array_names, pack)})
     doc = json.dumps({"units": units, "seal": seal}, sort_keys=True).encode()
     put(epoch_pack_name(epoch), bytes(pack))
     put(epoch_index_name(epoch), doc)

@@ -161,7 +161,7 @@ def parse_index(raw: bytes, url: str) -> dict:
     return index
 
 
-def decode_arrays(pack: bytes, entries: dict, names: tuple[str, ...], where: str, max_bytes: int) -> list:
+def decode_arrays(pack: bytes, entries: dict, names: tuple[str, ...], max_bytes: int) -> list:
     """Each array ``names`` of a unit from its epoch's ``pack`` (checked bytes) and its index
     ``entries`` (name -> dtype, shape, offset, length), or the exception in its place."""
     from numcodecs import Zstd
@@ -197,6 +197,7 @@ class IndexStore:
         self.url, self.storage_options = url, storage_options
         self.index_sha256 = index.pop("_sha256", None)  # the published index's digest: what a run names
         self.index = index
+        self.pulled_from = index.get("pulled_from")  # a pulled copy: its source (url, epochs, index_sha256)
         self._epoch: tuple[int, dict, bytes | None] | None = None  # the last epoch's index and pack
         self._lock = threading.Lock()  # units of an epoch are read by several threads: fetch once
 
@@ -258,7 +259,7 @@ class IndexStore:
     def unit_arrays(self, epoch: int, shard: int, names: tuple[str, ...], empty: bool, max_bytes: int) -> list:
         doc, pack = self._epoch_index(epoch, pack=True)
         entry = check_unit_entry(doc["units"][shard], epoch, shard, self.url)
-        return [entry, *decode_arrays(pack, entry["arrays"], names, f"epoch {epoch}, unit {shard}", max_bytes)]
+        return [entry, *decode_arrays(pack, entry["arrays"], names, max_bytes)]
 
     def basis(self, manifest):
         from logitcache.storage.basis import check_basis
@@ -268,8 +269,7 @@ class IndexStore:
             raise CorruptCacheError(f"published cache {self.url}: the manifest names a basis, the index none; {_HINT}")
         data = self._checked(BASIS_PACK, b["sha256"], "feature basis")
         spec = manifest.feature_spec
-        mean, comps = decode_arrays(data, b["arrays"], ("mean", "components"), "basis",
-                                    8 * spec.dim * (spec.rank + 1) + 64)
+        mean, comps = decode_arrays(data, b["arrays"], ("mean", "components"), 8 * spec.dim * (spec.rank + 1) + 64)
         for got in (mean, comps):
             if isinstance(got, Exception):
                 raise CorruptCacheError(f"published cache {self.url}: feature basis: {got}; {_HINT}")

@@ -21,6 +21,7 @@ from logitcache.storage.layout import (
     unit_path,
 )
 from logitcache.storage.manifest import Manifest
+from logitcache.storage.manifest_schema import DIGEST_FORMAT
 from logitcache.storage.seals import EpochStatus, check_sealed, epoch_status
 from logitcache.storage.store import open_store
 from logitcache.storage.unit_layout import (
@@ -78,6 +79,8 @@ class CacheReader:
         self.manifest_digest = self.manifest.digest  # format 5: what every commit record names
         # what each stored array must be (format 3+; formats 1-2 are checked by their checksums only)
         self._kinds = array_kinds(self.manifest.codec, self.manifest.feature_spec) if self.format_version >= 3 else {}
+        m = self.manifest  # values a row's arrays hold at most: bounds what a unit's metadata may claim
+        self._row_values = m.num_classes + m.codec.k + (m.feature_spec.width if m.features else 0) + 8
         self._basis = None
 
     @property
@@ -140,12 +143,13 @@ class CacheReader:
             self._basis = self.store.basis(self.manifest)
         return self._basis
 
-    def read_unit(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
-        """Every stored array of one committed unit, checked against its commit record.
+    def read_unit(self, epoch: int, shard: int, commit: dict | None = None) -> dict[str, np.ndarray]:
+        """Every stored array of one committed unit, checked against its commit record
+        (``commit``: the record, already read by :meth:`commit` or :meth:`check_seal`).
 
         Raises :class:`CorruptCacheError` naming cache, epoch, unit and array when a
         chunk is missing, truncated or altered, or metadata is unreadable."""
-        return self._read_checked(epoch, shard, self._commit_of(epoch, shard))
+        return self._read_checked(epoch, shard, commit or self._commit_of(epoch, shard))
 
     def _commit_of(self, epoch: int, shard: int) -> dict:
         commit = self.commit(epoch, shard)
@@ -159,10 +163,8 @@ class CacheReader:
         ``features=False`` leaves a feature cache's feature arrays unread."""
         names = self._names(features)
         # zarr's Group wraps an AsyncGroup (zarr 3); its async API reads the unit in one gather
-        m = self.manifest
-        width = m.num_classes + m.codec.k + (m.feature_spec.width if m.features else 0) + 8  # values per row, at most
         group, *arrays = self.store.unit_arrays(epoch, shard, names, not commit["n"],
-                                                (1 << 20) + 8 * width * commit["n"])
+                                                (1 << 20) + 8 * self._row_values * commit["n"])
         for got in (group, *arrays):  # cancelled or interrupted: not damage, pass it on
             if isinstance(got, BaseException) and not isinstance(got, Exception):
                 raise got
@@ -218,18 +220,22 @@ class CacheReader:
 
     def _seal(self, epoch: int) -> dict | None:
         """``epoch``'s seal (format 5; None when unsealed), checked to cover every unit."""
-        seal = self.store.seal(epoch, self.num_shards, self.manifest_digest) if self.format_version >= 5 else None
+        if self.format_version < DIGEST_FORMAT:
+            return None
+        seal = self.store.seal(epoch, self.num_shards, self.manifest_digest)
         if seal is not None:
             status = epoch_status([epoch], [epoch], {epoch: self.committed_units(epoch)}, self.num_shards)
             if status.damaged:
                 raise status.damage_error(self.url)
         return seal
 
-    def check_seal(self, epoch: int) -> None:
-        """Check ``epoch``'s commit records against its seal (without reading the units)."""
+    def check_seal(self, epoch: int) -> tuple[dict | None, list[dict]]:
+        """(``epoch``'s seal or None, every unit's commit record in shard order), the records
+        checked against the seal (without reading the units)."""
         seal = self._seal(epoch)
-        if seal is not None:
-            check_sealed(seal, epoch, [self._commit_of(epoch, s) for s in range(self.num_shards)], self.url)
+        records = [self._commit_of(epoch, s) for s in range(self.num_shards)]
+        check_sealed(seal, epoch, records, self.url)
+        return seal, records
 
     def read_units(self, epoch: int, features: bool = False) -> list[tuple[dict[str, np.ndarray], str]]:
         """Every unit of ``epoch`` as :meth:`read_rows`, in shard order, read by up to

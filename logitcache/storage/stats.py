@@ -19,6 +19,7 @@ import torch
 from logitcache.codecs.logits import CodecSpec, rebuilt_probs
 from logitcache.storage.layout import storage_bytes  # noqa: F401 - also used from here (bench/)
 from logitcache.storage.manifest import Manifest, check_serves
+from logitcache.storage.manifest_schema import DIGEST_FORMAT
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.views_compat import views_digest
 from logitcache.views.plan import plan_unit, row_samples
@@ -221,7 +222,7 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
         mean_top1_prob=sums.top1_prob / views if views else None,
         mean_tail_mass=sums.tail_mass / views if views else None, features=m.features, views_digest=views_digest(m),
         epochs_unfinished=status.unfinished, checks=checked.summary(reader, source is not None),
-        pulled_from=getattr(reader.store, "index", {}).get("pulled_from"),
+        pulled_from=reader.store.pulled_from,
     )
 
 
@@ -240,7 +241,7 @@ class _Checked:
         from logitcache.storage.canary import check_canary, check_plan
 
         self.units += len(units)
-        self.sealed += reader.format_version >= 5 and len(units) == reader.num_shards
+        self.sealed += reader.format_version >= DIGEST_FORMAT and len(units) == reader.num_shards
         if source is None:
             return
         for s, (_, plan) in zip(units, read):
@@ -258,9 +259,9 @@ class _Checked:
         return {
             "checksums": f"every array of {_count(self.units, 'committed unit')}" + (
                 " (features included)" if reader.has_features else ""),
-            "manifest": "its digest, and every commit record names it" if fmt >= 5 else
+            "manifest": "its digest, and every commit record names it" if fmt >= DIGEST_FORMAT else
                         f"fields and recipe digest only (format {fmt} has no manifest digest)",
-            "seals": (f"{_count(self.sealed, 'complete epoch')} against its seal" if fmt >= 5 else
+            "seals": (f"{_count(self.sealed, 'complete epoch')} against its seal" if fmt >= DIGEST_FORMAT else
                       f"none (format {fmt} has no seals: a lost epoch looks unfinished)"),
             "basis": "checked against the manifest's sha256" if self.basis else "none (no PCA features)",
             "plans": f"{_count(self.plans, 'unit')} against this code's plan" if with_data else no_data,

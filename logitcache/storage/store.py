@@ -46,6 +46,9 @@ class ZarrStore:
     """A cache as its build wrote it: one Zarr group; epochs, commit records and seals found
     by listing (logitcache/storage/layout.py)."""
 
+    index_sha256 = None  # not a published cache (IndexStore's: the digest of its index)
+    pulled_from = None  # nor a pulled one
+
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url, self.storage_options = url, storage_options
         self.root = open_group(url, mode="r", storage_options=storage_options)

@@ -21,6 +21,7 @@ from logitcache.storage.layout import (
     unit_commit,
 )
 from logitcache.storage.manifest import ATTR_KEY, Manifest
+from logitcache.storage.manifest_schema import DIGEST_FORMAT
 from logitcache.storage.seals import SEALS, read_seal, remove_seal, seal_record, sealed_epochs, write_seal
 from logitcache.storage.unit_layout import pack_unit
 from logitcache.views.plan import unit_views
@@ -72,7 +73,7 @@ class CacheWriter:
         a metadata write, latency-bound on object storage).
         """
         self.root.require_group("epochs")
-        if self.format_version >= 5:
+        if self.format_version >= DIGEST_FORMAT:
             self.root.require_group(SEALS)  # before any unit writer seals an epoch into it
 
         def prepare(e: int) -> None:
@@ -104,7 +105,7 @@ class CacheWriter:
         if n != size or any(k not in rows or len(rows[k]) != n for k in expected):
             raise ValueError(f"unit {shard} needs {size} rows (its shard's views), got "
                              f"{ {k: len(v) for k, v in rows.items()} }")
-        if n and canary is None and self.format_version >= 5:
+        if n and canary is None and self.format_version >= DIGEST_FORMAT:
             raise ValueError(f"unit {shard} has rows and no canary (storage/canary.py:canary_of)")
         arrays = pack_unit(self.manifest.codec, rows)
         commits = self.root.require_group(f"{epoch_path(epoch)}/commits")
@@ -139,7 +140,7 @@ class CacheWriter:
         that names other commit records; False when it is not complete (or the format has no seals).
         Whichever process commits an epoch's last unit seals it: each calls this after its own."""
         num_shards = len(self.manifest.dataset.shards)
-        if self.format_version < 5 or len(self.committed_units(epoch)) < num_shards:
+        if self.format_version < DIGEST_FORMAT or len(self.committed_units(epoch)) < num_shards:
             return False
         with ThreadPoolExecutor(max_workers=min(IO_THREADS, num_shards)) as pool:
             records = list(pool.map(lambda s: unit_commit(self.root, epoch, s, self.format_version, self.url,

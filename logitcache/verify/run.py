@@ -142,9 +142,11 @@ class _Regenerated:
     metadata_failures: list[str] = field(default_factory=list)
 
 
-def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, transform) -> _Regenerated:
+def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, transform,
+                complete: list[int]) -> _Regenerated:
     """Read each unit holding a picked view (checked against its commit record), check its plan
-    digest against this code's plan, and re-render the picked views."""
+    digest against this code's plan, and re-render the picked views; the seals of the picked
+    views' epochs among ``complete`` (the cache's complete epochs) are checked first."""
     from logitcache.views.plan import plan_unit, row_samples, unit_plan_digest
     from logitcache.views.render import render_batch
 
@@ -152,7 +154,7 @@ def _regenerate(reader: CacheReader, source: SampleSource, picked: _Picks, trans
     keys_all = source.keys()
     out = _Regenerated()
     features = m.features is not None
-    for e in sorted({picked.units[j][0] for j in np.unique(picked.unit_of)} & set(reader.epochs())):
+    for e in sorted({picked.units[j][0] for j in np.unique(picked.unit_of)} & set(complete)):
         reader.check_seal(e)  # the units of a complete epoch are the ones it was sealed with
     for j in np.unique(picked.unit_of):
         e, s, _n = picked.units[j]
@@ -238,7 +240,7 @@ def verify_cache(
     teacher = Teacher(m.teacher, weights=teacher_weights, num_classes=C, device=dev, input_size=m.teacher_input_size)
     if teacher.num_classes != C:
         raise CacheMismatchError(f"teacher {teacher.name} predicts {teacher.num_classes} classes, cache {url} has {C}")
-    got = _regenerate(reader, source, picked, create_view_transform(m.recipe))
+    got = _regenerate(reader, source, picked, create_view_transform(m.recipe), status.complete)
 
     n = len(got.images)
     report = VerifyReport(
