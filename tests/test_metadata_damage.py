@@ -189,6 +189,9 @@ def test_a_deleted_seal_alone_leaves_a_complete_readable_epoch(built_cache, tmp_
     url = _copy(built_cache, tmp_path)
     shutil.rmtree(Path(url) / "seals" / "0000")
     assert CacheReader(url).epochs() == [0, 1]
+    from logitcache.storage.stats import inspect_cache
+
+    assert inspect_cache(url).checks["seals"] == "1 complete epoch against its seal"  # epoch 1's; 0 has none
     assert (CacheReader(url).load_epoch(0).ids == CacheReader(built_cache).load_epoch(0).ids).all()
 
 

@@ -186,6 +186,7 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
     if status.damaged:
         raise status.damage_error(url)
     checked = _Checked()
+    sealed = set(reader.store.sealed(reader.format_version))
     if reader.feature_basis() is not None:  # read and checked against the manifest's sha256
         checked.basis = True
     sums = _Totals()
@@ -193,7 +194,7 @@ def inspect_cache(url: str, storage_options: dict | None = None, source=None) ->
         # a complete epoch is read as train reads it: its seal checked against every commit record
         read = reader.read_units(e, reader.has_features) if e in status.complete else [
             reader.read_rows(e, s, reader.has_features) for s in units]
-        checked.add_epoch(reader, source, e, list(units), read)
+        checked.add_epoch(reader, source, e, list(units), read, sealed=e in status.complete and e in sealed)
         for s, (rows, _) in zip(units, read):
             row_labels = None
             if labels is not None:  # each row's sample: with repeats, the unit's plan says which
@@ -234,14 +235,15 @@ class _Checked:
     units: int = 0
     plans: int = 0  # units whose plan digest matched this code's plan of the data (--data)
     canaries: int = 0  # units whose canary views rendered again identically (--data; one per epoch)
-    sealed: int = 0
+    sealed: int = 0  # complete epochs whose commit records were checked against their seal
 
-    def add_epoch(self, reader: CacheReader, source, epoch: int, units: list[int], read: list) -> None:
+    def add_epoch(self, reader: CacheReader, source, epoch: int, units: list[int], read: list,
+                  sealed: bool) -> None:
         """Count one epoch's units; with ``source``, check their plans and one canary."""
         from logitcache.storage.canary import check_canary, check_plan
 
         self.units += len(units)
-        self.sealed += reader.format_version >= DIGEST_FORMAT and len(units) == reader.num_shards
+        self.sealed += sealed  # a complete epoch with a seal: read_units checked its records against it
         if source is None:
             return
         for s, (_, plan) in zip(units, read):
