@@ -103,6 +103,17 @@ class CachedTrainData:
         """The cached epoch that student epoch ``epoch`` trains on (cached epochs cycle)."""
         return self.epochs[epoch % len(self.epochs)]
 
+    def eval_config(self) -> dict:
+        """What timm's ``create_loader(..., is_training=False, **eval_config())`` needs to
+        evaluate a student on the views it trains on: the cache's input size, normalisation,
+        crop and interpolation (as ``logitcache train`` evaluates), not the student's own
+        ``pretrained_cfg`` (which ``timm.data.resolve_data_config`` would give)."""
+        from logitcache.views.augment import eval_interpolation
+
+        r = self.recipe
+        return {"input_size": (3, r.input_size, r.input_size), "interpolation": eval_interpolation(r),
+                "mean": tuple(r.mean), "std": tuple(r.std), "crop_pct": r.crop_pct}
+
     def loader(self, epoch: int, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                num_workers: int = 0, pin_memory: bool = False, limit: int | None = None,
                features: bool = False, device: torch.device | str | None = None) -> BatchLoader:
