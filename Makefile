@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-damage bench bench-quick clean
+.PHONY: setup demo teacher test test-damage bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/logitcache demo --out demo_out
+
+# The demo's teacher, trained once (about 15 minutes on 2 CPU cores) and shipped in cli/assets:
+# the weights and their record (sha256, val top-1 on the demo's val split). make demo does not run it.
+teacher: $(STAMP)
+	$(BIN)/logitcache demo-teacher --work runs/demo_teacher
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -274,21 +274,36 @@ def _run_train(flags: dict) -> None:
               f"{summary['weights']}")
 
 
+from logitcache.cli.demo_teacher import DEMO_EPOCHS, TEACHER_EPOCHS  # noqa: E402 - no heavy imports
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), metavar="PATH", help="Everything the demo makes goes here."),
-    epochs: int = typer.Option(6, metavar="INTEGER", min=1, help="Student epochs (and cached epochs)."),
-    teacher_epochs: int = typer.Option(15, metavar="INTEGER", min=1, help="Teacher epochs (plain CE)."),
-    classes: int = typer.Option(64, metavar="INTEGER", min=2, max=128, help="Classes of the synthetic dataset."),
+    epochs: int = typer.Option(DEMO_EPOCHS, metavar="INTEGER", min=1, help="Student epochs (and cached epochs)."),
     train_per_class: int = typer.Option(40, metavar="INTEGER", min=1, help="Training images per class."),
     workers: int = typer.Option(2, metavar="INTEGER", min=0, help="DataLoader workers."),
 ):
-    """The whole product on the embedded data: one teacher, one cache, a CNN and a ViT student
-    (each CE only and KD from the cache) and one online-KD run for the time it costs."""
+    """The whole product on the embedded data: the shipped teacher, one cache, a CNN and a ViT
+    student (each CE only and KD from the cache) and one online-KD run for the time it costs.
+    A second run in the same --out reuses the data and the cache."""
     from logitcache.cli.demo import run_demo
 
-    run_demo(out, epochs=epochs, teacher_epochs=teacher_epochs, workers=workers, num_classes=classes,
-             train_per_class=train_per_class)
+    run_demo(out, epochs=epochs, workers=workers, train_per_class=train_per_class)
+
+
+@app.command("demo-teacher")
+def demo_teacher(
+    work: Path = typer.Option(Path("runs/demo_teacher"), metavar="PATH", help="Its data and its run go here."),
+    epochs: int = typer.Option(TEACHER_EPOCHS, metavar="INTEGER", min=1, help="Teacher epochs."),
+    install: bool = typer.Option(True, help="Copy the weights and their record into cli/assets."),
+):
+    """Train the demo's teacher (`make teacher`): ResNet-18 on its own synthetic images at 64 px,
+    float16 weights and a record (sha256, val top-1 on the demo's val split) in cli/assets."""
+    from logitcache.cli.demo_teacher import train_demo_teacher
+
+    record = train_demo_teacher(work, epochs=epochs, install=install)
+    print(f"teacher val top-1 {record['val_top1']:.2f}% on the demo's val split; sha256 {record['sha256']}")
 
 
 from logitcache.cli.cache_tools import register as _register_cache_tools  # noqa: E402 - inspect, verify, ls

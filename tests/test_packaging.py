@@ -47,7 +47,8 @@ def test_only_logitcache_is_a_top_level_name(installed):
     installed_tops = {p.name for p in site.iterdir() if not p.name.endswith(".dist-info") and p.name != "bin"}
     assert installed_tops == {"logitcache"}, installed_tops
     assert "logitcache = logitcache.cli.main:main" in entry_points
-    for sub in ("trainer/train.py", "trainer/losses.py", "cli/main.py", "data/__init__.py"):
+    for sub in ("trainer/train.py", "trainer/losses.py", "cli/main.py", "data/__init__.py",
+                "cli/assets/demo_teacher.safetensors", "cli/assets/demo_teacher.json"):  # the demo's teacher
         assert (site / "logitcache" / sub).is_file(), sub
 
 

@@ -14,8 +14,11 @@ labels information beyond the hard label.
 
 Each image has its own random position, scale, rotation, colour jitter within the
 family, shading, texture period/phase/contrast (fading across the shape, so partly
-visible), a noisy cluttered background with a grey distractor shape, occluding lines
-and pixel noise. Rendering happens at twice ``image_size`` and is box-downsampled
+visible), a noisy cluttered background (blobs and lines) and pixel noise. The object is
+large (a third to nearly half the image across) and its texture coarse (3-4.5 px periods
+at 32 px), so a model that sees 32 px views at a finer scale (a ResNet-18 given them
+upsampled to 64 px) learns far more than a small one at 32 px: the gap a teacher's soft
+labels are worth something in. Rendering happens at twice ``image_size`` and is box-downsampled
 (anti-aliasing). Everything is drawn from a numpy Generator seeded by
 ``(seed, split, position)``: the same seed gives byte-identical shards.
 """
@@ -42,6 +45,10 @@ MAX_CLASSES = len(SHAPES) * len(COLOURS) * len(TEXTURES)  # 128
 _SPLIT_CODES = {"train": 0, "val": 1}
 _HUE_JITTER = 20.0  # degrees either side of the family's centre hue
 
+
+#: The rendering's version: 2 since 2026-12-06 (larger objects, coarser textures, no distractor shape or
+#: occluding lines, less noise). Studies that keep generated data record it (bench/accuracy/jobs.py).
+RENDERING = 2
 
 #: The smallest image side: below it the shapes and textures are a few pixels of noise.
 MIN_IMAGE_SIZE = 8
@@ -105,7 +112,7 @@ def _texture(texture: str, rng: np.random.Generator, u: np.ndarray, v: np.ndarra
     """Pattern in {0, 1} (float32, shape of ``u``) over rotated coordinates ``u``, ``v`` (working pixels)."""
     if texture == "solid":
         return np.zeros_like(u)
-    period = rng.uniform(8.0, 13.0)
+    period = rng.uniform(12.0, 18.0)  # working pixels: 3-4.5 px at 32 px
     pu, pv = rng.uniform(0.0, 1.0, size=2)
     if texture == "stripes":
         return (((u / period + pu) % 1.0) < rng.uniform(0.4, 0.6)).astype(np.float32)
@@ -144,15 +151,9 @@ def render_image(label: int, rng: np.random.Generator, image_size: int = 32) -> 
         else:
             x1, y1 = rng.uniform(0, size, size=2)
             draw.line([x0, y0, x1, y1], fill=col, width=int(rng.integers(1, 4)))
-    if rng.random() < 0.5:
-        grey = tuple(int(x) for x in _hsv(rng.uniform(0, 360), rng.uniform(0, 0.2), rng.uniform(0.2, 0.9)))
-        dx, dy = rng.uniform(0.1 * size, 0.9 * size, size=2)
-        kind, q, turn = SHAPES[rng.integers(len(SHAPES))], rng.uniform(0.1, 0.2) * size, rng.uniform(0, 2 * math.pi)
-        distractor = _shape_mask(kind, dx, dy, q, turn, size)
-        bg.paste(grey, mask=distractor)
 
     # The object: mask at a random position, scale and rotation.
-    r = rng.uniform(0.25, 0.42) * size
+    r = rng.uniform(0.32, 0.45) * size
     cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)  # may be cut a little by the border
     angle = rng.uniform(0, 2 * math.pi)
     mask = np.asarray(_shape_mask(shape, cx, cy, r, angle, size), dtype=np.float32)[..., None] / 255.0
@@ -173,18 +174,12 @@ def render_image(label: int, rng: np.random.Generator, image_size: int = 32) -> 
     fg = (c1 * (1 - weight) + c2 * weight) * shade[..., None]
     img = np.asarray(bg, dtype=np.float32) * (1 - mask) + fg * mask
 
-    # Occluding lines in front of the object, sometimes.
     out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    if rng.random() < 0.25:
-        draw = ImageDraw.Draw(out)
-        col = tuple(int(x) for x in _hsv(rng.uniform(0, 360), rng.uniform(0, 0.5), rng.uniform(0.1, 1.0)))
-        x0, y0, x1, y1 = rng.uniform(0, size, size=4)
-        draw.line([x0, y0, x1, y1], fill=col, width=int(rng.integers(2, 5)))
 
     # Down to the output size, then global contrast/brightness jitter and pixel noise.
     small = np.asarray(out.resize((image_size, image_size), Image.BOX), dtype=np.float32)
     small = (small - 128.0) * rng.uniform(0.8, 1.1) + 128.0 + rng.uniform(-15, 15)
-    small += rng.normal(0.0, rng.uniform(2.0, 6.0), size=small.shape)
+    small += rng.normal(0.0, rng.uniform(1.0, 3.0), size=small.shape)
     return Image.fromarray(np.clip(np.rint(small), 0, 255).astype(np.uint8), "RGB")
 
 

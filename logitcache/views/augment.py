@@ -124,6 +124,12 @@ RECIPES: dict[str, Recipe] = {
         input_size=32, scale=(0.35, 1.0), auto_augment="rand-m6-n1-mstd0.5", crop_pct=1.0,
         interpolation="bilinear",
     ),
+    # The embedded demo's teacher (`make teacher`): the demo's 32 px images upsampled to 64 px
+    # for a ResNet-18 (its stride-4 stem then keeps the textures), milder crops.
+    "demo_teacher": Recipe(
+        input_size=64, scale=(0.5, 1.0), auto_augment="rand-m6-n1-mstd0.5", crop_pct=1.0,
+        interpolation="bilinear",
+    ),
     # The embedded demo with exact mixup/cutmix views.
     "demo32_mix": Recipe(
         input_size=32, scale=(0.35, 1.0), auto_augment="rand-m6-n1-mstd0.5", crop_pct=1.0,
