@@ -26,6 +26,13 @@ TITLES = {
     "published": "8c. A published cache over HTTP (no listing) against the cache as built: requests, bytes, pull",
 }
 
+#: studies with a section of their own: (results file, module with markdown(result), title)
+STUDIES = (("accuracy_teachers.json", "bench.accuracy.teachers", "12. Accuracy from two teachers on the same views "
+             "(CNN + ViT; mean-probs, per-teacher, CA-MKD)"),
+           ("accuracy_fidelity.json", "bench.accuracy.report", "13. Fidelity on make demo's workload: cache vs online, "
+            "gap8 vs float16, projector cache vs online"),
+           ("accuracy_peer.json", "bench.accuracy.peer", "14. The peer's accuracy: KD from the cache vs timm's online KD"))
+
 # (benchmark, summary key, target, direction, what)
 TARGETS = [
     ("build", "build_over_raw_teacher", 0.9, ">=", "build / raw teacher throughput, ResNet-152 224 px batch 16"),
@@ -303,13 +310,11 @@ def write_report(results: Path = RESULTS_DIR, md_path: Path | None = None) -> Pa
     methods_path = results / "accuracy_methods.json"
     if methods_path.is_file():
         lines += _methods_markdown(json.loads(methods_path.read_text()))
-    teachers_path = results / "accuracy_teachers.json"
-    if teachers_path.is_file():  # python -m bench.accuracy.teachers
-        from .accuracy.teachers import markdown as teachers_markdown
-
-        lines += ["## 12. Accuracy from two teachers on the same views (CNN + ViT; mean-probs, per-teacher, CA-MKD)",
-                  "", f"`{json.loads(teachers_path.read_text())['settings']['command'].strip()}`", "",
-                  teachers_markdown(json.loads(teachers_path.read_text())), ""]
+    for file, module, title in STUDIES:  # each renders its own section
+        if (results / file).is_file():
+            d = json.loads((results / file).read_text())
+            command = d.get("settings", {}).get("command") or d["environment"]["command"]
+            lines += [f"## {title}", "", f"`{command.strip()}`", "", importlib.import_module(module).markdown(d), ""]
     md_path.write_text("\n".join(lines))
     return md_path
 
@@ -334,13 +339,9 @@ def _codecs_markdown(acc: dict) -> list[str]:
                   "|---|---|---:|---:|"]
         for name, r in c["variants"].items():
             top1 = "–" if r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}"
-            if name == c["reference"]:
-                diff = "(reference)"
-            elif r.get("minus_float16_mean_pp") is None:
-                diff = "–"
-            else:
-                diff = (f"{r['minus_float16_mean_pp']:+.2f} ± {r['minus_float16_std_pp']:.2f} "
-                        f"(per seed {', '.join(f'{x:+.2f}' for x in r['minus_float16_pp'])})")
+            diff = "(reference)" if name == c["reference"] else "–" if r.get("minus_float16_mean_pp") is None else (
+                f"{r['minus_float16_mean_pp']:+.2f} ± {r['minus_float16_std_pp']:.2f} "
+                f"(per seed {', '.join(f'{x:+.2f}' for x in r['minus_float16_pp'])})")
             lines.append(f"| {r['label']} (`{name}`) | {', '.join(map(str, r['seeds']))} | {top1} | {diff} |")
         lines.append("")
     keys = [k for k in ("acc_gap8_minus_float16_pp", "acc_sampled_minus_float16_pp") if _number(acc.get(k))]

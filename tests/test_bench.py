@@ -4,6 +4,7 @@ headline figures exactly (bench/report.py writes README's block from summary.jso
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,27 @@ def test_paired_studies_difference_by_seed_and_tabulate():
     assert pm(diffs["kd - CE"], "+") == "+1.33 +- 0.76" and pm([3.0]) == "3.00 +- 0.00"
     lines = tables({"top1": top1, "paired_pp": diffs}, "paired")
     assert "| kd | 12.33 +- 0.76 |" in lines and "| kd - CE | +1.33 +- 0.76 |" in lines
+
+
+def test_intervals_are_student_t_and_decide_the_fidelity_rows():
+    from bench.accuracy.intervals import ci95, fidelity_rows, fmt, method_rows
+
+    c = ci95([0.1, -0.2, 0.3, 0.0, 0.2])  # mean 0.08, std 0.1924; t(0.975, 4) = 2.7764
+    assert c["n"] == 5 and math.isclose(c["mean"], 0.08) and math.isclose(c["std"], 0.19235384, rel_tol=1e-6)
+    assert math.isclose(c["hi"] - c["mean"], 2.7764451 * c["std"] / math.sqrt(5), rel_tol=1e-6)
+    assert ci95([1.0])["lo"] is None and fmt(ci95([1.0])) == "1.00 (n=1)"
+
+    def runs(**top1):
+        return {v: {"seeds": list(range(len(t))), "top1": t} for v, t in top1.items()}
+
+    close = runs(kd_cache=[50.0, 51.0, 52.0, 50.5, 51.5], kd_online=[50.1, 50.9, 52.2, 50.4, 51.4])
+    row = fidelity_rows(close)["cache_minus_online"]
+    assert row["meets_target"] and row["paired_pp"] == pytest.approx([-0.1, 0.1, -0.2, 0.1, 0.1])
+    lossy = runs(kd_cache=[49.0, 50.5, 51.0, 49.5, 51.0], kd_online=[50.1, 50.9, 52.2, 50.4, 51.4])
+    assert not fidelity_rows(lossy)["cache_minus_online"]["meets_target"]  # mean -0.8 pp
+    noisy = runs(kd_cache=[50.0, 53.0, 50.0, 53.0, 51.5], kd_online=[51.5, 51.5, 51.5, 51.5, 51.5])
+    assert not fidelity_rows(noisy)["cache_minus_online"]["meets_target"]  # mean 0, interval reaches -1.9 pp
+    few = runs(kd_cache=[50.0, 51.0, 52.0], kd_online=[50.0, 51.0, 52.0])
+    assert not fidelity_rows(few)["cache_minus_online"]["meets_target"]  # fewer than 5 seeds
+    m = method_rows(runs(ce=[40.0, 41.0, 42.0], kd_cache=[43.0, 45.0, 46.0]))
+    assert m["kd_cache"]["minus_ce"]["mean"] == pytest.approx(11 / 3) and "minus_ce" not in m["ce"]

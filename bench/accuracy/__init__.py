@@ -3,11 +3,13 @@
 ``python -m bench.accuracy [--quick] [--datasets synth,digits] [--seeds 3] [--out bench/results]
 [--variants V,...] [--output PATH.json]``
 
-Per dataset (the embedded synthetic set with ``generate_synth``'s defaults, and
-scikit-learn's digits): one teacher (timm ``resnet18``, plain CE, recipe ``demo32``),
-trained once and kept on disk; caches built with :func:`logitcache.build.loop.build` (one per
-k, as many epochs as the students train); then the same student (timm ``test_resnet``,
-same epochs / batch / lr / schedule) for every variant and seed:
+Per dataset (synth: make demo's data, ``DEMO_DATA`` of logitcache/cli/demo_teacher.py, 64
+classes x 40 training images, and scikit-learn's digits): one teacher (timm ``resnet18``; for
+synth the demo's, trained once by ``make teacher`` on its own images and shipped in cli/assets;
+for digits trained here with plain CE, recipe ``demo32``, and kept on disk); caches built with
+:func:`logitcache.build.loop.build` (one per k, as many epochs as the students train); then
+the same student (timm ``test_resnet``, same epochs / batch / lr / schedule) for every
+variant and seed:
 
 ===============  ==============================================================
 ``ce``           CE only, on the cache's views (``LossConfig(kind="none")``)
@@ -34,7 +36,11 @@ are named by teacher and codec: ``<teacher>-top10.zarr`` (float16, as ever),
 (its units' plan digests) shows they hold the same views (check ``caches_same_views``).
 
 A seed (``TrainConfig.seed``) changes the student's init and batch order; the views are
-the cache's and the same for every run. Results: ``<out>/accuracy.json`` or ``--output`` (every seed's
+the cache's and the same for every run. Each dataset's ``fidelity`` rows (bench/accuracy/intervals.py)
+give the paired differences cache - online, gap8 - float16 and projector cache - online with
+their 95% intervals and whether they meet the target (|mean| <= 0.3 pp, lower end >= -0.5 pp,
+>= 5 seeds); ``intervals`` gives every variant's mean and its paired difference to CE with
+95% intervals. ``python -m bench.accuracy.peer`` pairs ``kd_cache`` with timm's own online KD. Results: ``<out>/accuracy.json`` or ``--output`` (every seed's
 final val top-1, mean, sample std; headline keys at the top level), plots
 ``accuracy_vs_k.png`` and ``accuracy_curves.png``. ``--quick`` (1 seed, 2 epochs, synth
 only, no k sweep) proves the pipeline and writes ``accuracy_quick*`` files instead.

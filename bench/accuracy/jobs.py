@@ -30,43 +30,58 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def dataset_spec(name: str) -> dict:
+    """What a dataset's folder must have been generated with to be reused (``study_spec.json``)."""
+    if name == "synth":
+        from logitcache.cli.demo_teacher import DEMO_DATA
+        from logitcache.data.synth import RENDERING
+
+        return {"name": name, **DEMO_DATA, "rendering": RENDERING}  # make demo's: 64 classes, 40 + 10 per class
+    if name == "digits":
+        return {"name": name}  # the defaults: 80/20 split, 32 px
+    raise ValueError(f"unknown dataset {name!r}; use synth or digits")
+
+
 def prepare_dataset(name: str, work: Path) -> Path:
-    """The dataset's folder under ``work``, generated on first use."""
-    root = work / name / "data"
-    if (root / "dataset.json").exists():
+    """The dataset's folder under ``work``, generated on first use (again when an earlier study
+    generated it differently: another rendering or size)."""
+    root, spec = work / name / "data", dataset_spec(name)
+    marker = root / "study_spec.json"
+    if (root / "dataset.json").exists() and marker.exists() and json.loads(marker.read_text()) == spec:
         return root
     tmp = work / name / "data.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if name == "synth":
         from logitcache.data.synth import generate_synth
 
-        generate_synth(tmp)  # the defaults: 128 classes, 40 train + 10 val per class, 32 px
-    elif name == "digits":
+        generate_synth(tmp, **{k: v for k, v in spec.items() if k not in ("name", "rendering")})
+    else:
         from logitcache.data.digits import generate_digits
 
-        generate_digits(tmp)  # the defaults: 80/20 split, 32 px
-    else:
-        raise ValueError(f"unknown dataset {name!r}; use synth or digits")
+        generate_digits(tmp)
+    (tmp / "study_spec.json").write_text(json.dumps(spec))
+    shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return root
 
 
-def _demo_teacher(data: Path, epochs: int) -> Path | None:
-    """demo_out/teacher/model.safetensors when it was trained on this very synth dataset."""
-    demo = Path("demo_out")
-    weights, summary, demo_data = demo / "teacher" / "model.safetensors", demo / "teacher" / "summary.json", demo / "data"
-    if not (weights.exists() and summary.exists() and (demo_data / "dataset.json").exists()):
-        return None
-    from logitcache.data.source import open_source
+def shipped_teacher(data: Path, work: Path) -> dict:
+    """synth's teacher: the demo's, trained once by ``make teacher`` on its own images and shipped
+    in cli/assets (logitcache/cli/demo_teacher.py); its top-1 measured on this val split."""
+    from logitcache.cli.demo_teacher import RECORD, WEIGHTS, teacher_val_top1
 
-    try:
-        same = open_source(str(demo_data), "train").fingerprint() == open_source(str(data), "train").fingerprint()
-        cfg = json.loads(summary.read_text()).get("config", {})
-    except Exception:  # noqa: BLE001 - an unreadable demo folder is simply not reused
-        return None
-    if same and cfg.get("student") == TEACHER and cfg.get("recipe") == RECIPE and cfg.get("epochs", 0) >= epochs:
-        return weights
-    return None
+    from logitcache.build.teacher import file_sha256
+
+    record = json.loads(RECORD.read_text())
+    sha = file_sha256(WEIGHTS)
+    tdir = work / "synth" / f"teacher-shipped-{sha[:12]}"  # names the caches built from it
+    tdir.mkdir(parents=True, exist_ok=True)
+    done = tdir / "done.json"
+    if not done.exists():
+        done.write_text(json.dumps({"val_top1": teacher_val_top1(WEIGHTS, data)}))
+    return {"model": TEACHER, "epochs": record["epochs"], "recipe": record["recipe"], "dir": str(tdir),
+            "weights": str(WEIGHTS), "sha256": sha, "source": "cli/assets (make teacher)",
+            "val_top1": json.loads(done.read_text())["val_top1"], "trained": record, "wall_s": 0.0, "reused": True}
 
 
 def _find_or_train_teacher(name: str, data: Path, work: Path, epochs: int, workers: int,
@@ -87,16 +102,6 @@ def _find_or_train_teacher(name: str, data: Path, work: Path, epochs: int, worke
     info = {"model": TEACHER, "epochs": epochs, "recipe": RECIPE, "dir": str(tdir), "weights": str(weights)}
     if (tdir / "done.json").exists():
         return {**json.loads((tdir / "done.json").read_text()), "reused": True}
-    if name == "synth":
-        demo = _demo_teacher(data, epochs)
-        if demo is not None:
-            tdir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(demo, weights)
-            summary = json.loads((demo.parent / "summary.json").read_text())
-            done = {**info, "val_top1": summary["final_top1"], "val_top5": summary["final_top5"],
-                    "epochs": summary["config"]["epochs"], "source": str(demo), "seconds": 0.0}
-            (tdir / "done.json").write_text(json.dumps(done, indent=2))
-            return {**done, "reused": True}
     if only_existing:
         return None
     log(f"{name}: training teacher {TEACHER} for {epochs} epochs -> {tdir}")
@@ -110,7 +115,10 @@ def _find_or_train_teacher(name: str, data: Path, work: Path, epochs: int, worke
 
 
 def obtain_teacher(name: str, data: Path, work: Path, epochs: int, workers: int, prefer_epochs: int | None) -> dict:
-    """The dataset's teacher: one of ``prefer_epochs`` when one is on disk, else one of ``epochs``."""
+    """The dataset's teacher: synth's is the shipped one; digits' one of ``prefer_epochs`` when one
+    is on disk, else one of ``epochs``, trained here."""
+    if name == "synth":
+        return shipped_teacher(data, work)
     if prefer_epochs:
         found = _find_or_train_teacher(name, data, work, prefer_epochs, workers, only_existing=True)
         if found is not None:

@@ -43,8 +43,12 @@ MAIN_VARIANTS = ("ce", "kd_cache", "kd_online", "mkd", "dkd", "dist")
 SWEEP_VARIANTS = ("kd_top1", "kd_top5", "kd_full")
 ALL_VARIANTS = MAIN_VARIANTS + SWEEP_VARIANTS + CODEC_VARIANTS + METHOD_VARIANTS
 
-# (teacher epochs, student epochs) of the full study; --quick trains both for QUICK_EPOCHS
-FULL_EPOCHS = {"synth": (20, 10), "digits": (15, 15)}
+# (teacher epochs, student epochs) of the full study; --quick trains both for QUICK_EPOCHS. synth's
+# teacher is make demo's, shipped (its epochs are in its record: logitcache/cli/demo_teacher.py), and its
+# students train as long as make demo's.
+FULL_EPOCHS = {"synth": (0, 30), "digits": (15, 15)}  # synth's 30: DEMO_EPOCHS (logitcache/cli/demo_teacher.py)
+#: the temperature of every vanilla-KD variant (and the projector's KD term): make demo's CNN's
+KD_TEMPERATURE = 4.0
 QUICK_EPOCHS = 2
 
 
@@ -184,10 +188,11 @@ def variant_config(variant: str, caches: dict, teacher: dict) -> dict:
     main = caches[MAIN_K]["url"]  # caches: cache_id -> build_cache's result
     if variant == "ce":
         return {"cache": main, "loss": LossConfig(kind="none")}
+    kd = LossConfig(kind="kd", temperature=KD_TEMPERATURE)
     if variant == "kd_cache":
-        return {"cache": main, "loss": LossConfig(kind="kd")}
+        return {"cache": main, "loss": kd}
     if variant == "kd_online":
-        return {"cache": main, "loss": LossConfig(kind="kd"), "online_teacher": True, "teacher": TEACHER,
+        return {"cache": main, "loss": kd, "online_teacher": True, "teacher": TEACHER,
                 "teacher_weights": teacher["weights"]}
     if variant == "mkd":
         return {"cache": main, "loss": LossConfig(kind="kd"), "mkd": MKDConfig()}
@@ -196,16 +201,17 @@ def variant_config(variant: str, caches: dict, teacher: dict) -> dict:
     if variant == "dist":
         return {"cache": main, "loss": LossConfig(kind="dist", kd_weight=2.0)}
     if variant.startswith("kd_top") or variant == "kd_full" or variant == "kd_gap8":
-        return {"cache": caches[cache_id(variant)]["url"], "loss": LossConfig(kind="kd")}
+        return {"cache": caches[cache_id(variant)]["url"], "loss": kd}
     if variant == "kd_sampled":  # counts / N estimate the teacher at T = 1 only: the trainer refuses other T
         return {"cache": caches[cache_id(variant)]["url"], "loss": LossConfig(kind="kd", temperature=1.0)}
     online = {"online_teacher": True, "teacher": TEACHER, "teacher_weights": teacher["weights"]}
+    projector = LossConfig(kind="projector", temperature=KD_TEMPERATURE)
     if variant == "projector_cache":
-        return {"cache": caches[cache_id(variant)]["url"], "loss": LossConfig(kind="projector")}
+        return {"cache": caches[cache_id(variant)]["url"], "loss": projector}
     if variant == "projector_online":
-        return {"cache": main, "loss": LossConfig(kind="projector"), **online}
+        return {"cache": main, "loss": projector, **online}
     if variant == "prokt":  # no cache (ProKT refuses one): the recipe's views are the caches' views
         from logitcache.trainer.config import ProKTConfig
 
-        return {"recipe": RECIPE, "loss": LossConfig(kind="kd"), "prokt": ProKTConfig(), **online}
+        return {"recipe": RECIPE, "loss": kd, "prokt": ProKTConfig(), **online}
     raise ValueError(f"unknown variant {variant!r}")

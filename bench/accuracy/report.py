@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..common import save_figure
+from .intervals import FIDELITY_LOSS_PP, FIDELITY_MEAN_PP, fmt
 from .plan import MAIN_K, STUDENT, TEACHER, VARIANT_LABELS
 
 
@@ -37,7 +38,27 @@ def markdown(data: dict) -> str:
             lines.append(f"{n} paired difference to {codecs['reference']} (top-10 float16), same seeds: "
                          + "; ".join(cells) + ".")
     lines.append(f"Teacher ({TEACHER}) val top-1: {teachers}.")
+    for n in names:
+        lines += intervals_markdown(n, data["datasets"][n])
     return "\n".join(lines)
+
+
+def intervals_markdown(name: str, d: dict) -> list[str]:
+    """The fidelity rows (paired differences, 95% intervals, verdicts) and every variant's
+    mean and difference to CE with their 95% intervals."""
+    lines = []
+    if d.get("fidelity"):
+        lines += ["", f"{name}: fidelity, paired by seed (mean [95% interval], pp; target |mean| <= "
+                      f"{FIDELITY_MEAN_PP} and lower end >= -{FIDELITY_LOSS_PP}):", "",
+                  "| pair | difference, pp | meets target |", "|---|---:|:---:|"]
+        lines += [f"| {VARIANT_LABELS[r['a']]} - {VARIANT_LABELS[r['b']]} | {fmt(r, '+')} | "
+                  f"{'yes' if r['meets_target'] else 'no'} |" for r in d["fidelity"].values()]
+    if d.get("intervals"):
+        lines += ["", f"{name}: every variant, mean [95% interval] over seeds:", "",
+                  "| variant | val top-1 % | minus CE, pp (paired) |", "|---|---:|---:|"]
+        lines += [f"| {VARIANT_LABELS[v]} | {fmt(r['top1'])} | {fmt(r['minus_ce'], '+') if 'minus_ce' in r else ''} |"
+                  for v, r in d["intervals"].items()]
+    return lines
 
 
 def _plot_k_sweep(ax, name: str, d: dict) -> None:

@@ -7,8 +7,20 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from .plan import (CODEC_REFERENCE, CODEC_VARIANTS, CURVE_VARIANTS, MAIN_K, METHOD_VARIANTS, RECIPE, SAMPLED_N,
-                   STUDENT, TEACHER, VARIANT_LABELS, DatasetPlan)
+from .intervals import fidelity_rows, method_rows
+from .plan import (
+    CODEC_REFERENCE,
+    CODEC_VARIANTS,
+    CURVE_VARIANTS,
+    MAIN_K,
+    METHOD_VARIANTS,
+    RECIPE,
+    SAMPLED_N,
+    STUDENT,
+    TEACHER,
+    VARIANT_LABELS,
+    DatasetPlan,
+)
 
 HEADLINE_KEYS = ("acc_cache_minus_online_pp", "acc_kd_minus_ce_pp", "acc_ce_std_pp")
 #: the codec study's paired differences to float16 top-10 (``kd_cache``), per codec variant
@@ -174,6 +186,8 @@ def summarise(name: str, plan: DatasetPlan, data: Path, layout: dict, done: dict
         "headline": headline,
         **({"codecs": codecs} if (codecs := _codec_table(runs)) else {}),
         "checks": _checks(headline, runs, len(plan.seeds), caches),
+        "fidelity": fidelity_rows(runs),  # paired differences with 95% intervals and their verdicts
+        "intervals": method_rows(runs),  # every variant's mean and its difference to CE, with 95% intervals
         "curves_seed0": curves,
         "time": {
             "teacher_wall_s": teacher.get("wall_s", 0.0),
