@@ -52,14 +52,16 @@ def _complete_epochs(committed: dict[int, dict[int, int]], num_shards: int) -> l
 
 def row_stats(codec: CodecSpec, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per view of teacher rows (logitcache/codecs/logits.py), from the rebuilt T = 1 distribution:
-    ``top1`` (n,) its top class, ``top1_prob``, ``entropy`` (nats) and ``tail_mass`` (the
+    ``top1`` (n,) its top class (a topk row's first id, the teacher's exact top-1: quantised gaps
+    may tie the rebuilt top two), ``top1_prob``, ``entropy`` (nats) and ``tail_mass`` (the
     probability of the classes a topk row does not keep; 0 for full and sampled)."""
     t = {k: torch.from_numpy(np.ascontiguousarray(rows[k])) for k in ("ids", "values", "tail")}
     p = rebuilt_probs(codec, t["ids"].long(), t["values"], t["tail"]).double()
     top = p.max(dim=1)
     entropy = -(p * p.clamp_min(1e-300).log()).sum(dim=1)
     kept = p.gather(1, t["ids"].long()).sum(dim=1) if codec.name == "topk" else torch.ones(len(p), dtype=p.dtype)
-    return {"top1": top.indices.numpy(), "top1_prob": top.values.numpy(), "entropy": entropy.numpy(),
+    top1 = t["ids"][:, 0].long() if codec.name == "topk" else top.indices
+    return {"top1": top1.numpy(), "top1_prob": top.values.numpy(), "entropy": entropy.numpy(),
             "tail_mass": (1.0 - kept).clamp_min(0).numpy()}
 
 
