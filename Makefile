@@ -38,11 +38,17 @@ test-damage: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick
 
-# The full suite: every performance benchmark, then the accuracy study (3 seeds per variant;
-# --resume reuses finished student runs under runs/accuracy).
+# The full suite: every performance benchmark, then the committed accuracy studies on make demo's
+# workload (bench/README.md; --resume reuses finished student runs under runs/accuracy).
+FIDELITY := ce,kd_cache,kd_online,kd_gap8,projector_cache,projector_online
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
-	$(BIN)/python -m bench.accuracy --resume
+	$(BIN)/python -m bench.accuracy --datasets synth --seeds 5 --variants $(FIDELITY) \
+		--output bench/results/accuracy.json --resume
+	$(BIN)/python -m bench.accuracy.peer --seeds 5
+	$(BIN)/python -m bench.accuracy --datasets synth --seeds 3 --variants ce,kd_cache,mkd,dkd,dist,prokt \
+		--output bench/results/accuracy_methods.json --resume
+	$(BIN)/python -m bench.report
 
 clean:
 	rm -rf demo_out runs .pytest_cache

@@ -10,7 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from .accuracy.report import intervals_markdown
 from .common import RESULTS_DIR
+from .readme import README, README_END, README_START, readme_block, update_readme  # noqa: F401 - re-exported
 
 ORDER = ("build", "train_step", "reader", "frontier", "scale", "features", "replay", "epoch", "teachers", "published")
 TITLES = {
@@ -29,9 +31,8 @@ TITLES = {
 #: studies with a section of their own: (results file, module with markdown(result), title)
 STUDIES = (("accuracy_teachers.json", "bench.accuracy.teachers", "12. Accuracy from two teachers on the same views "
              "(CNN + ViT; mean-probs, per-teacher, CA-MKD)"),
-           ("accuracy_fidelity.json", "bench.accuracy.report", "13. Fidelity on make demo's workload: cache vs online, "
-            "gap8 vs float16, projector cache vs online"),
-           ("accuracy_peer.json", "bench.accuracy.peer", "14. The peer's accuracy: KD from the cache vs timm's online KD"))
+           ("accuracy_peer.json", "bench.accuracy.peer",
+            "13. The peer's accuracy: KD from the cache vs timm's online KD"))
 
 # (benchmark, summary key, target, direction, what)
 TARGETS = [
@@ -90,101 +91,6 @@ HEADLINE = {
 }
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-README_START = "<!-- bench-headline:start (written by python -m bench.report from bench/results/summary.json) -->"
-README_END = "<!-- bench-headline:end -->"
-
-#: README's headline rows: (what, formatter of summary -> value or None when absent, target)
-_pp = "{:+.2f} pp".format
-
-
-def _get(summary: dict, *keys: str):
-    vals = [summary.get(k) for k in keys]
-    return None if any(not isinstance(v, (int, float)) for v in vals) else vals
-
-
-def readme_block(summary: dict) -> str:
-    """The headline figures README quotes, as one Markdown table, from ``summary.json``."""
-    rows = []
-
-    def row(what: str, keys: tuple[str, ...], fmt, target: str) -> None:
-        vals = _get(summary, *keys)
-        if vals is not None:
-            rows.append(f"| {what} | {fmt(*vals)} | {target} |")
-
-    row("cached-KD step / CE-only step, ResNet-50: steps only, on pre-made batches (`cached_over_ce_step`)",
-        ("cached_over_ce_step",), "{:.3f}".format, "<= 1.05")
-    row("speed-up of cached KD over online KD, teacher ResNet-152: steps only, no loader (`speedup_over_online`; "
-        "ideal = online / CE)", ("speedup_over_online", "ideal_speedup_over_online"),
-        "{:.2f}x (ideal {:.2f}x)".format, ">= 0.9 x ideal")
-    row("the same, teacher BEiTv2-L (full suite)",
-        ("train_step.speedup_over_online_beitv2_l", "train_step.ideal_speedup_over_online_beitv2_l"),
-        "{:.2f}x (ideal {:.2f}x)".format, ">= 0.9 x ideal")
-    row("whole epochs, loader included: `logitcache train` CE / timm's loop; cached KD vs timm's online KD "
-        "(`timm.task`, ResNet-18 teacher), share of the ideal speed-up",
-        ("epoch.ce_epoch_over_timm", "epoch.kd_speedup_over_online", "epoch.kd_ideal_speedup",
-         "epoch.kd_speedup_over_ideal"),
-        "{:.3f}; {:.2f}x (ideal {:.2f}x): {:.2f} of ideal".format, "<= 1.05; >= 0.9 of ideal")
-    row("replay loader / timm's `create_loader` (prefetcher, FastCollateMixup), views/s, 2 workers: 32 px; 224 px",
-        ("replay.ours_over_timm_32px_w2", "replay.ours_over_timm_224px_w2"), "{:.2f}; {:.2f}".format, ">= 1.0")
-    row("build / raw teacher inference, ResNet-152 224 px (`build_over_raw_teacher`)", ("build_over_raw_teacher",),
-        "{:.3f}".format, ">= 0.9")
-    row("build / what its two stages allow, fast teacher (ResNet-18 32 px), shared CPU cores",
-        ("build.fast_build_over_allowed",), "{:.3f}".format, ">= 0.9")
-    row("reader, views/s per process once an epoch is loaded (`reader_views_per_s`)", ("reader_views_per_s",),
-        "{:,.0f}".format, ">= 1,000,000")
-    row("bytes per view on disk, default codec (topk k = 10, gap8), 1000 classes (`bytes_per_view_k10`)",
-        ("bytes_per_view_k10",), "{:.1f} B".format, "<= 24 B (TinyViT: 44 B)")
-    row("KL(teacher || rebuilt) T = 1 at k = 10, gap8 minus float16 values: ImageNet-shaped; demo teacher",
-        ("frontier.kl_t1_k10_gap8_minus_float16", "frontier.kl_t1_k10_gap8_minus_float16_demo"),
-        "{:+.1e}; {:+.1e}".format, "<= 1e-3")
-    row("best KL T = 1 of ours at <= 44 B/view on disk / TinyViT's (k = 10, 44 B): ImageNet-shaped; demo teacher",
-        ("frontier.best_over_tinyvit_kl_at_44b", "frontier.best_over_tinyvit_kl_at_44b_demo"), "{:.2f}; {:.2f}".format,
-        "<= 0.5")
-    row("checksums' share of `load_epoch` (every array checked on every read)",
-        ("reader.checksum_fraction_of_load_epoch",), "{:.1%}".format, "<= 10%")
-    row("ImageNet-1k x 300 epochs: build start-up to the first batch planned (virtual source); its memory",
-        ("scale.startup_to_first_batch_s", "scale.startup_peak_rss_growth_mb"), "{:.2f} s; +{:.0f} MB".format,
-        "<= 5 s; < 500 MB")
-    row("trainer: one epoch of 1.28 M views planned and batched", ("scale.trainer_epoch_plan_s",), "{:.2f} s".format,
-        "<= 2 s")
-    row("resume scan of committed units, requests per epoch on loopback S3",
-        ("scale.resume_scan_s3_requests_per_epoch",), "{:.1f}".format, "one listing (a page per 1,000 units)")
-    row("`logitcache build --epochs 300` over tiny images: first unit committed; build process peak memory",
-        ("scale.cli_first_unit_s", "scale.cli_build_peak_rss_mb"), "{:.1f} s; {:.0f} MB".format, "<= 20 s; < 1.5 GB")
-    row("accuracy, KD from cache minus CE only, synth, 3 seeds (`acc_kd_minus_ce_pp`; CE std `acc_ce_std_pp`)",
-        ("acc_kd_minus_ce_pp", "acc_ce_std_pp"), lambda d, sd: f"{_pp(d)} (CE std {sd:.2f} pp)", "> 1 std")
-    row("accuracy, KD from cache minus KD online, same views (`acc_cache_minus_online_pp`)",
-        ("acc_cache_minus_online_pp",), _pp, "within +-0.5 pp")
-    row("accuracy, KD from the gap8 / sampled (N = 32) cache minus the float16 top-10 cache, paired, 3 seeds "
-        "(`acc_gap8_minus_float16_pp`, `acc_sampled_minus_float16_pp`; std of the paired differences)",
-        ("acc_gap8_minus_float16_pp", "accuracy_codecs.acc_gap8_minus_float16_std_pp", "acc_sampled_minus_float16_pp",
-         "accuracy_codecs.acc_sampled_minus_float16_std_pp"),
-        lambda g, gs, s, ss: f"{_pp(g)} (std {gs:.2f}); {_pp(s)} (std {ss:.2f})", "gap8 within +-0.5 pp")
-    if not rows:
-        return ""
-    return "\n".join([
-        f"Measured on {summary.get('device', '?')}, latest result {summary.get('date', '?')}; ratios are side by side "
-        "in one process. Every figure is a key of [bench/results/summary.json](bench/results/summary.json).",
-        "",
-        "| figure | measured | target |",
-        "|---|---:|---|",
-        *rows,
-    ])
-
-
-def update_readme(summary: dict, readme: Path = README) -> bool:
-    """Replace README's headline block (between the markers) with :func:`readme_block`;
-    returns whether README has the markers."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{readme_block(summary)}\n{README_END}{tail}")
-    return True
-
-
 def load_results(results: Path) -> dict[str, dict]:
     out = {}
     for name in ORDER:
@@ -220,6 +126,11 @@ def _summary(results: Path, data: dict) -> tuple[dict, dict | None, dict | None,
     accuracy = json.loads((results / "accuracy.json").read_text()) if (results / "accuracy.json").is_file() else None
     if accuracy is not None:  # python -m bench.accuracy: its flat acc_* headline keys, as accuracy.json names them
         summary.update({k: v for k, v in accuracy.items() if k.startswith(("acc_", "digits_acc_"))})
+        for name, row in accuracy["datasets"].get("synth", {}).get("fidelity", {}).items():  # with 95% intervals
+            summary.update({f"fidelity.{name}.{k}": row[k] for k in ("mean", "lo", "hi", "n") if _number(row[k])})
+    if (results / "accuracy_peer.json").is_file():  # python -m bench.accuracy.peer
+        peer = json.loads((results / "accuracy_peer.json").read_text())["paired_cache_minus_timm_pp"]
+        summary.update({f"peer.cache_minus_timm.{k}": peer[k] for k in ("mean", "lo", "hi", "n") if _number(peer[k])})
     codecs_path = results / "accuracy_codecs.json"
     codecs = json.loads(codecs_path.read_text()) if codecs_path.is_file() else None
     codec_summary = {}
@@ -361,7 +272,8 @@ METHOD_ROWS = (("projector_cache_minus_kd", "projector (cache) - vanilla KD (cac
 def _methods_markdown(acc: dict) -> list[str]:
     """The methods study (accuracy_methods.json): per variant mean +- std of final val top-1, and
     the paired (same seed: same init, batch order and views) differences between methods."""
-    lines = ["## 11. Accuracy by method: projector feature distillation (cache and online) and ProKT", ""]
+    lines = ["## 11. Accuracy by method: projector feature distillation (cache and online) and ProKT (synth's first "
+             "rendering, before 2026-12-06: its own teacher; not yet re-run on make demo's workload)", ""]
     for ds, d in acc["datasets"].items():
         st, h = d["settings"], d["headline"]
         lines += [f"**{ds}**: student `{st['student']}`, {st['student_epochs']} epochs, seeds {st['seeds']}, teacher "
@@ -376,7 +288,7 @@ def _methods_markdown(acc: dict) -> list[str]:
             if h.get(f"acc_{key}_pp") is not None:
                 per_seed = ", ".join(f"{x:+.2f}" for x in h[f"paired_{key}_pp"])
                 lines.append(f"| {what} | {per_seed} | {h[f'acc_{key}_pp']:+.2f} ± {h[f'acc_{key}_std_pp']:.2f} |")
-        lines.append("")
+        lines += intervals_markdown(ds, d) + [""]
     return lines
 
 
@@ -390,7 +302,7 @@ def _accuracy_markdown(acc: dict, rel: Path) -> list[str]:
                   "| variant | top-1 per seed | mean | std |", "|---|---|---:|---:|"]
         for name, r in d["variants"].items():
             lines.append(f"| {name} | {', '.join(f'{x:.2f}' for x in r['top1'])} | {r['mean']:.2f} | {r['std']:.2f} |")
-        lines.append("")
+        lines += intervals_markdown(ds, d) + [""]
     lines += ["Checks: " + ", ".join(f"{k} = {v}" for k, v in acc["checks"].items()) + ".", ""]
     lines += [f"![{Path(p).name}]({(rel / Path(p).name).as_posix()})" for p in acc.get("plots", [])]
     return lines + [""]

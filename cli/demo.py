@@ -145,7 +145,8 @@ def _train(out: Path, data: Path, model: str, kwargs: dict, epochs: int, workers
 
     extra = {"online_teacher": True, "teacher": TEACHER, "teacher_weights": str(online)} if online else {}
     cfg = TrainConfig(data=str(data), student=model, model_kwargs=kwargs, out=str(out), cache=cache,
-                      recipe=recipe or RECIPE, epochs=epochs, batch_size=batch_size, loss=LossConfig(kind=kind, temperature=temperature), num_workers=workers, **extra)
+                      recipe=recipe or RECIPE, epochs=epochs, batch_size=batch_size,
+                      loss=LossConfig(kind=kind, temperature=temperature), num_workers=workers, **extra)
     return train(cfg)
 
 

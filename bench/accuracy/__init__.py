@@ -40,7 +40,8 @@ the cache's and the same for every run. Each dataset's ``fidelity`` rows (bench/
 give the paired differences cache - online, gap8 - float16 and projector cache - online with
 their 95% intervals and whether they meet the target (|mean| <= 0.3 pp, lower end >= -0.5 pp,
 >= 5 seeds); ``intervals`` gives every variant's mean and its paired difference to CE with
-95% intervals. ``python -m bench.accuracy.peer`` pairs ``kd_cache`` with timm's own online KD. Results: ``<out>/accuracy.json`` or ``--output`` (every seed's
+95% intervals. ``python -m bench.accuracy.peer`` pairs ``kd_cache`` with timm's own online KD.
+Results: ``<out>/accuracy.json`` or ``--output`` (every seed's
 final val top-1, mean, sample std; headline keys at the top level), plots
 ``accuracy_vs_k.png`` and ``accuracy_curves.png``. ``--quick`` (1 seed, 2 epochs, synth
 only, no k sweep) proves the pipeline and writes ``accuracy_quick*`` files instead.
