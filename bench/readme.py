@@ -17,6 +17,10 @@ FIDELITY_ROWS = (("cache_minus_online", "KD from the cache minus the same KD onl
 _pp = "{:+.2f} pp".format
 
 
+def _interval(mean: float, lo: float, hi: float, n: float) -> str:
+    return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}] pp (n={n:.0f})"
+
+
 def _get(summary: dict, *keys: str):
     vals = [summary.get(k) for k in keys]
     return None if any(not isinstance(v, (int, float)) for v in vals) else vals
@@ -77,12 +81,11 @@ def readme_block(summary: dict) -> str:
     for name, what in FIDELITY_ROWS:
         row(f"accuracy, paired by seed, mean [95% interval]: {what} (`fidelity.{name}.*`)",
             tuple(f"fidelity.{name}.{k}" for k in ("mean", "lo", "hi", "n")),
-            lambda m, lo, hi, n: f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] pp (n={n:.0f})",
-            "mean within +-0.3, lower end >= -0.5")
+            _interval, "mean within +-0.3, lower end >= -0.5")
     row("accuracy, KD from the cache minus timm's online KD (`create_loader` + `LogitDistillationTask`), paired by "
         "seed, mean [95% interval] (`peer.cache_minus_timm.*`)",
         tuple(f"peer.cache_minus_timm.{k}" for k in ("mean", "lo", "hi", "n")),
-        lambda m, lo, hi, n: f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] pp (n={n:.0f})", "no loss")
+        _interval, "no loss")
     if not rows:
         return ""
     return "\n".join([

@@ -40,7 +40,8 @@ def ci95(values: list[float]) -> dict:
 
 
 def paired_values(runs: dict[str, dict], a: str, b: str) -> tuple[list[int], list[float]]:
-    """Seeds both variants finished and a - b of each (final val top-1, pp)."""
+    """Seeds both ``a`` and ``b`` finished, and a - b of each (final val top-1, pp). Paired (same
+    seed): same init, batch order and views; only the teacher signal differs."""
     if a not in runs or b not in runs:
         return [], []
     da, db = dict(zip(runs[a]["seeds"], runs[a]["top1"])), dict(zip(runs[b]["seeds"], runs[b]["top1"]))

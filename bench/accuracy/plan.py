@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from logitcache.cli.demo_teacher import DEMO_EPOCHS
+
 TEACHER, STUDENT, RECIPE = "resnet18", "test_resnet", "demo32"
 MAIN_K = 10
 SWEEP_K = (1, 5, 10, "full")
@@ -46,7 +48,7 @@ ALL_VARIANTS = MAIN_VARIANTS + SWEEP_VARIANTS + CODEC_VARIANTS + METHOD_VARIANTS
 # (teacher epochs, student epochs) of the full study; --quick trains both for QUICK_EPOCHS. synth's
 # teacher is make demo's, shipped (its epochs are in its record: logitcache/cli/demo_teacher.py), and its
 # students train as long as make demo's.
-FULL_EPOCHS = {"synth": (0, 30), "digits": (15, 15)}  # synth's 30: DEMO_EPOCHS (logitcache/cli/demo_teacher.py)
+FULL_EPOCHS = {"synth": (0, DEMO_EPOCHS), "digits": (15, 15)}
 #: the temperature of every vanilla-KD variant (and the projector's KD term): make demo's CNN's
 KD_TEMPERATURE = 4.0
 QUICK_EPOCHS = 2

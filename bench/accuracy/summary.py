@@ -7,7 +7,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from .intervals import fidelity_rows, method_rows
+from .intervals import fidelity_rows, method_rows, paired_values
 from .plan import (
     CODEC_REFERENCE,
     CODEC_VARIANTS,
@@ -66,20 +66,9 @@ def _variant_runs(name: str, plan: DatasetPlan, variants: list[str], done: dict)
     return runs
 
 
-def _paired(runs: dict[str, dict], a: str, b: str) -> tuple[list[int], list[float]]:
-    """Seeds both ``a`` and ``b`` finished, and a - b of each (final val top-1, pp). Paired (same
-    seed): same init, batch order and views; only the teacher signal differs."""
-    if a not in runs or b not in runs:
-        return [], []
-    da = dict(zip(runs[a]["seeds"], runs[a]["top1"]))
-    db = dict(zip(runs[b]["seeds"], runs[b]["top1"]))
-    seeds = sorted(set(da) & set(db))
-    return seeds, [da[s] - db[s] for s in seeds]
-
-
 def _headline(runs: dict[str, dict]) -> dict:
     def paired(a: str, b: str) -> list[float]:
-        return _paired(runs, a, b)[1]
+        return paired_values(runs, a, b)[1]
 
     def diff(a: str, b: str) -> float | None:
         if a not in runs or b not in runs or runs[a]["mean"] is None or runs[b]["mean"] is None:
@@ -125,7 +114,7 @@ def _codec_table(runs: dict[str, dict]) -> dict | None:
     for v, r in runs.items():
         row = {"label": r["label"], "seeds": r["seeds"], "top1": r["top1"], "mean": r["mean"], "std": r["std"]}
         if v != CODEC_REFERENCE:
-            seeds, d = _paired(runs, v, CODEC_REFERENCE)
+            seeds, d = paired_values(runs, v, CODEC_REFERENCE)
             mean, sd = mean_std(d)
             row.update(paired_seeds=seeds, minus_float16_pp=d, minus_float16_mean_pp=mean, minus_float16_std_pp=sd)
         table[v] = row
