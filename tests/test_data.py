@@ -420,3 +420,18 @@ def test_tar_header_not_gnu_pax(small_root):
     root, _ = small_root
     with tarfile.open(root / "train-000000.tar") as tar:
         assert all(m.pax_headers == {} and m.mtime == 0 for m in tar.getmembers())
+
+
+def test_generate_synth_once_reuses_only_what_it_wrote_with_the_same_arguments(tmp_path):
+    import json
+
+    from logitcache.data.synth import RENDERING, SPEC_FILE, generate_synth_once
+
+    root, args = tmp_path / "d", {"num_classes": 2, "train_per_class": 1, "val_per_class": 1}
+    assert generate_synth_once(root, **args) is False
+    assert json.loads((root / SPEC_FILE).read_text()) == {**args, "rendering": RENDERING}
+    assert generate_synth_once(root, **args) is True
+    assert generate_synth_once(root, **{**args, "val_per_class": 2}) is False  # other arguments: generated again
+    assert len(open_source(str(root), "val")) == 4 and not (tmp_path / "d.tmp").exists()
+    (root / SPEC_FILE).write_text(json.dumps({**args, "val_per_class": 2, "rendering": RENDERING - 1}))
+    assert generate_synth_once(root, **{**args, "val_per_class": 2}) is False  # another rendering's data

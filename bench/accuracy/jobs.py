@@ -30,37 +30,26 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def dataset_spec(name: str) -> dict:
-    """What a dataset's folder must have been generated with to be reused (``study_spec.json``)."""
+def prepare_dataset(name: str, work: Path) -> Path:
+    """The dataset's folder under ``work``, generated on first use (synth: again when an earlier
+    study generated it with other arguments or another rendering)."""
+    root = work / name / "data"
     if name == "synth":
         from logitcache.cli.demo_teacher import DEMO_DATA
-        from logitcache.data.synth import RENDERING
 
-        return {"name": name, **DEMO_DATA, "rendering": RENDERING}  # make demo's: 64 classes, 40 + 10 per class
-    if name == "digits":
-        return {"name": name}  # the defaults: 80/20 split, 32 px
-    raise ValueError(f"unknown dataset {name!r}; use synth or digits")
+        from logitcache.data.synth import generate_synth_once
 
-
-def prepare_dataset(name: str, work: Path) -> Path:
-    """The dataset's folder under ``work``, generated on first use (again when an earlier study
-    generated it differently: another rendering or size)."""
-    root, spec = work / name / "data", dataset_spec(name)
-    marker = root / "study_spec.json"
-    if (root / "dataset.json").exists() and marker.exists() and json.loads(marker.read_text()) == spec:
+        generate_synth_once(root, **DEMO_DATA)  # make demo's: 64 classes, 40 train + 10 val per class, 32 px
         return root
+    if name != "digits":
+        raise ValueError(f"unknown dataset {name!r}; use synth or digits")
+    if (root / "dataset.json").exists():
+        return root
+    from logitcache.data.digits import generate_digits
+
     tmp = work / name / "data.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if name == "synth":
-        from logitcache.data.synth import generate_synth
-
-        generate_synth(tmp, **{k: v for k, v in spec.items() if k not in ("name", "rendering")})
-    else:
-        from logitcache.data.digits import generate_digits
-
-        generate_digits(tmp)
-    (tmp / "study_spec.json").write_text(json.dumps(spec))
-    shutil.rmtree(root, ignore_errors=True)
+    generate_digits(tmp)  # the defaults: 80/20 split, 32 px
     tmp.rename(root)
     return root
 

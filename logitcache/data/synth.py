@@ -26,7 +26,9 @@ labels are worth something in. Rendering happens at twice ``image_size`` and is 
 from __future__ import annotations
 
 import colorsys
+import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,3 +228,25 @@ def generate_synth(
         "val": _split_samples("val", num_classes, val_per_class, n_train, image_size, seed),
     }
     return write_dataset(root, "synth", class_names(num_classes), splits, shard_size=shard_size)
+
+
+#: beside a dataset :func:`generate_synth_once` wrote: its arguments and the rendering's version
+SPEC_FILE = "synth_spec.json"
+
+
+def generate_synth_once(root: str | Path, **kwargs) -> bool:
+    """:func:`generate_synth` ``(root, **kwargs)`` unless ``root`` holds a dataset it wrote with
+    the same arguments and :data:`RENDERING` (recorded in :data:`SPEC_FILE`); True when reused.
+    A new one is written beside ``root`` and renamed over it: a kill leaves no half dataset."""
+    root = Path(root)
+    spec = {**kwargs, "rendering": RENDERING}
+    marker = root / SPEC_FILE
+    if (root / "dataset.json").exists() and marker.exists() and json.loads(marker.read_text()) == spec:
+        return True
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate_synth(tmp, **kwargs)
+    (tmp / SPEC_FILE).write_text(json.dumps(spec))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return False
